@@ -1,0 +1,298 @@
+"""``MixtureLoader``: a drop-in DataLoader replacement that samples a changeable mixture of domains.
+
+Three parts cooperate: ``MixturePlanner`` decides, from counts alone, which samples of which domain form
+each global batch; one ``DomainStream`` per domain turns a stream index into tokens; ``DomainPrefetcher``
+threads keep per-domain queues full. The main thread assembles each batch from the queues, so a weight
+change applies from the very next batch, and the state needed to resume exactly is a handful of counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tikmix_loader.data.domain import Domain
+from tikmix_loader.data.planner import BatchPlan, MixturePlanner, normalize_weights
+from tikmix_loader.data.prefetch import DomainPrefetcher
+from tikmix_loader.data.shuffle import OBSERVATION, rng_for, stable_key
+from tikmix_loader.data.stream import DomainStream
+from tikmix_loader.errors import ConfigError, DomainError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class MixtureLoader:
+    """Iterate batches drawn from several domains with weights that may change at any step.
+
+    Each global batch (``batch_size * world_size`` samples) takes from domain ``d`` a quota set by the
+    current weights plus the rounding error carried from earlier batches, so cumulative counts track the
+    weights to within one sample. Every domain is read in its own shuffled order, fixed by
+    ``(seed, domain name, epoch)`` and independent of weights and ranks. Rank ``r`` yields its slice of every
+    global batch, so ranks see disjoint samples that together form the global stream.
+
+    Batches are dicts: ``input_ids`` and ``labels`` (LongTensor ``[batch_size, seq_len]``; labels are the
+    next tokens, ``-100`` where masked), ``domain`` (LongTensor ``[batch_size]``, an index into
+    ``domain_names``) and, when a domain is in document mode, ``attention_mask``.
+
+    Args:
+        domains (Sequence[Domain]): The domains, with unique names.
+        batch_size (int): Samples per batch on this rank.
+        seq_len (int): Tokens per sample (inputs); each sample reads ``seq_len + 1`` tokens.
+        weights (Mapping[str, float] | Sequence[float], optional): Initial mixture; ``None`` means the
+            natural token shares. Normalised to sum to 1. Default: ``None``.
+        seed (int): Seeds every shuffle. Default: 0.
+        num_workers (int): Background threads filling the per-domain queues; 0 reads on demand. Default: 2.
+        prefetch (int): Samples buffered per domain. Default: 64.
+        exhaustion (str): What happens when a domain has been read ``max_epochs`` times: ``"repeat"``
+            (default ``max_epochs`` unlimited; when a limit is given, the domain is then dropped), ``"drop"``
+            (remove the domain and renormalise the others) or ``"stop"`` (end iteration). With ``"drop"``
+            and ``"stop"`` the default ``max_epochs`` is 1. Default: ``"repeat"``.
+        max_epochs (int | Mapping[str, int], optional): Epochs each domain may be read. Default: ``None``.
+        rank (int, optional): This process's rank; default from ``torch.distributed`` when initialised, else 0.
+        world_size (int, optional): Number of ranks; default from ``torch.distributed``, else 1.
+        block_docs (int): Documents per shuffle block. Default: 256.
+        shuffle_window (int): Packed windows shuffled together. Default: 256.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[Domain],
+        *,
+        batch_size: int,
+        seq_len: int,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+        seed: int = 0,
+        num_workers: int = 2,
+        prefetch: int = 64,
+        exhaustion: str = "repeat",
+        max_epochs: int | Mapping[str, int] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        block_docs: int = 256,
+        shuffle_window: int = 256,
+    ):
+        domains = list(domains)
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("seq_len", seq_len)
+        _check_positive_int("prefetch", prefetch)
+        _check_positive_int("block_docs", block_docs)
+        _check_positive_int("shuffle_window", shuffle_window)
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"`num_workers` must be an int >= 0, got {num_workers!r}.")
+        if not domains:
+            raise DomainError("`domains` is empty; pass at least one Domain.")
+        names = [domain.name for domain in domains]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise DomainError(f"Domain names must be unique; {duplicates} appear more than once.")
+        for domain in domains:
+            if domain.num_samples(seq_len) < 1:
+                raise DomainError(
+                    f"Domain {domain.name!r} ({domain.path}) has {domain.num_tokens} tokens, too few for one "
+                    f"sample of seq_len + 1 = {seq_len + 1} tokens; lower `seq_len` or add data."
+                )
+        self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.domains = domains
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self._stream_options = {"seq_len": seq_len, "seed": seed, "block_docs": block_docs, "shuffle_window": shuffle_window}
+        self._streams = [DomainStream(domain, **self._stream_options) for domain in domains]
+        self._planner = MixturePlanner(
+            names=names,
+            samples_per_epoch=[stream.samples_per_epoch for stream in self._streams],
+            global_batch_size=batch_size * self.world_size,
+            weights=self._natural_weights() if weights is None else normalize_weights(weights, names),
+            seed=seed,
+            exhaustion=exhaustion,
+            max_epochs=_resolve_max_epochs(max_epochs, exhaustion, names),
+        )
+        self._prefetcher: DomainPrefetcher | None = None
+        self._set_weights_hook = None
+        self._needs_mask = any(domain.mode == "document" for domain in domains)
+
+    # -- mixture ------------------------------------------------------------------------------------------------
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Domain names; ``batch["domain"]`` indexes this list."""
+        return list(self._planner.names)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The current mixture by domain name (as set; exhausted domains keep their entry)."""
+        return dict(zip(self._planner.names, self._planner.weights.tolist()))
+
+    def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> None:
+        """Use ``weights`` (dict by name or one value per domain; normalised) from the next batch on.
+
+        Every rank must call this with the same weights at the same step (the controller broadcasts them).
+        """
+        if self._set_weights_hook is not None:  # iterating through DataLoader worker processes
+            self._set_weights_hook(weights)
+            return
+        self._planner.set_weights(normalize_weights(weights, self._planner.names))
+        logger.info("batch %d: weights set to %s", self._planner.batch_index, self.weights)
+
+    def natural_weights(self) -> dict[str, float]:
+        """Each domain's share of all tokens."""
+        return dict(zip(self.domain_names, self._natural_weights().tolist()))
+
+    def _natural_weights(self) -> np.ndarray:
+        tokens = np.array([domain.num_tokens for domain in self.domains], dtype=np.float64)
+        return tokens / tokens.sum()
+
+    # -- iteration ----------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield batches from the current position until the mixture is exhausted (never, by default)."""
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next batch of this rank, or ``None`` once the mixture is exhausted."""
+        plan = self._planner.plan()
+        if plan is None:
+            self.close()
+            return None
+        if self._prefetcher is None:
+            self._prefetcher = DomainPrefetcher(
+                self._streams, self._planner.consumed - plan.quota, num_workers=self.num_workers, prefetch=self.prefetch
+            )
+        pieces = [self._prefetcher.take(domain, int(count)) for domain, count in enumerate(plan.quota)]
+        return self._assemble(plan, pieces)
+
+    def _assemble(self, plan: BatchPlan, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        tokens = np.concatenate([piece[0] for piece in pieces])
+        valid = np.concatenate([piece[1] for piece in pieces])
+        domain_ids = np.repeat(np.arange(len(pieces)), plan.quota)
+        mine = plan.order[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _to_batch(tokens[mine], valid[mine], domain_ids[mine], self._needs_mask)
+
+    def close(self) -> None:
+        """Stop the background threads (iteration restarts them)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __del__(self):
+        self.close()
+
+    # -- observation samples ------------------------------------------------------------------------------------
+
+    def sample_domain(self, name: str, num_samples: int, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """A batch of ``num_samples`` random samples of one domain, leaving the training stream untouched.
+
+        Samples are drawn uniformly from the domain's first epoch with a generator keyed by ``seed``
+        (default: the loader seed and the current batch index, so successive decisions see fresh samples).
+        Reads go through a private stream, so neither the state nor the prefetch queues change.
+        """
+        if name not in self.domain_names:
+            raise DomainError(f"Unknown domain {name!r}; the domains are {self.domain_names}.")
+        _check_positive_int("num_samples", num_samples)
+        index = self.domain_names.index(name)
+        stream = DomainStream(self.domains[index], **self._stream_options)
+        key = self._planner.batch_index if seed is None else seed
+        rng = rng_for(self.seed, stable_key(name), OBSERVATION, key)
+        picks = rng.choice(stream.samples_per_epoch, size=num_samples, replace=num_samples > stream.samples_per_epoch)
+        rows = [stream.read(int(pick), 1) for pick in picks]
+        tokens = np.concatenate([row[0] for row in rows])
+        valid = np.concatenate([row[1] for row in rows])
+        return _to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
+
+    # -- accounting and state -----------------------------------------------------------------------------------
+
+    @property
+    def batches_seen(self) -> int:
+        """Global batches planned so far."""
+        return self._planner.batch_index
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per domain: samples and tokens consumed (all ranks), target share, realized share and epochs."""
+        consumed = self._planner.consumed
+        total = max(int(consumed.sum()), 1)
+        targets = self._planner.effective_weights()
+        return {
+            name: {
+                "samples": int(consumed[index]),
+                "tokens": int(consumed[index]) * self.seq_len,
+                "target_share": float(targets[index]),
+                "realized_share": float(consumed[index]) / total,
+                "epochs": float(consumed[index]) / self._streams[index].samples_per_epoch,
+            }
+            for index, name in enumerate(self._planner.names)
+        }
+
+    def state_dict(self) -> dict:
+        """Flat JSON-able state: weight history, per-domain cursors, carried quota error, seed."""
+        return self._planner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where ``state`` was taken (also under another world size with equal global batch)."""
+        self.close()
+        self._planner.load_state_dict(state)
+
+    def as_dataloader(self, **kwargs):
+        """A ``torch.utils.data.DataLoader`` over ``dataset`` that yields this loader's batches."""
+        from tikmix_loader.data.dataset import as_dataloader
+
+        return as_dataloader(self, **kwargs)
+
+
+def _to_batch(tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool) -> dict[str, torch.Tensor]:
+    """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and shifted labels."""
+    positions = np.arange(tokens.shape[1] - 1)
+    labels = np.where(positions[None, :] < (valid[:, None] - 1), tokens[:, 1:], IGNORE_INDEX)
+    batch = {
+        "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+        "labels": torch.from_numpy(labels),
+        "domain": torch.from_numpy(domain_ids.astype(np.int64)),
+    }
+    if needs_mask:
+        batch["attention_mask"] = torch.from_numpy((positions[None, :] < valid[:, None]).astype(np.int64))
+    return batch
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if distributed else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if distributed else 0
+    _check_positive_int("world_size", world_size)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}.")
+    return int(rank), int(world_size)
+
+
+def _resolve_max_epochs(max_epochs, exhaustion: str, names: list[str]) -> np.ndarray:
+    default = math.inf if exhaustion == "repeat" else 1
+    if max_epochs is None:
+        return np.full(len(names), default, dtype=np.float64)
+    if isinstance(max_epochs, Mapping):
+        unknown = sorted(set(max_epochs) - set(names))
+        if unknown:
+            raise DomainError(f"Unknown domain(s) {unknown} in `max_epochs`; the domains are {names}.")
+        values = [max_epochs.get(name, default) for name in names]
+    else:
+        values = [max_epochs] * len(names)
+    for name, value in zip(names, values):
+        if not (value == math.inf or (isinstance(value, (int, np.integer)) and value >= 1)):
+            raise ConfigError(f"`max_epochs` for domain {name!r} must be a positive int, got {value!r}.")
+    return np.asarray(values, dtype=np.float64)

@@ -1,0 +1,64 @@
+"""Deterministic, seekable block shuffling of one domain: random streams keyed by (seed, domain, epoch).
+
+Shuffling is two-level, in the spirit of mosaicml-streaming's ``py1b``: documents are grouped into fixed
+blocks of consecutive documents, the block order is permuted per epoch, and documents are permuted inside
+each block. Only ``num_blocks`` integers are ever held per epoch (never a permutation of every document),
+so it scales to billions of documents, and any position of any epoch can be reached without replaying
+the ones before it. We do not call streaming's shuffles directly because they return the full per-sample
+permutation as one array, which is what this design avoids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def stable_key(name: str) -> int:
+    """A 63-bit integer derived from ``name`` that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """An independent generator for ``(seed, *keys)``; equal keys give equal streams, different keys do not."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, keys)])))
+
+
+# Tags that keep the different random streams of one (seed, domain, epoch) apart.
+BLOCK_ORDER, WITHIN_BLOCK, WINDOW_ORDER, OBSERVATION, BATCH_ORDER = range(5)
+
+
+class BlockShuffle:
+    """The document order of one domain in one epoch.
+
+    Args:
+        num_docs (int): Documents in the domain.
+        block_docs (int): Consecutive documents per block.
+        seed (int): Global seed.
+        domain_key (int): ``stable_key(domain_name)``.
+        epoch (int): Epoch number.
+    """
+
+    def __init__(self, num_docs: int, block_docs: int, seed: int, domain_key: int, epoch: int):
+        self.num_docs = num_docs
+        self.block_docs = block_docs
+        self.seed = seed
+        self.domain_key = domain_key
+        self.epoch = epoch
+        num_blocks = -(-num_docs // block_docs)
+        self.block_order = rng_for(seed, domain_key, epoch, BLOCK_ORDER).permutation(num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_order)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Storage document range ``[start, stop)`` of block id ``block``."""
+        start = block * self.block_docs
+        return start, min(start + self.block_docs, self.num_docs)
+
+    def within_block(self, block: int) -> np.ndarray:
+        """Permutation of the documents of block id ``block`` (offsets into its range)."""
+        start, stop = self.block_range(block)
+        return rng_for(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block).permutation(stop - start)
