@@ -187,7 +187,8 @@ class MixtureLoader:
             self._prefetcher = None
 
     def __del__(self):
-        self.close()
+        if getattr(self, "_prefetcher", None) is not None:  # may run on a half-constructed loader
+            self.close()
 
     # -- observation samples ------------------------------------------------------------------------------------
 

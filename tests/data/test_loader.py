@@ -1,0 +1,307 @@
+"""MixtureLoader: batch layout, proportions, weight changes, exhaustion, exact resume, ranks, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from testkit.domains import write_domains
+from testkit.resume import assert_resumes_exactly
+
+from tikmix_loader import (
+    ConfigError,
+    Domain,
+    DomainError,
+    MixtureLoader,
+    MixtureWeightError,
+    ShardError,
+    StateError,
+)
+from tikmix_loader.data.sources.memmap import write_memmap
+
+SIZES = {"code": 60, "web": 150, "math": 30}
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp("domains"), SIZES, max_len=120)
+
+
+def _loader(domains, **options):
+    options = {"batch_size": 8, "seq_len": 16, "seed": 7, "num_workers": 0, **options}
+    return MixtureLoader(domains, **options)
+
+
+def _same_batch(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_batches_have_the_documented_layout(domains):
+    loader = _loader(domains)
+    batch = loader.next_batch()
+    assert set(batch) == {"input_ids", "labels", "domain"}
+    assert batch["input_ids"].shape == batch["labels"].shape == (8, 16)
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["domain"].dtype == torch.long
+    # Labels are the inputs shifted by one within each packed window.
+    np.testing.assert_array_equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    assert batch["domain"].max() < len(loader.domain_names)
+
+
+def test_default_weights_are_natural_token_shares(domains):
+    loader = _loader(domains)
+    tokens = np.array([d.num_tokens for d in domains], dtype=float)
+    np.testing.assert_allclose(list(loader.weights.values()), tokens / tokens.sum())
+
+
+def test_realized_shares_track_changing_weights_within_one_sample(domains):
+    loader = _loader(domains, batch_size=13)
+    names = loader.domain_names
+    schedule = {0: [0.2, 0.5, 0.3], 17: [0.9, 0.05, 0.05], 40: [0.0, 0.0, 1.0], 55: [1 / 3, 1 / 3, 1 / 3]}
+    counts, implied = np.zeros(3), np.zeros(3)
+    for step in range(80):
+        if step in schedule:
+            loader.set_weights(dict(zip(names, schedule[step])))
+        weights = np.array(list(loader.weights.values()))
+        batch = loader.next_batch()
+        counts += np.bincount(batch["domain"].numpy(), minlength=3)
+        implied += weights * 13
+        assert np.all(np.abs(counts - implied) <= 1 + 1e-9), (step, counts, implied)
+    stats = loader.stats()
+    assert sum(s["samples"] for s in stats.values()) == 80 * 13
+    assert stats["math"]["target_share"] == pytest.approx(1 / 3)
+
+
+def test_weight_change_applies_to_the_next_batch_and_zero_weight_domains_never_block(domains):
+    loader = _loader(domains, num_workers=2, prefetch=2)
+    loader.next_batch()
+    loader.set_weights({"code": 0, "web": 0, "math": 1})
+    for _ in range(20):  # 160 samples: far more than the 2 buffered for the idle domains
+        assert (loader.next_batch()["domain"] == loader.domain_names.index("math")).all()
+    loader.close()
+
+
+def test_threaded_prefetch_gives_the_same_stream_as_reading_on_demand(domains):
+    threaded = _loader(domains, num_workers=2, prefetch=5)
+    on_demand = _loader(domains, num_workers=0)
+    for step in range(40):
+        if step == 10:
+            for loader in (threaded, on_demand):
+                loader.set_weights([0.7, 0.1, 0.2])
+        assert _same_batch(threaded.next_batch(), on_demand.next_batch())
+    threaded.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_exact_at_midpoints_across_epochs_and_weight_changes(domains, num_workers):
+    # 'math' is small: at these rates it wraps its epoch several times within 60 batches.
+    actions = {
+        5: lambda loader: loader.set_weights({"code": 0.2, "web": 0.2, "math": 0.6}),
+        23: lambda loader: loader.set_weights([0.0, 0.5, 0.5]),
+        41: lambda loader: loader.set_weights([1, 1, 1]),
+    }
+    probe = _loader(domains)
+    math_epoch = probe._streams[2].samples_per_epoch
+    assert 60 * 8 * 0.5 > 2 * math_epoch, "the test must cross epoch boundaries"
+    assert_resumes_exactly(
+        lambda: _loader(domains, num_workers=num_workers),
+        lambda loader, i: loader.next_batch(),
+        total=60,
+        midpoints=[1, 5, 6, 23, 37, 59],
+        actions=actions,
+        equal=_same_batch,
+    )
+
+
+def test_elastic_resume_under_another_world_size_continues_the_global_stream(domains):
+    def global_batch(loaders):
+        parts = [loader.next_batch() for loader in loaders]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    class Ranks:
+        """Several ranks' loaders stepping together, saved and restored through rank 0's state."""
+
+        def __init__(self, world_size):
+            self.loaders = [_loader(domains, batch_size=12 // world_size, rank=r, world_size=world_size) for r in range(world_size)]
+
+        def state_dict(self):
+            states = [loader.state_dict() for loader in self.loaders]
+            assert all(state == states[0] for state in states)
+            return states[0]
+
+        def load_state_dict(self, state):
+            for loader in self.loaders:
+                loader.load_state_dict(state)
+
+    assert_resumes_exactly(
+        lambda: Ranks(1),
+        lambda ranks, i: global_batch(ranks.loaders),
+        total=30,
+        midpoints=[7, 19],
+        actions={3: lambda ranks: [loader.set_weights([0.1, 0.1, 0.8]) for loader in ranks.loaders]},
+        equal=_same_batch,
+        make_resumed=lambda: Ranks(3),
+    )
+
+
+def test_ranks_are_disjoint_and_cover_the_global_batch(domains):
+    single = _loader(domains, batch_size=12)
+    ranks = [_loader(domains, batch_size=3, rank=r, world_size=4) for r in range(4)]
+    for _ in range(10):
+        whole = single.next_batch()
+        parts = [loader.next_batch() for loader in ranks]
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+
+
+def test_exhaustion_repeat_reshuffles_each_epoch(tmp_path):
+    # Document mode makes an epoch a permutation of the documents, so two epochs hold the same samples.
+    domains = write_domains(tmp_path, {"a": 20, "b": 37}, mode="document", max_len=12)
+    loader = _loader(domains, weights={"a": 0, "b": 1}, batch_size=1)  # no in-batch reordering
+    per_epoch = loader._streams[1].samples_per_epoch
+    rows = torch.cat([loader.next_batch()["input_ids"] for _ in range(2 * per_epoch)])
+    first, second = rows[:per_epoch], rows[per_epoch : 2 * per_epoch]
+    assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, second.tolist()))
+    assert not torch.equal(first, second)
+    assert loader.stats()["b"]["epochs"] >= 2
+    assert any(event["event"] == "epoch" and event["domain"] == "b" for event in loader.state_dict()["events"])
+
+
+def test_exhaustion_drop_removes_the_domain_and_renormalises(domains):
+    loader = _loader(domains, weights=[0.0, 0.5, 0.5], exhaustion="drop")
+    math_samples = loader._streams[2].samples_per_epoch
+    seen = 0
+    for _ in range(2 * math_samples // 8 + 5):
+        batch = loader.next_batch()
+        seen += int((batch["domain"] == 2).sum())
+        assert batch["input_ids"].shape[0] == 8
+    assert seen == math_samples  # every sample of its one epoch, then nothing more
+    assert any(e["event"] == "drop" and e["domain"] == "math" for e in loader.state_dict()["events"])
+
+
+def test_exhaustion_stop_ends_iteration(domains):
+    loader = _loader(domains, weights=[0.0, 0.0, 1.0], exhaustion="stop")
+    batches = list(loader)
+    assert len(batches) == loader._streams[2].samples_per_epoch // 8
+    assert loader.next_batch() is None
+
+
+def test_max_epochs_per_domain_with_repeat(domains):
+    loader = _loader(domains, weights=[0.0, 0.5, 0.5], max_epochs={"math": 2})
+    for _ in range(loader._streams[2].samples_per_epoch):  # wants ~2x the cap of math
+        loader.next_batch()
+    assert loader.stats()["math"]["samples"] == 2 * loader._streams[2].samples_per_epoch
+
+
+def test_sample_domain_does_not_disturb_the_training_stream(domains):
+    reference = _loader(domains)
+    expected = [reference.next_batch() for _ in range(6)]
+    loader = _loader(domains, num_workers=2)
+    got = [loader.next_batch() for _ in range(3)]
+    state = loader.state_dict()
+    observation = loader.sample_domain("web", 10)
+    assert (observation["domain"] == loader.domain_names.index("web")).all()
+    assert observation["input_ids"].shape == (10, 16)
+    assert loader.state_dict() == state
+    got += [loader.next_batch() for _ in range(3)]
+    assert all(_same_batch(a, b) for a, b in zip(expected, got))
+    assert _same_batch(loader.sample_domain("web", 10, seed=4), loader.sample_domain("web", 10, seed=4))
+    loader.close()
+
+
+def test_document_mode_masks_padding(tmp_path):
+    domains = write_domains(tmp_path, {"short": 40}, mode="document", max_len=10)
+    batch = _loader(domains, seq_len=32).next_batch()
+    assert "attention_mask" in batch
+    real = batch["attention_mask"].bool()
+    assert (batch["labels"][~real] == -100).all()
+    # The last real input predicts padding, so its label is masked too.
+    lengths = real.sum(1)
+    assert (batch["labels"][torch.arange(8), lengths - 1] == -100).all()
+
+
+def test_state_is_flat_json(domains):
+    loader = _loader(domains)
+    loader.next_batch()
+    state = loader.state_dict()
+    assert json.loads(json.dumps(state)) == state
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"code": float("nan"), "web": 1, "math": 1}, "finite and >= 0.*code=nan"),
+        ([1, -0.5, 1], "finite and >= 0.*web=-0.5"),
+        ([1, float("inf"), 1], "finite and >= 0.*web=inf"),
+        ([0, 0, 0], "all zero"),
+        ({"code": 1, "poetry": 1}, "Unknown domain.*poetry"),
+        ([1, 2], "has 2 entries but there are 3 domains"),
+    ],
+)
+def test_bad_weights_are_rejected_with_the_domain_named(domains, weights, match):
+    with pytest.raises(MixtureWeightError, match=match):
+        _loader(domains, weights=weights)
+    loader = _loader(domains)
+    with pytest.raises(MixtureWeightError, match=match):
+        loader.set_weights(weights)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"seq_len": 0}, "`seq_len` must be a positive int"),
+        ({"batch_size": -2}, "`batch_size` must be a positive int"),
+        ({"batch_size": 2.5}, "`batch_size` must be a positive int"),
+        ({"exhaustion": "loop"}, "`exhaustion` must be one of"),
+        ({"rank": 2, "world_size": 2}, "`rank` must be in"),
+        ({"max_epochs": 0}, "`max_epochs` for domain 'code'"),
+    ],
+)
+def test_bad_options_are_rejected(domains, options, match):
+    with pytest.raises(ConfigError, match=match):
+        _loader(domains, **options)
+
+
+def test_domain_too_small_for_seq_len_and_duplicates_and_empty(domains, tmp_path):
+    math_stream = domains[2].num_tokens + domains[2].num_docs
+    assert all(d.num_tokens > math_stream for d in domains[:2])
+    with pytest.raises(DomainError, match="'math'.*too few for one sample"):
+        _loader(domains, seq_len=math_stream)
+    with pytest.raises(DomainError, match="unique.*'code'"):
+        _loader([domains[0], domains[0]])
+    with pytest.raises(DomainError, match="`domains` is empty"):
+        _loader([])
+    path = write_memmap(tmp_path / "empty.bin", [], vocab_size=258)
+    with pytest.raises(DomainError, match="'empty'.*is empty"):
+        Domain("empty", path)
+
+
+def test_truncated_memmap_names_the_file(tmp_path):
+    path = write_memmap(tmp_path / "t.bin", [np.arange(100)], vocab_size=258)
+    with open(path, "r+b") as handle:
+        handle.truncate(50)
+    with pytest.raises(ShardError, match=r"t\.bin.*truncated"):
+        Domain("t", path)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_out_of_vocabulary_tokens_fail_at_read_time_naming_the_file(tmp_path, num_workers):
+    good = write_memmap(tmp_path / "good.bin", [np.arange(200) % 256], vocab_size=258)
+    bad = write_memmap(tmp_path / "bad.bin", [np.full(200, 300)], vocab_size=258)
+    loader = MixtureLoader(
+        [Domain("good", good), Domain("bad", bad)], batch_size=4, seq_len=8, num_workers=num_workers
+    )
+    with pytest.raises(ShardError, match=r"bad\.bin.*\[300, 300\].*vocabulary"):
+        for _ in range(5):
+            loader.next_batch()
+    loader.close()
+
+
+def test_loading_state_of_other_domains_fails(domains):
+    loader = _loader(domains)
+    other = _loader(domains[:2])
+    with pytest.raises(StateError, match="saved for domains"):
+        other.load_state_dict(loader.state_dict())
+    with pytest.raises(StateError, match="seed=7"):
+        _loader(domains, seed=8).load_state_dict(loader.state_dict())
