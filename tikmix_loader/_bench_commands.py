@@ -33,4 +33,4 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="run a benchmark and print its table (`tikmix bench loader --help`)")
     bench.add_argument("target", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHMARKS.items()))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
-    bench.set_defaults(func=lambda args: BENCHMARKS[args.target][1]().main(args.bench_args) and 0)
+    bench.set_defaults(func=lambda args: BENCHMARKS[args.target][1]().main(args.bench_args) or 0)
