@@ -15,6 +15,10 @@ class ShardError(TikmixError, ValueError):
     """A shard, index file, memmap or Parquet file is missing, corrupt, truncated or holds bad tokens."""
 
 
+class ConversionError(TikmixError, ValueError):
+    """An input to ``tikmix convert`` or ``tikmix corpus`` is missing, unreadable, malformed or empty."""
+
+
 class DomainError(TikmixError, ValueError):
     """A domain is empty, unknown, duplicated or misconfigured."""
 

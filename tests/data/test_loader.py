@@ -121,7 +121,10 @@ def test_elastic_resume_under_another_world_size_continues_the_global_stream(dom
         """Several ranks' loaders stepping together, saved and restored through rank 0's state."""
 
         def __init__(self, world_size):
-            self.loaders = [_loader(domains, batch_size=12 // world_size, rank=r, world_size=world_size) for r in range(world_size)]
+            self.loaders = [
+                _loader(domains, batch_size=12 // world_size, rank=r, world_size=world_size)
+                for r in range(world_size)
+            ]
 
         def state_dict(self):
             states = [loader.state_dict() for loader in self.loaders]
@@ -162,7 +165,9 @@ def test_exhaustion_repeat_reshuffles_each_epoch(tmp_path):
     assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, second.tolist()))
     assert not torch.equal(first, second)
     assert loader.stats()["b"]["epochs"] >= 2
-    assert any(event["event"] == "epoch" and event["domain"] == "b" for event in loader.state_dict()["events"])
+    assert any(
+        event["event"] == "epoch" and event["domain"] == "b" for event in loader.state_dict()["events"]
+    )
 
 
 def test_exhaustion_drop_removes_the_domain_and_renormalises(domains):

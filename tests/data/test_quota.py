@@ -15,7 +15,10 @@ def _normalise(values):
 
 
 @settings(max_examples=200, deadline=None)
-@given(history=st.lists(st.tuples(weight_vectors, st.integers(1, 40)), min_size=1, max_size=30), total=st.integers(1, 97))
+@given(
+    history=st.lists(st.tuples(weight_vectors, st.integers(1, 40)), min_size=1, max_size=30),
+    total=st.integers(1, 97),
+)
 def test_cumulative_counts_stay_within_one_sample_of_the_weights(history, total):
     num_domains = len(history[0][0])
     carry = np.zeros(num_domains)

@@ -32,7 +32,9 @@ def test_epoch_windows_are_the_packed_windows_of_the_shuffled_documents(tmp_path
     assert (valid == 17).all()
     # Every window is a real slice of the packed stream of the epoch's document order.
     shuffle = BlockShuffle(domain.num_docs, 32, 5, stream.domain_key, 0)
-    order = np.concatenate([np.arange(*shuffle.block_range(b))[shuffle.within_block(b)] for b in shuffle.block_order])
+    order = np.concatenate(
+        [np.arange(*shuffle.block_range(b))[shuffle.within_block(b)] for b in shuffle.block_order]
+    )
     documents = domain.read_docs(0, domain.num_docs)
     expected, count = _packed_reference([documents[i] for i in order], domain.eos_id, 16)
     assert count == stream.samples_per_epoch

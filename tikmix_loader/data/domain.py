@@ -7,9 +7,10 @@ from functools import cached_property
 
 import numpy as np
 
+from tikmix_loader.data.metadata import DatasetMeta, read_dataset_meta
 from tikmix_loader.data.sources import TokenSource, open_source
 from tikmix_loader.data.tokenizer import ByteTokenizer
-from tikmix_loader.errors import ConfigError, DomainError
+from tikmix_loader.errors import ConfigError, DomainError, ShardError
 
 MODES = ("packed", "document")
 
@@ -20,14 +21,24 @@ class Domain:
     Args:
         name (str): Unique domain name; the key used in mixture weights.
         path (str | PathLike): An MDS directory, a Parquet file or directory, or a ``.bin`` memmap.
-        format (str): ``"auto"`` (sniff the path), ``"mds"``, ``"parquet"`` or ``"memmap"``. Default: ``"auto"``.
+        format (str): ``"auto"`` (sniff the path), ``"mds"``, ``"parquet"`` or ``"memmap"``.
+            Default: ``"auto"``.
         mode (str): ``"packed"`` concatenates documents, each followed by ``eos_id``, and cuts the stream into
             windows of ``seq_len + 1`` tokens that overlap by one token (so every token is predicted once).
             ``"document"`` makes one sample per document: truncated to ``seq_len + 1`` tokens, padded with
             ``pad_id`` and loss-masked. Default: ``"packed"``.
-        eos_id (int): Separator appended to every document in packed mode. Default: the byte tokenizer's 256.
-        pad_id (int): Padding id in document mode. Default: the byte tokenizer's 257.
-        **source_options: Passed to the format's reader (e.g. ``token_column`` for Parquet, ``vocab_size``).
+        eos_id (int, optional): Separator appended to every document in packed mode. Default: ``None``, which
+            takes the dataset's ``tikmix.json`` (written by ``tikmix convert``), else the byte tokenizer's
+            256.
+        pad_id (int, optional): Padding id in document mode. Default: ``None``, which takes ``tikmix.json``,
+            else the byte tokenizer's 257.
+        **source_options: Passed to the format's reader (e.g. ``token_column`` for Parquet, ``remote`` for
+            MDS, ``vocab_size``, which defaults to ``tikmix.json``'s).
+
+    Attributes:
+        metadata (DatasetMeta | None): The dataset's ``tikmix.json``, when it has one. When ``path`` is the
+            whole dataset (its directory, or the single ``.bin`` of a memmap), its document and token counts
+            must match the files, so a missing shard or a stale file fails here.
     """
 
     def __init__(
@@ -37,8 +48,8 @@ class Domain:
         *,
         format: str = "auto",
         mode: str = "packed",
-        eos_id: int = ByteTokenizer.eos_id,
-        pad_id: int = ByteTokenizer.pad_id,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
         **source_options,
     ):
         if not isinstance(name, str) or not name:
@@ -48,13 +59,38 @@ class Domain:
         self.name = name
         self.path = os.fspath(path)
         self.mode = mode
-        self.eos_id = int(eos_id)
-        self.pad_id = int(pad_id)
+        self.metadata: DatasetMeta | None = None if source_options.get("remote") else read_dataset_meta(path)
+        meta = self.metadata
+        self.eos_id = int(eos_id if eos_id is not None else meta.eos_id if meta else ByteTokenizer.eos_id)
+        self.pad_id = int(pad_id if pad_id is not None else meta.pad_id if meta else ByteTokenizer.pad_id)
+        if meta is not None:
+            source_options.setdefault("vocab_size", meta.vocab_size)
         self.source: TokenSource = open_source(path, format, **source_options)
+        self._check_metadata()
+        vocab_size = self.source.vocab_size
+        for argument, value in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
+            if value < 0 or (vocab_size is not None and value >= vocab_size):
+                raise ConfigError(
+                    f"Domain {name!r}: `{argument}`={value} is outside the vocabulary [0, {vocab_size}) of "
+                    f"{self.path}; pass the id your tokenizer uses."
+                )
         if self.source.num_docs == 0 or self.num_tokens == 0:
             raise DomainError(
                 f"Domain {name!r} at {self.path} is empty ({self.source.num_docs} documents, "
                 f"{self.num_tokens} tokens); remove it from the mixture or point it at data."
+            )
+
+    def _check_metadata(self) -> None:
+        meta = self.metadata
+        whole_dataset = os.path.isdir(self.path) or (meta is not None and meta.format == "memmap")
+        if meta is None or not whole_dataset:
+            return
+        found = (self.source.num_docs, self.source.num_tokens)
+        if found != (meta.num_docs, meta.num_tokens):
+            raise ShardError(
+                f"Domain {self.name!r}: {self.path} holds {found[0]} documents / {found[1]} tokens but its "
+                f"tikmix.json records {meta.num_docs} / {meta.num_tokens}; a shard is missing or was "
+                f"replaced. Restore it or re-run `tikmix convert`."
             )
 
     @cached_property

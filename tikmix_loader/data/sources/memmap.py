@@ -48,15 +48,19 @@ class MemmapSource(TokenSource):
         if actual_bytes != expected_bytes:
             raise ShardError(
                 f"{self.path}: holds {actual_bytes} bytes but its sidecar declares {meta['num_tokens']} "
-                f"{self.dtype} tokens ({expected_bytes} bytes); the file is truncated or the sidecar is stale. "
-                f"Re-run `tikmix convert`."
+                f"{self.dtype} tokens ({expected_bytes} bytes); the file is truncated or the sidecar is "
+                f"stale. Re-run `tikmix convert`."
             )
-        self._tokens = np.memmap(path, dtype=self.dtype, mode="r") if expected_bytes else np.zeros(0, self.dtype)
+        self._tokens = (
+            np.memmap(path, dtype=self.dtype, mode="r") if expected_bytes else np.zeros(0, self.dtype)
+        )
         offsets_file = Path(path).parent / meta["doc_offsets"]
         try:
             self._offsets = np.load(offsets_file, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise ShardError(f"{offsets_file}: cannot read the document offsets of {self.path}: {exc}") from exc
+            raise ShardError(
+                f"{offsets_file}: cannot read the document offsets of {self.path}: {exc}"
+            ) from exc
         offsets = self._offsets
         if (
             offsets.ndim != 1
@@ -151,13 +155,16 @@ def _read_sidecar(bin_path: Path) -> dict:
     try:
         meta = json.loads(sidecar.read_text())
     except FileNotFoundError as exc:
-        raise ShardError(f"{sidecar}: sidecar of {bin_path} not found; it must give dtype and offsets.") from exc
+        raise ShardError(
+            f"{sidecar}: sidecar of {bin_path} not found; it must give dtype and offsets."
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ShardError(f"{sidecar}: sidecar is not valid JSON ({exc}); re-run `tikmix convert`.") from exc
     missing = {"dtype", "num_tokens", "doc_offsets"} - set(meta)
     if meta.get("format") != SIDECAR_FORMAT or missing:
         raise ShardError(
-            f"{sidecar}: not a {SIDECAR_FORMAT} sidecar (format={meta.get('format')!r}, missing {sorted(missing)})."
+            f"{sidecar}: not a {SIDECAR_FORMAT} sidecar (format={meta.get('format')!r}, "
+            f"missing {sorted(missing)})."
         )
     if meta["dtype"] not in SUPPORTED_DTYPES:
         raise ShardError(f"{sidecar}: dtype {meta['dtype']!r} is not one of {SUPPORTED_DTYPES}.")

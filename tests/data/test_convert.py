@@ -1,0 +1,237 @@
+"""``tikmix convert``: every input kind, every format, atomic output, and each bad input by name."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from testkit.formats import write_hf_tokenizer
+
+from tikmix_loader import ConfigError, ConversionError, Domain
+from tikmix_loader.data import convert as convert_module
+from tikmix_loader.data.convert import FORMATS, convert, write_dataset
+from tikmix_loader.data.tokenizer import ByteTokenizer
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """One input of each kind; documents in reading order are listed in ``inputs.expected``."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "a.txt").write_text("alpha document\n")
+    (root / "sub" / "b.md").write_text("bravo ü document")
+    (root / ".git" / "config").write_text("hidden, left out")
+    (root / ".hidden.txt").write_text("hidden, left out")
+    (root / "c.jsonl").write_text('{"text": "charlie one"}\n\n{"text": "charlie two", "id": 3}\n')
+    (root / "d.txt.gz").write_bytes(gzip.compress(b"delta, gzipped"))
+    (root / "e.txt").write_text("")  # an empty document: dropped and counted
+    table = pa.table({"text": ["echo one", "echo two", "echo three"], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=2)
+    expected = [
+        "alpha document\n",
+        "charlie one",
+        "charlie two",
+        "delta, gzipped",
+        "bravo ü document",
+        "echo one",
+        "echo two",
+        "echo three",
+    ]
+    return [root, tmp_path / "f.parquet"], expected
+
+
+def texts_of(domain):
+    return [ByteTokenizer().decode(doc) for doc in domain.read_docs(0, domain.num_docs)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_input_kind_into_every_format(tmp_path, inputs, fmt):
+    paths, expected = inputs
+    meta = convert(paths, tmp_path / "out", name="mix", format=fmt, progress=False)
+    domain = Domain("mix", tmp_path / "out")
+    assert texts_of(domain) == expected
+    assert (meta.num_docs, meta.empty_docs_dropped) == (8, 1)
+    assert meta.num_tokens == sum(len(text.encode()) for text in expected) == domain.num_tokens
+    saved = json.loads((tmp_path / "out" / "tikmix.json").read_text())
+    assert saved["format"] == fmt and saved["tokenizer"] == "bytes" and saved["eos_id"] == 256
+    recorded = {source["path"]: source for source in saved["sources"]}
+    assert len(recorded) == 6  # hidden files are not inputs
+    for path, source in recorded.items():
+        assert source["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_compressed_mds_and_parquet(tmp_path, inputs):
+    paths, expected = inputs
+    for fmt in ("mds", "parquet"):
+        convert(paths, tmp_path / fmt, name="z", format=fmt, compression="zstd", progress=False)
+        assert texts_of(Domain("z", tmp_path / fmt)) == expected
+
+
+def test_hf_tokenizer_ids_and_metadata(tmp_path, inputs):
+    tokenizer_file = write_hf_tokenizer(tmp_path / "tokenizer.json")
+    paths, expected = inputs
+    meta = convert(paths, tmp_path / "out", name="hf", tokenizer=tokenizer_file, progress=False)
+    domain = Domain("hf", tmp_path / "out")
+    assert (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (2, 1, meta.vocab_size)
+    assert meta.tokenizer == f"hf:{tokenizer_file.resolve()}"
+    assert meta.tokenizer_sha256 == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    from tikmix_loader.data.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(tokenizer_file)
+    assert [hf.decode(doc) for doc in domain.read_docs(0, domain.num_docs)] == expected
+
+
+def _leftovers(parent):
+    return sorted(path.name for path in parent.iterdir() if ".tmp-" in path.name or ".old-" in path.name)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_failed_conversion_leaves_nothing(tmp_path, inputs, monkeypatch, fmt, failure):
+    calls = []
+
+    def encode_then_fail(self, text):
+        calls.append(text)
+        if len(calls) == 4:
+            raise failure
+        return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16)
+
+    monkeypatch.setattr(ByteTokenizer, "encode", encode_then_fail)
+    with pytest.raises(type(failure)):
+        convert(inputs[0], tmp_path / "out", name="x", format=fmt, progress=False)
+    assert len(calls) == 4  # it failed midway, after writing documents
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_dataset(tmp_path, inputs, monkeypatch):
+    paths, expected = inputs
+    convert(paths, tmp_path / "out", name="x", progress=False)
+    with pytest.raises(
+        ConfigError, match=r"`output` .*out already exists; choose a new path or pass --overwrite"
+    ):
+        convert(paths, tmp_path / "out", name="x", progress=False)
+    monkeypatch.setattr(ByteTokenizer, "encode", lambda self, text: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        convert(paths, tmp_path / "out", name="x", overwrite=True, progress=False)
+    assert texts_of(Domain("x", tmp_path / "out")) == expected
+    monkeypatch.undo()
+    convert([paths[1]], tmp_path / "out", name="x", overwrite=True, progress=False)
+    assert texts_of(Domain("x", tmp_path / "out")) == ["echo one", "echo two", "echo three"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_may_be_an_empty_directory(tmp_path, inputs):
+    (tmp_path / "out").mkdir()
+    convert(inputs[0], tmp_path / "out", name="x", format="memmap", progress=False)
+    assert Domain("x", tmp_path / "out").num_docs == 8
+
+
+def test_encoding_errors(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(
+        ConversionError, match=r"latin1.txt: not UTF-8 text \(bad byte at offset 3\).*replace"
+    ):
+        convert([tmp_path / "latin1.txt"], tmp_path / "out", name="x", progress=False)
+    convert([tmp_path / "latin1.txt"], tmp_path / "out", name="x", encoding_errors="replace", progress=False)
+    assert texts_of(Domain("x", tmp_path / "out")) == ["caf\ufffd"]
+    with pytest.raises(ConfigError, match=r"`encoding_errors` must be one of"):
+        convert([tmp_path / "latin1.txt"], tmp_path / "o2", name="x", encoding_errors="ignore")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"text": "ok"}\n{"body": "no text"}\n',
+            r"bad.jsonl:2: no string field 'text' \(found \['body'\]\)",
+        ),
+        ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2: not a JSON object"),
+        ('["a list"]\n', r"bad.jsonl:1: no string field 'text' \(found list\)"),
+    ],
+)
+def test_bad_jsonl(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(ConversionError, match=message):
+        convert([tmp_path / "bad.jsonl"], tmp_path / "out", name="x", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jsonl_custom_text_column(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    convert([tmp_path / "docs.jsonl"], tmp_path / "out", name="x", text_column="body", progress=False)
+    assert texts_of(Domain("x", tmp_path / "out")) == ["one", "two"]
+
+
+def test_bad_parquet_text(tmp_path):
+    pq.write_table(pa.table({"body": ["a", None]}), tmp_path / "t.parquet")
+    with pytest.raises(ConversionError, match=r"t.parquet: no string column 'text'.*--text-column"):
+        convert([tmp_path / "t.parquet"], tmp_path / "out", name="x", progress=False)
+    with pytest.raises(ConversionError, match=r"t.parquet \(row group 0, row 1\): 'body' is null"):
+        convert([tmp_path / "t.parquet"], tmp_path / "out", name="x", text_column="body", progress=False)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ConversionError, match=r"broken.parquet: not a readable Parquet file"):
+        convert([tmp_path / "broken.parquet"], tmp_path / "out", name="x", progress=False)
+
+
+def test_missing_and_empty_inputs(tmp_path):
+    with pytest.raises(ConversionError, match=r"input .*nope.txt: no such file or directory"):
+        convert([tmp_path / "nope.txt"], tmp_path / "out", name="x", progress=False)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ConversionError, match=r"the directories hold no files"):
+        convert([tmp_path / "empty_dir"], tmp_path / "out", name="x", progress=False)
+    (tmp_path / "blank.txt").write_text("")
+    with pytest.raises(ConversionError, match=r"x: no non-empty documents to write .*\(1 empty inputs\)"):
+        convert([tmp_path / "blank.txt"], tmp_path / "out", name="x", progress=False)
+    with pytest.raises(ConversionError, match=r"no inputs given"):
+        convert([], tmp_path / "out", name="x", progress=False)
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+def test_bad_options(tmp_path, inputs):
+    with pytest.raises(ConfigError, match=r"`format` 'csv' is not one of"):
+        convert(inputs[0], tmp_path / "out", name="x", format="csv", progress=False)
+    with pytest.raises(ConfigError, match=r"`compression` 'rar' is not one of streaming's"):
+        convert(inputs[0], tmp_path / "out", name="x", compression="rar", progress=False)
+    with pytest.raises(ConfigError, match=r"`compression` 'rar' is not an available Parquet codec"):
+        convert(inputs[0], tmp_path / "out", name="x", format="parquet", compression="rar", progress=False)
+    with pytest.raises(ConfigError, match=r"`compression` 'zstd' applies to mds and parquet only"):
+        convert(inputs[0], tmp_path / "out", name="x", format="memmap", compression="zstd", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_dataset_from_token_arrays(tmp_path):
+    docs = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([255])]
+    meta = write_dataset(tmp_path / "out", docs, name="arrays", format="parquet")
+    assert (meta.num_docs, meta.num_tokens, meta.empty_docs_dropped) == (2, 4, 1)
+    read = Domain("arrays", tmp_path / "out").read_docs(0, 2)
+    assert [doc.tolist() for doc in read] == [[1, 2, 3], [255]]
+
+
+def test_cli(tmp_path, inputs, capsys):
+    parser = argparse.ArgumentParser()
+    convert_module.register(parser.add_subparsers(dest="command"))
+    paths, expected = inputs
+    args = parser.parse_args(
+        [
+            "convert",
+            "--name",
+            "cli",
+            "--output",
+            str(tmp_path / "out"),
+            "--format",
+            "parquet",
+            "--no-progress",
+            *map(str, paths),
+        ]
+    )
+    assert args.func(args) == 0
+    assert "8 documents" in capsys.readouterr().out
+    assert texts_of(Domain("cli", tmp_path / "out")) == expected

@@ -1,0 +1,390 @@
+"""Token sources: MDS, Parquet and memmap read back what was written, and every bad input fails by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from testkit.formats import FORMATS, make_domain_files, random_docs
+
+from tikmix_loader import ConfigError, Domain, DomainError, ShardError
+from tikmix_loader.data.sources import detect_format, open_source
+from tikmix_loader.data.sources._tokens import cast_tokens
+from tikmix_loader.data.sources.mds import MDSSource, write_mds
+from tikmix_loader.data.sources.parquet import ParquetSource
+
+
+def assert_docs_equal(actual, expected):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+# Small shards / row groups / files so reads cross their boundaries.
+SPLIT_OPTIONS = {
+    "mds": {"size_limit": 1 << 10},
+    "parquet": {"rows_per_group": 7, "rows_per_file": 20},
+    "memmap": {},
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip_across_shard_boundaries(tmp_path, fmt):
+    docs = random_docs(53, seed=1, max_len=40)
+    path = make_domain_files(tmp_path, fmt, docs, **SPLIT_OPTIONS[fmt])
+    domain = Domain("d", path)
+    assert detect_format(path) == fmt
+    assert domain.num_docs == 53
+    assert domain.num_tokens == sum(len(doc) for doc in docs)
+    np.testing.assert_array_equal(domain.doc_lengths, [len(doc) for doc in docs])
+    assert_docs_equal(domain.read_docs(0, 53), docs)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        start = int(rng.integers(0, 53))
+        stop = int(rng.integers(start, 54))
+        assert_docs_equal(domain.read_docs(start, stop), docs[start:stop])
+    assert domain.read_docs(5, 5) == []
+    with pytest.raises(IndexError, match=r"outside \[0, 53\)"):
+        domain.read_docs(50, 54)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int32_ids_beyond_uint16(tmp_path, fmt):
+    docs = [np.array([0, 70_000, 99_999]), np.array([65_536])]
+    path = make_domain_files(
+        tmp_path, fmt, docs, dtype="int32", vocab_size=100_000, eos_id=99_998, pad_id=99_999
+    )
+    domain = Domain("big", path)
+    assert (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (99_998, 99_999, 100_000)
+    assert_docs_equal(domain.read_docs(0, 2), docs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sources_pickle_for_spawned_workers(tmp_path, fmt):
+    docs = random_docs(9, seed=2)
+    source = open_source(make_domain_files(tmp_path, fmt, docs))
+    source.read_docs(0, 3)  # leaves open handles / cached row groups behind
+    clone = pickle.loads(pickle.dumps(source))
+    assert_docs_equal(clone.read_docs(0, 9), docs)
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_lengths_are_cached_and_never_stale(tmp_path, fmt, monkeypatch):
+    cls = {"mds": MDSSource, "parquet": ParquetSource}[fmt]
+    path = make_domain_files(tmp_path, fmt, random_docs(12, seed=3))
+    first = open_source(path)
+    scans = []
+    original = cls._scan_lengths
+    monkeypatch.setattr(cls, "_scan_lengths", lambda self: scans.append(1) or original(self))
+    again = open_source(path)
+    assert scans == []  # second open reads the cache
+    np.testing.assert_array_equal(again.doc_lengths(), first.doc_lengths())
+    # Rewriting the data changes sizes/mtimes, so the old entry must not be used.
+    new_docs = random_docs(15, seed=4)
+    shutil.rmtree(path)
+    path = make_domain_files(tmp_path, fmt, new_docs)
+    fresh = open_source(path)
+    assert scans == [1]
+    np.testing.assert_array_equal(fresh.doc_lengths(), [len(doc) for doc in new_docs])
+
+
+def test_parquet_reads_each_row_group_once_and_never_whole_files(tmp_path, monkeypatch):
+    docs = random_docs(40, seed=5)
+    path = make_domain_files(tmp_path, "parquet", docs, rows_per_group=10)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read a whole Parquet file"))
+    monkeypatch.setattr(pq.ParquetFile, "read", lambda *a, **k: pytest.fail("read a whole Parquet file"))
+    source = ParquetSource(path)
+    groups = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **k: groups.append(i) or original(self, i, **k)
+    )
+    source._cached_group = -1
+    read = [doc for index in range(40) for doc in source.read_docs(index, index + 1)]
+    assert_docs_equal(read, docs)
+    assert groups == [0, 1, 2, 3]
+
+
+def test_parquet_single_file_and_custom_column(tmp_path):
+    docs = random_docs(6, seed=6)
+    file = tmp_path / "one.parquet"
+    column = pa.array([doc.tolist() for doc in docs], type=pa.list_(pa.int64()))
+    pq.write_table(pa.table({"ids": column, "text": ["x"] * 6}), file, row_group_size=4)
+    source = open_source(file, token_column="ids")
+    assert_docs_equal(source.read_docs(0, 6), docs)
+
+
+def test_mds_written_by_plain_mdswriter(tmp_path):
+    from streaming import MDSWriter
+
+    docs = random_docs(10, seed=7)
+    with MDSWriter(out=str(tmp_path / "raw"), columns={"ids": "ndarray:int32", "url": "str"}) as writer:
+        for index, doc in enumerate(docs):
+            writer.write({"ids": doc.astype(np.int32), "url": f"doc{index}"})
+    domain = Domain("raw", tmp_path / "raw", column="ids")
+    assert domain.metadata is None and domain.eos_id == 256
+    assert_docs_equal(domain.read_docs(0, 10), docs)
+
+
+def test_mds_zstd_shards_are_decompressed_into_the_cache(tmp_path):
+    docs = random_docs(30, seed=8)
+    path = make_domain_files(tmp_path, "mds", docs, compression="zstd", size_limit=1 << 9)
+    before = sorted(os.listdir(path))
+    assert all(name.endswith((".zstd", ".json")) for name in before)
+    assert_docs_equal(Domain("z", path).read_docs(0, 30), docs)
+    assert_docs_equal(Domain("z", path).read_docs(0, 30), docs)  # reopen reuses decompressed shards
+    assert sorted(os.listdir(path)) == before  # the dataset folder is left untouched
+
+
+def test_mds_remote_downloads_into_local_cache(tmp_path):
+    docs = random_docs(25, seed=9)
+    remote = make_domain_files(tmp_path, "mds", docs, compression="zstd", size_limit=1 << 9, metadata=False)
+    local = tmp_path / "local"
+    domain = Domain("r", local, remote=str(remote))
+    assert_docs_equal(domain.read_docs(0, 25), docs)
+    assert (local / "index.json").is_file() and any(name.endswith(".zstd") for name in os.listdir(local))
+
+
+def test_mds_remote_that_does_not_exist(tmp_path):
+    with pytest.raises(ShardError, match=r"nowhere/index.json: cannot download"):
+        MDSSource(tmp_path / "local", remote=str(tmp_path / "nowhere"))
+
+
+def test_memmap_directory_with_one_bin(tmp_path):
+    docs = random_docs(5, seed=10)
+    path = make_domain_files(tmp_path, "memmap", docs)
+    assert_docs_equal(open_source(path).read_docs(0, 5), docs)
+    shutil.copy(path / "tokens.bin", path / "other.bin")
+    with pytest.raises(ShardError, match=r"exactly one \.bin.*other\.bin.*tokens\.bin"):
+        open_source(path)
+
+
+def test_domain_defaults_ids_from_metadata(tmp_path):
+    path = make_domain_files(tmp_path, "parquet", [[1, 2], [3]], vocab_size=1000, eos_id=998, pad_id=999)
+    domain = Domain("meta", path)
+    assert (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (998, 999, 1000)
+    assert domain.metadata.num_docs == 2
+    explicit = Domain("meta", path, eos_id=5, pad_id=6, vocab_size=2000)
+    assert (explicit.eos_id, explicit.pad_id, explicit.source.vocab_size) == (5, 6, 2000)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_domain(tmp_path, fmt):
+    path = make_domain_files(tmp_path, fmt, [], name=f"empty_{fmt}")
+    with pytest.raises(DomainError, match=r"Domain 'e' at .*empty_.* is empty \(0 documents"):
+        Domain("e", path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_token_ids_outside_vocabulary(tmp_path, fmt):
+    path = make_domain_files(tmp_path, fmt, [[1, 2], [3, 300]], dtype="int32", metadata=False)
+    # MDS and Parquet fail while scanning at open, memmap when the documents are read.
+    with pytest.raises(
+        ShardError, match=r"token ids span \[\d, 300\], outside the declared vocabulary \[0, 258\)"
+    ):
+        Domain("v", path, vocab_size=258).read_docs(0, 2)
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_out_of_vocabulary_after_a_cached_open(tmp_path, fmt):
+    path = make_domain_files(tmp_path, fmt, [[1, 2], [3, 300]], dtype="int32", metadata=False)
+    Domain("v", path)  # no vocabulary: lengths are scanned and cached
+    domain = Domain("v", path, vocab_size=258)  # cached open: ids are still checked on read
+    with pytest.raises(ShardError, match=r"\[\d, 300\], outside the declared vocabulary \[0, 258\)"):
+        domain.read_docs(0, 2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_negative_token_ids(tmp_path, fmt):
+    path = make_domain_files(tmp_path, fmt, [[1, -4]], dtype="int32", metadata=False)
+    with pytest.raises(ShardError, match=r"token ids span \[-4, 1\]"):
+        Domain("n", path).read_docs(0, 1)
+
+
+def test_ids_that_do_not_fit_the_storage_dtype(tmp_path):
+    with pytest.raises(ShardError, match=r"document 1\).*\[0, 70000\], which does not fit dtype uint16"):
+        write_mds(tmp_path / "x", [np.array([1]), np.array([0, 70_000])], dtype="uint16")
+    with pytest.raises(ShardError, match=r"\[-1, 3\], which does not fit dtype uint16"):
+        cast_tokens([3, -1], "uint16", "doc")
+    with pytest.raises(ShardError, match=r"must be a 1-D array of integer token ids"):
+        cast_tokens([0.5], "uint16", "doc")
+
+
+def test_eos_outside_vocabulary(tmp_path):
+    path = make_domain_files(tmp_path, "memmap", [[1, 2]], vocab_size=256, metadata=False)
+    with pytest.raises(ConfigError, match=r"`eos_id`=256 is outside the vocabulary \[0, 256\)"):
+        Domain("d", path)
+
+
+def test_metadata_disagreeing_with_files(tmp_path):
+    path = make_domain_files(
+        tmp_path, "parquet", random_docs(30, seed=11), rows_per_group=5, rows_per_file=10
+    )
+    (path / "part-00001.parquet").unlink()
+    with pytest.raises(ShardError, match=r"holds 20 documents .* tikmix.json records 30 .*shard is missing"):
+        Domain("d", path)
+
+
+def test_corrupt_metadata_file(tmp_path):
+    path = make_domain_files(tmp_path, "mds", [[1, 2]])
+    (path / "tikmix.json").write_text("{not json")
+    with pytest.raises(ShardError, match=r"tikmix.json: not valid JSON"):
+        Domain("d", path)
+    (path / "tikmix.json").write_text(json.dumps({"kind": "other"}))
+    with pytest.raises(ShardError, match=r"tikmix.json: not a tikmix-dataset metadata file"):
+        Domain("d", path)
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DomainError, match=r"cannot tell the format"):
+        Domain("d", tmp_path)
+    with pytest.raises(DomainError, match=r"unknown `format` 'csv'"):
+        Domain("d", tmp_path, format="csv")
+
+
+@pytest.fixture
+def mds_dir(tmp_path):
+    return make_domain_files(tmp_path, "mds", random_docs(40, seed=12, min_len=20), size_limit=1 << 10)
+
+
+def _shards(path):
+    return sorted(path.glob("shard.*.mds*"))
+
+
+def test_mds_missing_index(mds_dir):
+    (mds_dir / "index.json").unlink()
+    with pytest.raises(ShardError, match=r"index.json: not found; an MDS directory needs the index.json"):
+        Domain("d", mds_dir)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"index.json: is empty or corrupt"),
+        ('{"shards": [], "version": 1}', r"not a streaming version-2 index"),
+        ('{"shards": [{"format": "mds"}], "version": 2}', r"shard entry is malformed"),
+        ('{"shards": [{"format": "json"}], "version": 2}', r"lists a 'json' shard"),
+    ],
+)
+def test_mds_corrupt_index(mds_dir, content, message):
+    (mds_dir / "index.json").write_text(content)
+    with pytest.raises(ShardError, match=message):
+        MDSSource(mds_dir)
+
+
+def test_mds_missing_shard(mds_dir):
+    _shards(mds_dir)[1].unlink()
+    with pytest.raises(ShardError, match=r"shard shard.00001.mds listed in index.json is missing"):
+        Domain("d", mds_dir)
+
+
+def test_mds_truncated_shard(mds_dir):
+    shard = _shards(mds_dir)[2]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(
+        ShardError, match=rf"{shard.name}: holds \d+ bytes but index.json declares .*truncated"
+    ):
+        Domain("d", mds_dir)
+
+
+def _flip_byte(file, position=-5):
+    data = bytearray(file.read_bytes())
+    data[position] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def test_mds_corrupt_shard_fails_its_checksum(mds_dir):
+    shard = _shards(mds_dir)[0]
+    _flip_byte(shard)
+    with pytest.raises(ShardError, match=rf"{shard.name}: xxh64 checksum failure"):
+        Domain("d", mds_dir)
+    assert len(MDSSource(mds_dir, validate_hash=False).read_docs(0, 1)) == 1  # opt-out reads on
+
+
+def test_mds_checksum_algorithm_not_in_index(mds_dir):
+    with pytest.raises(ShardError, match=r"`validate_hash='sha1'` but index.json records only \['xxh64'\]"):
+        MDSSource(mds_dir, validate_hash="sha1")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # streaming's offset arithmetic
+def test_mds_corrupt_shard_without_hashes(tmp_path):
+    path = make_domain_files(tmp_path, "mds", random_docs(5, seed=13), hashes=())
+    shard = _shards(path)[0]
+    data = bytearray(shard.read_bytes())
+    data[8:12] = (10**6).to_bytes(4, "little")  # the first sample's end offset now points past the file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{shard.name} \(sample \d\): cannot decode"):
+        Domain("d", path)
+
+
+def test_mds_corrupt_compressed_shard(tmp_path):
+    path = make_domain_files(tmp_path, "mds", random_docs(5, seed=14), compression="zstd", hashes=())
+    shard = _shards(path)[0]
+    _flip_byte(shard, position=10)
+    with pytest.raises(ShardError, match=rf"{shard.name}: cannot decompress with 'zstd'"):
+        Domain("d", path)
+
+
+def test_mds_wrong_column(mds_dir):
+    with pytest.raises(ShardError, match=r"has no column 'ids' \(columns: \['tokens'\]\); pass `column=`"):
+        Domain("d", mds_dir, column="ids")
+
+
+def test_mds_column_not_an_array(tmp_path):
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(tmp_path / "s"), columns={"tokens": "str"}) as writer:
+        writer.write({"tokens": "abc"})
+    with pytest.raises(ShardError, match=r"column 'tokens' has MDS encoding 'str'"):
+        Domain("d", tmp_path / "s")
+
+
+def test_mds_shard_changed_after_open(mds_dir, tmp_path):
+    domain = Domain("d", mds_dir)
+    replacement = make_domain_files(
+        tmp_path, "mds", random_docs(40, seed=99, min_len=20), name="other", size_limit=1 << 10
+    )
+    shutil.copy(_shards(replacement)[0], _shards(mds_dir)[0])
+    with pytest.raises(ShardError, match=r"document 0 now holds \d+ tokens but held \d+ .*changed on disk"):
+        domain.read_docs(0, 1)
+
+
+def test_parquet_errors(tmp_path):
+    with pytest.raises(ShardError, match=r"no \*\.parquet files"):
+        ParquetSource(tmp_path)
+    table = pa.table(
+        {"tokens": pa.array([[1, 2], None, [3]], type=pa.list_(pa.int32())), "text": ["a", "b", "c"]}
+    )
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    with pytest.raises(ShardError, match=r"nulls.parquet \(row group 0\): row 1 has a null 'tokens'"):
+        ParquetSource(tmp_path / "nulls.parquet")
+    with pytest.raises(ShardError, match=r"no column 'ids' \(columns: \['tokens', 'text'\]\)"):
+        ParquetSource(tmp_path / "nulls.parquet", token_column="ids")
+    with pytest.raises(ShardError, match=r"column 'text' has type string; token ids must be list<int>"):
+        ParquetSource(tmp_path / "nulls.parquet", token_column="text")
+
+
+def test_parquet_truncated_file(tmp_path):
+    path = make_domain_files(tmp_path, "parquet", random_docs(10, seed=15))
+    part = path / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-20])
+    with pytest.raises(ShardError, match=r"part-00000.parquet: not a readable Parquet file"):
+        Domain("d", path)
+
+
+def test_memmap_truncated_file(tmp_path):
+    path = make_domain_files(tmp_path, "memmap", random_docs(4, seed=16))
+    data = (path / "tokens.bin").read_bytes()
+    (path / "tokens.bin").write_bytes(data[:-2])
+    with pytest.raises(ShardError, match=r"tokens.bin: holds \d+ bytes but its sidecar declares .*truncated"):
+        Domain("d", path)

@@ -1,0 +1,404 @@
+"""``tikmix convert``: tokenize text files, directories, JSONL and Parquet text into a dataset, atomically.
+
+Every input document becomes one stored document (one MDS sample, one Parquet row, one memmap span). The
+dataset is written into a temporary directory beside ``output`` and renamed into place only when complete,
+so an interrupted or failed conversion leaves no partial dataset. A ``tikmix.json`` (``DatasetMeta``) beside
+the data records the tokenizer, ids, sizes and every input file with its sha256.
+
+Inputs by file name: ``*.jsonl`` holds one JSON object per line with a text field; ``*.parquet`` holds a
+string column; anything else is one UTF-8 text document. A ``.gz`` suffix is decompressed first.
+Directories are searched recursively in sorted order; hidden files and directories (``.git``…) are left
+out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from tikmix_loader.data.metadata import DatasetMeta
+from tikmix_loader.data.sources.mds import write_mds
+from tikmix_loader.data.sources.memmap import write_memmap
+from tikmix_loader.data.sources.parquet import write_parquet
+from tikmix_loader.data.tokenizer import Tokenizer, load_tokenizer
+from tikmix_loader.errors import ConfigError, ConversionError
+
+FORMATS = ("mds", "parquet", "memmap")
+MEMMAP_FILE = "tokens.bin"
+ENCODING_ERRORS = ("strict", "replace")
+PARQUET_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
+
+
+def _write_mds_dataset(directory: Path, documents: Iterable[np.ndarray], tokenizer: Tokenizer, compression):
+    from streaming.base.compression import get_compressions
+
+    if compression is not None and compression not in get_compressions():
+        raise ConfigError(
+            f"`compression` {compression!r} is not one of streaming's {sorted(get_compressions())}."
+        )
+    write_mds(directory, documents, dtype=tokenizer.dtype, compression=compression)
+
+
+def _write_parquet_dataset(
+    directory: Path, documents: Iterable[np.ndarray], tokenizer: Tokenizer, compression
+):
+    import pyarrow as pa
+
+    codec = compression or "snappy"
+    if codec != "none" and not (codec in PARQUET_CODECS and pa.Codec.is_available(codec)):
+        raise ConfigError(
+            f"`compression` {compression!r} is not an available Parquet codec {PARQUET_CODECS}."
+        )
+    write_parquet(directory, documents, dtype=tokenizer.dtype, compression=codec)
+
+
+def _write_memmap_dataset(
+    directory: Path, documents: Iterable[np.ndarray], tokenizer: Tokenizer, compression
+):
+    if compression:
+        raise ConfigError(f"`compression` {compression!r} applies to mds and parquet only, not memmap.")
+    write_memmap(directory / MEMMAP_FILE, documents, dtype=tokenizer.dtype, vocab_size=tokenizer.vocab_size)
+
+
+WRITERS: dict[str, Callable] = {
+    "mds": _write_mds_dataset,
+    "parquet": _write_parquet_dataset,
+    "memmap": _write_memmap_dataset,
+}
+
+
+@contextmanager
+def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``output`` that replaces ``output`` if the block succeeds.
+
+    Any exception (``KeyboardInterrupt`` included) removes the temporary directory and leaves ``output``
+    as it was. ``output`` may already exist only when empty or when ``overwrite`` is set.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite and not (output.is_dir() and not any(output.iterdir())):
+        raise ConfigError(f"`output` {output} already exists; choose a new path or pass --overwrite.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        yield temp
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, retired / output.name)
+            os.replace(temp, output)
+            shutil.rmtree(retired)
+        else:
+            os.replace(temp, output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def write_dataset(
+    output: str | os.PathLike,
+    documents: Iterable[np.ndarray],
+    *,
+    name: str,
+    format: str = "mds",
+    tokenizer: str | os.PathLike | Tokenizer = "bytes",
+    sources: Sequence[dict] = (),
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> DatasetMeta:
+    """Write already-tokenized ``documents`` as a dataset with its ``tikmix.json``, atomically.
+
+    Args:
+        output (str | PathLike): The dataset directory to create.
+        documents (Iterable[np.ndarray]): Token arrays, one per document; empty ones are dropped and counted.
+        name (str): Dataset name recorded in ``tikmix.json``.
+        format (str): ``"mds"``, ``"parquet"`` or ``"memmap"``. Default: ``"mds"``.
+        tokenizer (str | PathLike | Tokenizer): What made the ids; gives dtype, EOS/PAD and vocabulary.
+            Default: ``"bytes"``.
+        sources (Sequence[dict]): Input files (``path``, ``bytes``, ``sha256``) to record. Default: ``()``.
+        compression (str, optional): Shard compression, e.g. ``"zstd"`` (MDS and Parquet). Default: ``None``.
+        overwrite (bool): Replace an existing ``output``. Default: ``False``.
+
+    Returns:
+        DatasetMeta: What was written (also in ``output/tikmix.json``).
+    """
+    if format not in WRITERS:
+        raise ConfigError(f"`format` {format!r} is not one of {sorted(WRITERS)}.")
+    tokenizer = load_tokenizer(tokenizer)
+    counts = {"docs": 0, "tokens": 0, "empty": 0}
+
+    def non_empty() -> Iterator[np.ndarray]:
+        for document in documents:
+            if len(document) == 0:
+                counts["empty"] += 1
+                continue
+            counts["docs"] += 1
+            counts["tokens"] += len(document)
+            yield document
+
+    with atomic_directory(output, overwrite=overwrite) as temp:
+        WRITERS[format](temp, non_empty(), tokenizer, compression)
+        if counts["docs"] == 0:
+            raise ConversionError(
+                f"{name}: no non-empty documents to write to {output} ({counts['empty']} empty inputs); "
+                f"check the inputs and `text_column`."
+            )
+        meta = DatasetMeta(
+            name=name,
+            format=format,
+            tokenizer=tokenizer.name,
+            tokenizer_sha256=getattr(tokenizer, "sha256", None),
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            vocab_size=tokenizer.vocab_size,
+            dtype=tokenizer.dtype,
+            num_docs=counts["docs"],
+            num_tokens=counts["tokens"],
+            empty_docs_dropped=counts["empty"],
+            sources=tuple(sources),
+        )
+        meta.write(temp)
+    return meta
+
+
+def convert(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    name: str,
+    format: str = "mds",
+    tokenizer: str | os.PathLike | Tokenizer = "bytes",
+    text_column: str = "text",
+    encoding_errors: str = "strict",
+    compression: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DatasetMeta:
+    """Tokenize the documents of ``inputs`` into a new dataset at ``output`` (see the module docstring).
+
+    Args:
+        inputs (Sequence[str | PathLike]): Text files, JSONL files, Parquet files and directories of them.
+        output (str | PathLike): The dataset directory to create; ``Domain(name, output)`` opens it.
+        name (str): Dataset name recorded in ``tikmix.json``.
+        format (str): ``"mds"``, ``"parquet"`` or ``"memmap"``. Default: ``"mds"``.
+        tokenizer (str | PathLike | Tokenizer): ``"bytes"`` or a local ``tokenizer.json``.
+            Default: ``"bytes"``.
+        text_column (str): Text field of JSONL records and text column of Parquet inputs. Default: ``"text"``.
+        encoding_errors (str): ``"strict"`` fails on text that is not UTF-8; ``"replace"`` substitutes
+            U+FFFD. Default: ``"strict"``.
+        compression (str, optional): Shard compression such as ``"zstd"``. Default: ``None``.
+        overwrite (bool): Replace an existing ``output``. Default: ``False``.
+        progress (bool): Show a tqdm bar over input bytes. Default: ``True``.
+
+    Returns:
+        DatasetMeta: What was written.
+    """
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ConfigError(f"`encoding_errors` must be one of {ENCODING_ERRORS}, got {encoding_errors!r}.")
+    tokenizer = load_tokenizer(tokenizer)
+    files = expand_inputs(inputs)
+    # Filled while the files are read; write_dataset records it only after the last document.
+    sources: list[dict] = []
+    bar = tqdm(
+        total=sum(file.stat().st_size for file in files),
+        unit="B",
+        unit_scale=True,
+        desc=f"convert {name}",
+        disable=not progress,
+    )
+
+    def documents() -> Iterator[np.ndarray]:
+        for file in files:
+            sources.append(
+                {"path": str(file.resolve()), "bytes": file.stat().st_size, "sha256": sha256_file(file)}
+            )
+            for text, consumed in read_texts(file, text_column=text_column, encoding_errors=encoding_errors):
+                bar.update(consumed)
+                if text is not None:
+                    yield tokenizer.encode(text)
+
+    with bar:
+        return write_dataset(
+            output,
+            documents(),
+            name=name,
+            format=format,
+            tokenizer=tokenizer,
+            sources=sources,
+            compression=compression,
+            overwrite=overwrite,
+        )
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input files in reading order: files as given, directories searched recursively in sorted order."""
+    if not inputs:
+        raise ConversionError("no inputs given; pass text, JSONL or Parquet files or directories.")
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_file():
+            files.append(item)
+        elif item.is_dir():
+            files.extend(
+                file
+                for file in sorted(item.rglob("*"))
+                if file.is_file() and not any(part.startswith(".") for part in file.relative_to(item).parts)
+            )
+        else:
+            raise ConversionError(f"input {item}: no such file or directory.")
+    if not files:
+        raise ConversionError(f"inputs {[str(item) for item in inputs]}: the directories hold no files.")
+    return files
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_texts(file: Path, *, text_column: str = "text", encoding_errors: str = "strict"):
+    """Yield ``(text, bytes consumed)`` for each document of one input file, by its kind (see module doc).
+
+    ``text`` is ``None`` on entries that only report progress (blank JSONL lines, row-group ends).
+    """
+    suffixes = file.suffixes[-2:] if file.suffix == ".gz" else file.suffixes[-1:]
+    kind = suffixes[0] if suffixes else ""
+    if kind == ".parquet" and file.suffix != ".gz":
+        yield from _read_parquet_texts(file, text_column)
+        return
+    opener = gzip.open if file.suffix == ".gz" else open
+    try:
+        with opener(file, "rb") as stream:
+            if kind == ".jsonl":
+                yield from _read_jsonl(file, stream, text_column, encoding_errors)
+            else:
+                data = stream.read()
+                yield _decode(data, file, encoding_errors), file.stat().st_size
+    except (OSError, EOFError) as exc:
+        raise ConversionError(f"input {file}: cannot be read ({exc}).") from exc
+
+
+def _decode(data: bytes, where, encoding_errors: str) -> str:
+    try:
+        return data.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as exc:
+        raise ConversionError(
+            f"input {where}: not UTF-8 text (bad byte at offset {exc.start}); leave the file out or pass "
+            f"`encoding_errors='replace'` (--encoding-errors replace)."
+        ) from exc
+
+
+def _read_jsonl(file: Path, stream, text_column: str, encoding_errors: str):
+    compressed = file.suffix == ".gz"
+    for number, line in enumerate(stream, start=1):
+        consumed = 0 if compressed else len(line)
+        if not line.strip():
+            yield None, consumed
+            continue
+        where = f"{file}:{number}"
+        try:
+            record = json.loads(_decode(line, where, encoding_errors))
+        except json.JSONDecodeError as exc:
+            raise ConversionError(
+                f"input {where}: not a JSON object ({exc}); fix or remove the line."
+            ) from exc
+        if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ConversionError(
+                f"input {where}: no string field {text_column!r} (found {keys}); pass `text_column=` "
+                f"(--text-column) naming the text field."
+            )
+        yield record[text_column], consumed
+    if compressed:
+        yield None, file.stat().st_size
+
+
+def _read_parquet_texts(file: Path, text_column: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        field = parquet.schema_arrow.field(text_column) if text_column in parquet.schema_arrow.names else None
+        if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            raise ConversionError(
+                f"input {file}: no string column {text_column!r} (columns: {parquet.schema_arrow}); pass "
+                f"`text_column=` (--text-column) naming the text column."
+            )
+        per_group = file.stat().st_size // max(1, parquet.num_row_groups)
+        for group in range(parquet.num_row_groups):
+            texts = parquet.read_row_group(group, columns=[text_column]).column(0).to_pylist()
+            for row, text in enumerate(texts):
+                if text is None:
+                    raise ConversionError(
+                        f"input {file} (row group {group}, row {row}): {text_column!r} is null; drop or fill "
+                        f"null rows before converting."
+                    )
+                yield text, 0
+            yield None, per_group
+    except (OSError, pa.ArrowException) as exc:
+        raise ConversionError(f"input {file}: not a readable Parquet file ({exc}).") from exc
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``tikmix convert``."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="tokenize text/JSONL/Parquet inputs into an MDS, Parquet or memmap dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="text, JSONL or Parquet files, or directories"
+    )
+    parser.add_argument("--name", required=True, help="dataset name recorded in tikmix.json")
+    parser.add_argument("--output", required=True, help="dataset directory to create")
+    parser.add_argument("--format", choices=FORMATS, default="mds", help="storage format (default: mds)")
+    parser.add_argument(
+        "--tokenizer", default="bytes", help="'bytes' or PATH/tokenizer.json (default: bytes)"
+    )
+    parser.add_argument("--text-column", default="text", help="JSONL field / Parquet column (default: text)")
+    parser.add_argument(
+        "--encoding-errors",
+        choices=ENCODING_ERRORS,
+        default="strict",
+        help="what to do with text that is not UTF-8 (default: strict, i.e. fail)",
+    )
+    parser.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default: none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    meta = convert(
+        args.inputs,
+        args.output,
+        name=args.name,
+        format=args.format,
+        tokenizer=args.tokenizer,
+        text_column=args.text_column,
+        encoding_errors=args.encoding_errors,
+        compression=args.compression,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {args.output}: {meta.num_docs} documents, {meta.num_tokens} tokens ({meta.format}, "
+        f"{meta.dtype}, tokenizer {meta.tokenizer}, vocab {meta.vocab_size}); "
+        f"{meta.empty_docs_dropped} empty documents dropped."
+    )
+    return 0
