@@ -235,6 +235,12 @@ class MixtureLoader:
             for index, name in enumerate(self._planner.names)
         }
 
+    def tokens_left(self) -> dict[str, float]:
+        """Training tokens each domain can still supply before its ``max_epochs`` (``inf`` when unlimited)."""
+        planner = self._planner
+        left = np.maximum(planner.capacity - planner.consumed, 0) * self.seq_len
+        return dict(zip(planner.names, np.where(planner.active, left, 0.0).tolist()))
+
     def state_dict(self) -> dict:
         """Flat JSON-able state: weight history, per-domain cursors, carried quota error, seed."""
         return self._planner.state_dict()
