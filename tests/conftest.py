@@ -1,11 +1,19 @@
-"""Fixtures shared by every test: an isolated tikmix cache and the on-disk dataset factory."""
+"""Shared test setup: Triton's CPU interpreter without a GPU, an isolated tikmix cache, the dataset factory."""
 
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
+import torch
 from testkit.formats import make_domain_files
+
+# Triton runs through its CPU interpreter when there is no GPU. The variable must be set before
+# ``triton.jit`` decorates the kernels, i.e. before any test module imports ``tikmix_kernels.triton_ops``;
+# this root conftest is imported before every test module. With a GPU the real compiler is kept.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
