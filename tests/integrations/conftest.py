@@ -1,0 +1,5 @@
+"""Composer tests run in the Composer environment (``make test-composer``); elsewhere they are not collected."""
+
+import importlib.util
+
+collect_ignore_glob = [] if importlib.util.find_spec("composer") else ["test_composer*.py"]

@@ -1,0 +1,101 @@
+"""A real ``composer.Trainer.fit`` with the MixtureLoader and TikMixCallback: weights change, checkpoint, resume."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from composer import Trainer
+from composer.core import Callback
+from composer.models import ComposerModel
+from testkit.domains import write_domains
+
+from tikmix_loader import MixtureLoader
+from tikmix_loader.controller import MixtureController, every
+from tikmix_loader.influence import GroupInfluence
+from tikmix_loader.integrations.composer import TikMixCallback
+from tikmix_loader.ledger import MixtureLedger
+from tikmix_loader.models.tiny_gpt import GPTConfig, TinyGPT
+
+pytestmark = pytest.mark.composer
+SEQ_LEN = 16
+
+
+class ComposerTinyGPT(ComposerModel):
+    def __init__(self):
+        super().__init__()
+        self.model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
+
+    def forward(self, batch):
+        return self.model(batch["input_ids"])
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+
+
+class RecordBatches(Callback):
+    def __init__(self):
+        self.batches = []
+
+    def after_dataloader(self, state, logger):
+        self.batches.append(state.batch["input_ids"].clone())
+
+
+def _trainer(domains, tmp_path, ledger_name, **options):
+    torch.manual_seed(0)
+    loader = MixtureLoader(domains, batch_size=6, seq_len=SEQ_LEN, seed=2, num_workers=1)
+    model = ComposerTinyGPT()
+    targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
+    influence = GroupInfluence(model.model, k=8, domains=loader.domain_names, backend="torch")
+    controller = MixtureController(
+        loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3),
+        ledger=MixtureLedger(tmp_path / ledger_name),
+    )
+    recorder = RecordBatches()
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader.as_dataloader(),
+        optimizers=torch.optim.AdamW(model.parameters(), lr=3e-3),
+        callbacks=[TikMixCallback(controller), recorder],
+        device="cpu",
+        device_train_microbatch_size=6,  # the DataLoader yields whole batches (batch_size=None)
+        progress_bar=False,
+        log_to_console=False,
+        save_folder=str(tmp_path / "checkpoints"),
+        save_interval="5ba",
+        save_filename="ba{batch}.pt",
+        **options,
+    )
+    return trainer, loader, recorder
+
+
+def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
+    (tmp_path / "data").mkdir()
+    domains = write_domains(tmp_path / "data", {"a": 30, "b": 40, "c": 25}, max_len=60)
+
+    straight, straight_loader, straight_batches = _trainer(
+        domains, tmp_path / "straight", "ledger.jsonl", max_duration="10ba"
+    )
+    initial = straight_loader.weights
+    straight.fit()
+    history = straight_loader.state_dict()["weight_history"]
+    assert len(history) >= 3 and straight_loader.weights != initial  # decisions after batches 3, 6 and 9
+    assert (tmp_path / "straight" / "checkpoints" / "ba5.pt").exists()
+    straight.close()
+
+    # A crashed run left its ledger with every decision, also those after the checkpoint written at batch 5.
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ledger.jsonl", tmp_path / "resumed" / "ledger.jsonl")
+    shutil.copy(tmp_path / "straight" / "ledger.jsonl.head", tmp_path / "resumed" / "ledger.jsonl.head")
+    # Resuming from that checkpoint cuts the ledger back to it and finishes the same 10 batches.
+    resumed, resumed_loader, resumed_batches = _trainer(
+        domains, tmp_path / "resumed", "ledger.jsonl", max_duration="10ba",
+        load_path=str(tmp_path / "straight" / "checkpoints" / "ba5.pt"),
+    )
+    resumed.fit()
+    assert len(resumed_batches.batches) == 5
+    for got, expected in zip(resumed_batches.batches, straight_batches.batches[5:]):
+        assert torch.equal(got, expected)
+    assert resumed_loader.state_dict()["weight_history"] == history
+    assert (tmp_path / "resumed" / "ledger.jsonl").read_bytes() == (tmp_path / "straight" / "ledger.jsonl").read_bytes()
+    resumed.close()
