@@ -1,0 +1,147 @@
+"""Per-layer inverse-curvature preconditioners in projected space: identity, K-FAC and EK-FAC (methods.md §3).
+
+Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_out, k_in] to ``H^-1 M``:
+
+- ``identity``: ``M`` (TracIn-like).
+- ``kfac``: ``(B + lambda_B I)^-1 M (A + lambda_A I)^-1`` with ``A = E_tokens[x~ x~^T]`` and
+  ``B = sum_tokens g~ g~^T / examples``.
+- ``ekfac``: ``Q_B [(Q_B^T M Q_A) / (Lambda + lambda)] Q_A^T`` with the eigenbases ``Q_A``, ``Q_B`` of A and B
+  and ``Lambda = E_examples[(Q_B^T phi_e Q_A)^2]``.
+
+Ours (the paper is silent): ``g`` is the gradient of the *summed* per-token loss, so it has per-token scale,
+and B is normalised by examples (rows) while A is normalised by tokens. Then ``A (x) B`` approximates the
+per-example empirical Fisher ``E_e[vec(W_e) vec(W_e)^T]`` (cross-token terms dropped, as in Kronfluence), the
+same scale as EK-FAC's per-example ``Lambda``. Damping is relative (``InfluenceConfig.damping``): K-FAC adds
+``damping * mean eigenvalue`` of each factor to that factor, EK-FAC adds ``damping * mean(Lambda)``. A factor
+that saw no signal (all zero) gets ``damping`` itself, so it stays invertible and its layer contributes 0.
+Linear algebra runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tikmix_loader.errors import ConfigError
+
+
+def _relative_damping(values_mean: float, damping: float) -> float:
+    return damping * values_mean if values_mean > 0 else damping
+
+
+def _damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
+    size = factor.shape[0]
+    shift = _relative_damping(float(torch.trace(factor)) / size, damping)
+    eye = torch.eye(size, dtype=factor.dtype, device=factor.device)
+    return torch.cholesky_inverse(torch.linalg.cholesky(factor + shift * eye))
+
+
+@dataclass(frozen=True)
+class Eigenbasis:
+    """The eigenbases of one layer's K-FAC factors: ``A = Q_A diag(eig_a) Q_A^T``, likewise B (float64)."""
+
+    q_a: torch.Tensor
+    q_b: torch.Tensor
+    eig_a: torch.Tensor
+    eig_b: torch.Tensor
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor) -> Eigenbasis:
+        """Eigendecompose the (symmetrised) factors ``a`` [k_in, k_in] and ``b`` [k_out, k_out]."""
+        eig_a, q_a = torch.linalg.eigh(0.5 * (a + a.T).double())
+        eig_b, q_b = torch.linalg.eigh(0.5 * (b + b.T).double())
+        return cls(q_a=q_a, q_b=q_b, eig_a=eig_a.clamp(min=0), eig_b=eig_b.clamp(min=0))
+
+    def kfac_eigenvalues(self) -> torch.Tensor:
+        """K-FAC's eigenvalues in this basis, ``eig_b eig_a^T`` [k_out, k_in] (EK-FAC before correction)."""
+        return torch.outer(self.eig_b, self.eig_a)
+
+    def rotated_squares(self, phi: torch.Tensor) -> torch.Tensor:
+        """``sum_e (Q_B^T phi_e Q_A)^2`` [k_out, k_in] over per-example matrices ``phi`` [E, k_out, k_in]."""
+        q_a = self.q_a.to(device=phi.device, dtype=phi.dtype)
+        q_b = self.q_b.to(device=phi.device, dtype=phi.dtype)
+        return (q_b.T @ phi @ q_a).square().sum(0)
+
+
+class IdentityPreconditioner:
+    """``H = I``: influence is the plain inner product of gradients."""
+
+    name = "identity"
+    needs_factors = False
+    needs_lambda = False
+
+    def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:
+        """``m`` unchanged."""
+        return m
+
+
+class KFACPreconditioner:
+    """``H^-1 M = (B + lambda_B I)^-1 M (A + lambda_A I)^-1`` per layer.
+
+    Args:
+        factors (list[tuple[Tensor, Tensor]]): per layer ``(A, B)``, normalised (see the module docstring).
+        damping (float): Relative damping.
+    """
+
+    name = "kfac"
+    needs_factors = True
+    needs_lambda = False
+
+    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]], damping: float):
+        self._inverses = [
+            (_damped_inverse(a.double(), damping), _damped_inverse(b.double(), damping)) for a, b in factors
+        ]
+
+    def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:
+        """``(B + lambda_B I)^-1 m (A + lambda_A I)^-1`` for ``m`` [..., k_out, k_in] float64."""
+        inv_a, inv_b = self._inverses[layer]
+        return inv_b @ m @ inv_a
+
+
+class EKFACPreconditioner:
+    """``H^-1 M = Q_B [(Q_B^T M Q_A) / (Lambda + damping * mean(Lambda))] Q_A^T`` per layer.
+
+    Args:
+        bases (list[Eigenbasis]): per layer eigenbases of the K-FAC factors.
+        lambdas (list[Tensor]): per layer corrected eigenvalues ``Lambda`` [k_out, k_in] in those bases.
+        damping (float): Relative damping.
+    """
+
+    name = "ekfac"
+    needs_factors = True
+    needs_lambda = True
+
+    def __init__(self, bases: list[Eigenbasis], lambdas: list[torch.Tensor], damping: float):
+        if len(bases) != len(lambdas):
+            raise ConfigError(
+                f"EKFACPreconditioner: {len(bases)} eigenbases but {len(lambdas)} Lambda matrices"
+            )
+        self._bases = bases
+        self._denominators = [
+            lam.double() + _relative_damping(float(lam.double().mean()), damping) for lam in lambdas
+        ]
+
+    def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:
+        """``Q_B [(Q_B^T m Q_A) / (Lambda + lambda)] Q_A^T`` for ``m`` [..., k_out, k_in] float64."""
+        basis = self._bases[layer]
+        rotated = basis.q_b.T @ m @ basis.q_a
+        return basis.q_b @ (rotated / self._denominators[layer]) @ basis.q_a.T
+
+
+PRECONDITIONERS = {
+    "ekfac": EKFACPreconditioner,
+    "identity": IdentityPreconditioner,
+    "kfac": KFACPreconditioner,
+}
+
+
+def get_preconditioner(name: str) -> type:
+    """The preconditioner class registered as ``name``.
+
+    Raises:
+        ConfigError: unknown ``name``; the message lists the valid ones.
+    """
+    if name not in PRECONDITIONERS:
+        raise ConfigError(f"unknown preconditioner {name!r}; valid: {sorted(PRECONDITIONERS)}")
+    return PRECONDITIONERS[name]
