@@ -38,7 +38,9 @@ def write_data(directory: Path, *, docs_per_domain: int, doc_tokens: int, seed: 
     for name in DOMAINS:
         lengths = rng.integers(doc_tokens // 2, doc_tokens * 3 // 2, size=docs_per_domain)
         documents = [rng.integers(0, 256, size=int(n)).astype(np.uint16) for n in lengths]
-        with MDSWriter(out=str(directory / "mds" / name), columns={"tokens": "ndarray:uint16"}, size_limit=1 << 24) as out:
+        with MDSWriter(
+            out=str(directory / "mds" / name), columns={"tokens": "ndarray:uint16"}, size_limit=1 << 24
+        ) as out:
             for document in documents:
                 out.write({"tokens": document})
         (directory / "memmap").mkdir(parents=True, exist_ok=True)
@@ -59,8 +61,14 @@ def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
     from tikmix_loader import Domain, MixtureLoader
 
     domains = [Domain(name, directory / "mds" / name) for name in DOMAINS]
-    loader = MixtureLoader(domains, batch_size=args.batch_size, seq_len=args.seq_len, weights=DOMAINS,
-                           num_workers=args.workers, seed=0)
+    loader = MixtureLoader(
+        domains,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        weights=DOMAINS,
+        num_workers=args.workers,
+        seed=0,
+    )
     rng = np.random.default_rng(1)
 
     def change_weights(index, batch):
@@ -68,7 +76,10 @@ def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
             loader.set_weights(rng.dirichlet(np.ones(len(DOMAINS))).tolist())
 
     elapsed = _time_batches(iter(loader), args.batches, change_weights)
-    extras = {"switch_latency_batches": _switch_latency(loader), "resume_seconds": _resume_time(loader, domains, args)}
+    extras = {
+        "switch_latency_batches": _switch_latency(loader),
+        "resume_seconds": _resume_time(loader, domains, args),
+    }
     loader.close()
     return elapsed, extras
 
@@ -88,7 +99,9 @@ def _resume_time(loader, domains, args) -> float:
 
     state = loader.state_dict()
     start = time.perf_counter()
-    resumed = MixtureLoader(domains, batch_size=args.batch_size, seq_len=args.seq_len, num_workers=args.workers, seed=0)
+    resumed = MixtureLoader(
+        domains, batch_size=args.batch_size, seq_len=args.seq_len, num_workers=args.workers, seed=0
+    )
     resumed.load_state_dict(state)
     resumed.next_batch()
     elapsed = time.perf_counter() - start
@@ -101,7 +114,9 @@ def run_streaming(directory: Path, args) -> tuple[float, dict]:
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
-    streams = [Stream(local=str(directory / "mds" / name), proportion=share) for name, share in DOMAINS.items()]
+    streams = [
+        Stream(local=str(directory / "mds" / name), proportion=share) for name, share in DOMAINS.items()
+    ]
     seq_len = args.seq_len
 
     class Packed(StreamingDataset):
@@ -111,7 +126,9 @@ def run_streaming(directory: Path, args) -> tuple[float, dict]:
             window = np.resize(tokens, seq_len + 1)
             return {"input_ids": torch.from_numpy(window[:-1]), "labels": torch.from_numpy(window[1:])}
 
-    dataset = Packed(streams=streams, batch_size=args.batch_size, shuffle=True, shuffle_seed=0, epoch_size=10**7)
+    dataset = Packed(
+        streams=streams, batch_size=args.batch_size, shuffle=True, shuffle_seed=0, epoch_size=10**7
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     iterator = iter(loader)
     elapsed = _time_batches(iterator, args.batches)
@@ -146,7 +163,10 @@ def run_memmap(directory: Path, args) -> tuple[float, dict]:
     paths = [directory / "memmap" / f"{name}.bin" for name in DOMAINS]
     dataset = _MemmapWindows(paths, list(DOMAINS.values()), args.seq_len)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    return _time_batches(iter(loader), args.batches), {"switch_latency_batches": "n/a", "resume_seconds": "n/a"}
+    return _time_batches(iter(loader), args.batches), {
+        "switch_latency_batches": "n/a",
+        "resume_seconds": "n/a",
+    }
 
 
 PROVIDERS = {"streaming": run_streaming, "mixture_loader": run_mixture_loader, "memmap": run_memmap}
@@ -175,11 +195,16 @@ def run(args) -> dict:
         for name, provider in PROVIDERS.items():
             elapsed, extras[name] = provider(directory, args)
             rates[name].append(tokens_per_run / elapsed)
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}; batch {args.batch_size} x seq_len {args.seq_len}, {args.workers} workers, "
-          f"{args.batches} batches x {args.repeats} repeats")
-    print(f"{'provider':<16}{'tokens/s median':>16}{'p20':>12}{'p80':>12}{'vs streaming':>14}"
-          f"{'switch lat.':>13}{'resume s':>10}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; batch {args.batch_size} x seq_len {args.seq_len}, "
+        f"{args.workers} workers, "
+        f"{args.batches} batches x {args.repeats} repeats"
+    )
+    print(
+        f"{'provider':<16}{'tokens/s median':>16}{'p20':>12}{'p80':>12}{'vs streaming':>14}"
+        f"{'switch lat.':>13}{'resume s':>10}"
+    )
     baseline = statistics.median(rates["streaming"])
     summary = {}
     for name, values in rates.items():
@@ -187,9 +212,17 @@ def run(args) -> dict:
         p20, p80 = np.percentile(values, [20, 80])
         resume = extras[name]["resume_seconds"]
         resume = f"{resume:.3f}" if isinstance(resume, float) else resume
-        print(f"{name:<16}{median:>16,.0f}{p20:>12,.0f}{p80:>12,.0f}{median / baseline:>13.2f}x"
-              f"{extras[name]['switch_latency_batches']!s:>13}{resume:>10}")
-        summary[name] = {"median": median, "p20": p20, "p80": p80, "ratio_vs_streaming": median / baseline, **extras[name]}
+        print(
+            f"{name:<16}{median:>16,.0f}{p20:>12,.0f}{p80:>12,.0f}{median / baseline:>13.2f}x"
+            f"{extras[name]['switch_latency_batches']!s:>13}{resume:>10}"
+        )
+        summary[name] = {
+            "median": median,
+            "p20": p20,
+            "p80": p80,
+            "ratio_vs_streaming": median / baseline,
+            **extras[name],
+        }
     if args.data_dir is None:
         shutil.rmtree(directory, ignore_errors=True)
     return summary

@@ -1,4 +1,4 @@
-"""Shared test setup: Triton's CPU interpreter without a GPU, an isolated tikmix cache, the dataset factory."""
+"""Shared test setup: Triton's CPU interpreter without a GPU, an isolated cache, the dataset factory."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """MixtureController: schedules, online TiKMiX-D on a tiny GPT, observation mode, ODM losses, exact resume."""
 
 import copy
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +37,13 @@ class Run:
         targets = {name: [self.loader.sample_domain(name, 4, seed=99)] for name in ("a", "c")}
         influence = GroupInfluence(self.model, k=8, domains=self.loader.domain_names if online else None)
         self.controller = MixtureController(
-            self.loader, mixer, influence=influence, targets=targets, schedule=schedule or every(3),
-            ledger=MixtureLedger(ledger_path), observation_samples=None if online else 8,
+            self.loader,
+            mixer,
+            influence=influence,
+            targets=targets,
+            schedule=schedule or every(3),
+            ledger=MixtureLedger(ledger_path),
+            observation_samples=None if online else 8,
         )
 
     def step(self, step):
@@ -144,7 +150,9 @@ def test_bad_configuration_is_rejected(domains, tmp_path):
     loader = _loader(domains)
     model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
     with pytest.raises(ConfigError, match="go together"):
-        MixtureController(loader, "stratified", influence=GroupInfluence(model, k=4, domains=loader.domain_names))
+        MixtureController(
+            loader, "stratified", influence=GroupInfluence(model, k=4, domains=loader.domain_names)
+        )
     with pytest.raises(ConfigError, match="cannot run online"):
         MixtureController(loader, "tikmix_d", influence=GroupInfluence(model, k=4), targets={"t": []})
     with pytest.raises(ConfigError, match="Unknown mixer 'nope'"):

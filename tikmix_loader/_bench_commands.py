@@ -13,10 +13,12 @@ REPO_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _repo_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` of the source tree (benchmarks are not part of the installed package)."""
+    """Import ``benchmarks/<name>.py`` of the source tree (benchmarks are not in the installed package)."""
     path = REPO_BENCHMARKS / f"{name}.py"
     if not path.is_file():
-        raise ConfigError(f"{path} not found: `tikmix bench` runs benchmarks from a source checkout of tikmix-loader.")
+        raise ConfigError(
+            f"{path} not found: `tikmix bench` runs benchmarks from a source checkout of tikmix-loader."
+        )
     spec = importlib.util.spec_from_file_location(f"tikmix_benchmarks.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,13 +26,23 @@ def _repo_benchmark(name: str):
 
 
 BENCHMARKS = {
-    "loader": ("MixtureLoader vs mosaicml-streaming vs a plain memmap DataLoader", lambda: _repo_benchmark("bench_loader")),
-    "kernels": ("fused projected-gradient kernels vs naive and unfused torch", lambda: importlib.import_module("tikmix_kernels.bench")),
+    "loader": (
+        "MixtureLoader vs mosaicml-streaming vs a plain memmap DataLoader",
+        lambda: _repo_benchmark("bench_loader"),
+    ),
+    "kernels": (
+        "fused projected-gradient kernels vs naive and unfused torch",
+        lambda: importlib.import_module("tikmix_kernels.bench"),
+    ),
 }
 
 
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="run a benchmark and print its table (`tikmix bench loader --help`)")
-    bench.add_argument("target", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHMARKS.items()))
+    bench = subparsers.add_parser(
+        "bench", help="run a benchmark and print its table (`tikmix bench loader --help`)"
+    )
+    bench.add_argument(
+        "target", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v[0]}" for k, v in BENCHMARKS.items())
+    )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.set_defaults(func=lambda args: BENCHMARKS[args.target][1]().main(args.bench_args) or 0)

@@ -54,7 +54,9 @@ class DecisionSchedule:
             raise ConfigError(f"`every_steps` must be a positive int, got {self.every_steps!r}.")
         milestones = tuple(int(m) for m in self.token_milestones)
         if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ConfigError(f"`token_milestones` must be increasing positive token counts, got {milestones}.")
+            raise ConfigError(
+                f"`token_milestones` must be increasing positive token counts, got {milestones}."
+            )
         object.__setattr__(self, "token_milestones", milestones)
 
     def due(self, step: int, tokens_seen: int, decisions: int) -> bool:
@@ -95,7 +97,7 @@ class MixtureController:
             whose mean loss the influence is measured on. Default: ``None``.
         loss_fn (callable): ``loss_fn(model, batch)`` -> per-token loss. Default: ``per_token_loss``.
         schedule (DecisionSchedule): When to decide. Default: ``every(100)``.
-        ledger (MixtureLedger | str, optional): Where decisions are recorded (rank 0 writes). Default: ``None``.
+        ledger (MixtureLedger | str, optional): Where decisions are recorded (rank 0 writes). Default: None.
         observation_samples (int, optional): Observation mode: samples per domain drawn at each decision.
         observation_batch_size (int): Batch size of observation passes. Default: 16.
         total_tokens (int, optional): Planned training tokens; enables availability caps (a domain is never
@@ -132,7 +134,9 @@ class MixtureController:
                 "`domains=loader.domain_names` or pass `observation_samples=` for observation mode."
             )
         if self.online and list(influence.domains) != loader.domain_names:
-            raise ConfigError(f"`influence` domains {list(influence.domains)} != loader domains {loader.domain_names}.")
+            raise ConfigError(
+                f"`influence` domains {list(influence.domains)} != loader domains {loader.domain_names}."
+            )
         self.loss_fn = loss_fn
         self.schedule = schedule or every(100)
         self.is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -150,7 +154,7 @@ class MixtureController:
         self._loss_sums = np.zeros(num_domains)
         self._loss_tokens = np.zeros(num_domains)
 
-    # -- per step ---------------------------------------------------------------------------------------------
+    # -- per step ---------------------------------------------------------------------------------
 
     def observe(self, batch: dict):
         """Context for the forward and backward of a training step (collects online influence statistics)."""
@@ -164,13 +168,19 @@ class MixtureController:
         mask = (batch["labels"].to(losses.device) != -100).float()
         domain = batch["domain"].to(losses.device)
         num_domains = len(self._loss_sums)
-        self._loss_sums += torch.zeros(num_domains, device=losses.device).index_add_(0, domain, losses.sum(1)).cpu().numpy()
-        self._loss_tokens += torch.zeros(num_domains, device=losses.device).index_add_(0, domain, mask.sum(1)).cpu().numpy()
+        self._loss_sums += (
+            torch.zeros(num_domains, device=losses.device).index_add_(0, domain, losses.sum(1)).cpu().numpy()
+        )
+        self._loss_tokens += (
+            torch.zeros(num_domains, device=losses.device).index_add_(0, domain, mask.sum(1)).cpu().numpy()
+        )
 
     @property
     def tokens_seen(self) -> int:
         """Training tokens planned so far (all ranks)."""
-        return self.loader.batches_seen * self.loader.batch_size * self.loader.world_size * self.loader.seq_len
+        return (
+            self.loader.batches_seen * self.loader.batch_size * self.loader.world_size * self.loader.seq_len
+        )
 
     def step(self, step: int) -> MixtureSolution | None:
         """Call after ``optimizer.step()``; decides when the schedule says so and returns the decision."""
@@ -178,7 +188,7 @@ class MixtureController:
             return None
         return self.decide(step)
 
-    # -- decisions ----------------------------------------------------------------------------------------------
+    # -- decisions --------------------------------------------------------------------------------
 
     def decide(self, step: int) -> MixtureSolution:
         """Measure, solve on rank 0, broadcast, apply and record; every rank must call it at the same step."""
@@ -247,7 +257,7 @@ class MixtureController:
             **caps,
         )
 
-    # -- state ----------------------------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Mixer, influence statistics, ledger position and decision count (save with ``torch.save``).
@@ -272,12 +282,16 @@ class MixtureController:
         if state.get("version") != STATE_VERSION:
             raise StateError(f"Controller state version {state.get('version')!r} is not {STATE_VERSION}.")
         if state["schedule"] != self.schedule.to_dict():
-            raise StateError(f"Controller state has schedule {state['schedule']}, this one {self.schedule.to_dict()}.")
+            raise StateError(
+                f"Controller state has schedule {state['schedule']}, this one {self.schedule.to_dict()}."
+            )
         self.mixer.load_state_dict(state["mixer"])
         if self.online and state["influence"] is not None:
             self.influence.load_state_dict(state["influence"])
         if self.ledger is not None and state["ledger"] is not None:
-            self.ledger.truncate_to(state["ledger"]["num_records"], expected_last_hash=state["ledger"]["last_hash"])
+            self.ledger.truncate_to(
+                state["ledger"]["num_records"], expected_last_hash=state["ledger"]["last_hash"]
+            )
             self.ledger.load_state_dict(state["ledger"])
         self.decisions = int(state["decisions"])
         self._loss_sums = np.asarray(state["loss_sums"], dtype=np.float64)

@@ -230,7 +230,7 @@ def test_state_is_flat_json(domains):
     assert json.loads(json.dumps(state)) == state
 
 
-# -- bad input ------------------------------------------------------------------------------------------------
+# -- bad input -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""DomainStream: every epoch is a permutation of the packed windows, seekable and keyed by (seed, domain, epoch)."""
+"""DomainStream: each epoch permutes the packed windows; reads are seekable and keyed by (seed, domain)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Composer tests run in the Composer environment (``make test-composer``); elsewhere they are not collected."""
+"""Composer tests run in the Composer environment (``make test-composer``); elsewhere not collected."""
 
 import importlib.util
 

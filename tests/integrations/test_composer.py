@@ -1,4 +1,4 @@
-"""A real ``composer.Trainer.fit`` with the MixtureLoader and TikMixCallback: weights change, checkpoint, resume."""
+"""A real ``composer.Trainer.fit`` with MixtureLoader and TikMixCallback: weights change, resume exactly."""
 
 import shutil
 
@@ -30,7 +30,9 @@ class ComposerTinyGPT(ComposerModel):
         return self.model(batch["input_ids"])
 
     def loss(self, outputs, batch):
-        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+        return F.cross_entropy(
+            outputs.reshape(-1, outputs.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+        )
 
 
 class RecordBatches(Callback):
@@ -48,7 +50,11 @@ def _trainer(domains, tmp_path, ledger_name, **options):
     targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
     influence = GroupInfluence(model.model, k=8, domains=loader.domain_names, backend="torch")
     controller = MixtureController(
-        loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3),
+        loader,
+        "tikmix_d",
+        influence=influence,
+        targets=targets,
+        schedule=every(3),
         ledger=MixtureLedger(tmp_path / ledger_name),
     )
     recorder = RecordBatches()
@@ -89,7 +95,10 @@ def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
     shutil.copy(tmp_path / "straight" / "ledger.jsonl.head", tmp_path / "resumed" / "ledger.jsonl.head")
     # Resuming from that checkpoint cuts the ledger back to it and finishes the same 10 batches.
     resumed, resumed_loader, resumed_batches = _trainer(
-        domains, tmp_path / "resumed", "ledger.jsonl", max_duration="10ba",
+        domains,
+        tmp_path / "resumed",
+        "ledger.jsonl",
+        max_duration="10ba",
         load_path=str(tmp_path / "straight" / "checkpoints" / "ba5.pt"),
     )
     resumed.fit()
@@ -97,5 +106,7 @@ def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
     for got, expected in zip(resumed_batches.batches, straight_batches.batches[5:]):
         assert torch.equal(got, expected)
     assert resumed_loader.state_dict()["weight_history"] == history
-    assert (tmp_path / "resumed" / "ledger.jsonl").read_bytes() == (tmp_path / "straight" / "ledger.jsonl").read_bytes()
+    assert (tmp_path / "resumed" / "ledger.jsonl").read_bytes() == (
+        tmp_path / "straight" / "ledger.jsonl"
+    ).read_bytes()
     resumed.close()

@@ -16,7 +16,9 @@ def random_documents(num_docs: int, *, seed: int, min_len: int = 1, max_len: int
     return [rng.integers(0, vocab, size=int(rng.integers(min_len, max_len + 1))) for _ in range(num_docs)]
 
 
-def write_domains(directory: Path, sizes: dict[str, int], *, mode: str = "packed", max_len: int = 200, **domain_options):
+def write_domains(
+    directory: Path, sizes: dict[str, int], *, mode: str = "packed", max_len: int = 200, **domain_options
+):
     """One memmap domain per ``name: num_docs`` entry; documents differ per domain."""
     domains = []
     for index, (name, num_docs) in enumerate(sizes.items()):

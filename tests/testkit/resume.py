@@ -1,4 +1,4 @@
-"""The one resume check for every stateful part: stop at a midpoint, reload, and compare with a straight run."""
+"""The one resume check for every stateful part: stop at a midpoint, reload, compare with a straight run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 
 def run_with_actions(obj, step: Callable, start: int, stop: int, actions: dict[int, Callable]) -> list:
-    """Outputs of ``step(obj, i)`` for ``i`` in ``[start, stop)``, applying ``actions[i](obj)`` before step ``i``."""
+    """Outputs of ``step(obj, i)`` for ``i`` in ``[start, stop)``; ``actions[i](obj)`` runs before step i."""
     outputs = []
     for i in range(start, stop):
         if i in actions:
@@ -26,8 +26,8 @@ def assert_resumes_exactly(
     equal: Callable[[object, object], bool] = lambda a, b: a == b,
     make_resumed: Callable[[], object] | None = None,
 ) -> None:
-    """Assert that stopping at each midpoint and resuming from a JSON round trip of ``state_dict()`` in a fresh
-    object gives exactly the outputs of one uninterrupted run.
+    """Assert that stopping at each midpoint and resuming from a JSON round trip of ``state_dict()`` in a
+    fresh object gives exactly the outputs of one uninterrupted run.
 
     Args:
         make: Builds a fresh object (loader, controller, mixer...).
@@ -36,7 +36,7 @@ def assert_resumes_exactly(
         midpoints: Steps after which the run is stopped and resumed.
         actions: Mutations applied before given steps in both runs (e.g. weight changes).
         equal: Output comparison.
-        make_resumed: Builds the object that loads the state (default ``make``), e.g. under another world size.
+        make_resumed: Builds the object that loads the state (default ``make``), e.g. another world size.
     """
     actions = actions or {}
     reference = run_with_actions(make(), step, 0, total, actions)
@@ -51,4 +51,6 @@ def assert_resumes_exactly(
         resumed.load_state_dict(state)
         tail = run_with_actions(resumed, step, midpoint, total, actions)
         for i, (expected, got) in enumerate(zip(reference, head + tail)):
-            assert equal(expected, got), f"resumed at step {midpoint}: output {i} differs from the uninterrupted run"
+            assert equal(expected, got), (
+                f"resumed at step {midpoint}: output {i} differs from the uninterrupted run"
+            )

@@ -50,7 +50,7 @@ class MixtureDataset(IterableDataset):
         """Resume the loader at ``state``; no batches are replayed."""
         self.loader.load_state_dict(state)
 
-    # -- DataLoader worker processes ------------------------------------------------------------------------
+    # -- DataLoader worker processes --------------------------------------------------------------
 
     def share_schedule(self) -> None:
         """Allocate the shared weight schedule before worker processes start."""
@@ -90,18 +90,25 @@ class MixtureDataset(IterableDataset):
                 return
             if plan.index % num_workers != worker:
                 continue
-            pieces = [streams[d].read(int(start), int(count)) for d, (start, count) in enumerate(zip(plan.starts, plan.quota))]
+            pieces = [
+                streams[d].read(int(start), int(count))
+                for d, (start, count) in enumerate(zip(plan.starts, plan.quota))
+            ]
             yield loader._assemble(plan, pieces)
 
 
 class MixtureDataLoader(DataLoader):
     """A ``DataLoader`` over ``MixtureDataset`` that keeps the loader's state exact with worker processes."""
 
-    def __init__(self, dataset: MixtureDataset, *, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs):
+    def __init__(
+        self, dataset: MixtureDataset, *, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs
+    ):
         if num_workers > 0:
             prefetch_factor = prefetch_factor or 2
             dataset.share_schedule()
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor, **kwargs)
+        super().__init__(
+            dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor, **kwargs
+        )
 
     def __iter__(self):
         if self.num_workers == 0:
@@ -127,5 +134,5 @@ class MixtureDataLoader(DataLoader):
 
 
 def as_dataloader(loader, **kwargs) -> MixtureDataLoader:
-    """A ``MixtureDataLoader`` yielding ``loader``'s batches; ``kwargs`` go to ``torch.utils.data.DataLoader``."""
+    """A ``MixtureDataLoader`` yielding ``loader``'s batches; ``kwargs`` go to ``DataLoader``."""
     return MixtureDataLoader(MixtureDataset(loader), **kwargs)

@@ -54,7 +54,7 @@ class MixtureLoader:
             (remove the domain and renormalise the others) or ``"stop"`` (end iteration). With ``"drop"``
             and ``"stop"`` the default ``max_epochs`` is 1. Default: ``"repeat"``.
         max_epochs (int | Mapping[str, int], optional): Epochs each domain may be read. Default: ``None``.
-        rank (int, optional): This process's rank; default from ``torch.distributed`` when initialised, else 0.
+        rank (int, optional): This process's rank; default from ``torch.distributed`` if initialised, else 0.
         world_size (int, optional): Number of ranks; default from ``torch.distributed``, else 1.
         block_docs (int): Documents per shuffle block. Default: 256.
         shuffle_window (int): Packed windows shuffled together. Default: 256.
@@ -104,7 +104,12 @@ class MixtureLoader:
         self.seed = seed
         self.num_workers = num_workers
         self.prefetch = prefetch
-        self._stream_options = {"seq_len": seq_len, "seed": seed, "block_docs": block_docs, "shuffle_window": shuffle_window}
+        self._stream_options = {
+            "seq_len": seq_len,
+            "seed": seed,
+            "block_docs": block_docs,
+            "shuffle_window": shuffle_window,
+        }
         self._streams = [DomainStream(domain, **self._stream_options) for domain in domains]
         self._planner = MixturePlanner(
             names=names,
@@ -119,7 +124,7 @@ class MixtureLoader:
         self._set_weights_hook = None
         self._needs_mask = any(domain.mode == "document" for domain in domains)
 
-    # -- mixture ------------------------------------------------------------------------------------------------
+    # -- mixture ----------------------------------------------------------------------------------
 
     @property
     def domain_names(self) -> list[str]:
@@ -150,7 +155,7 @@ class MixtureLoader:
         tokens = np.array([domain.num_tokens for domain in self.domains], dtype=np.float64)
         return tokens / tokens.sum()
 
-    # -- iteration ----------------------------------------------------------------------------------------------
+    # -- iteration --------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches from the current position until the mixture is exhausted (never, by default)."""
@@ -168,12 +173,17 @@ class MixtureLoader:
             return None
         if self._prefetcher is None:
             self._prefetcher = DomainPrefetcher(
-                self._streams, self._planner.consumed - plan.quota, num_workers=self.num_workers, prefetch=self.prefetch
+                self._streams,
+                self._planner.consumed - plan.quota,
+                num_workers=self.num_workers,
+                prefetch=self.prefetch,
             )
         pieces = [self._prefetcher.take(domain, int(count)) for domain, count in enumerate(plan.quota)]
         return self._assemble(plan, pieces)
 
-    def _assemble(self, plan: BatchPlan, pieces: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def _assemble(
+        self, plan: BatchPlan, pieces: list[tuple[np.ndarray, np.ndarray]]
+    ) -> dict[str, torch.Tensor]:
         tokens = np.concatenate([piece[0] for piece in pieces])
         valid = np.concatenate([piece[1] for piece in pieces])
         domain_ids = np.repeat(np.arange(len(pieces)), plan.quota)
@@ -190,9 +200,11 @@ class MixtureLoader:
         if getattr(self, "_prefetcher", None) is not None:  # may run on a half-constructed loader
             self.close()
 
-    # -- observation samples ------------------------------------------------------------------------------------
+    # -- observation samples ----------------------------------------------------------------------
 
-    def sample_domain(self, name: str, num_samples: int, *, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def sample_domain(
+        self, name: str, num_samples: int, *, seed: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """A batch of ``num_samples`` random samples of one domain, leaving the training stream untouched.
 
         Samples are drawn uniformly from the domain's first epoch with a generator keyed by ``seed``
@@ -206,13 +218,15 @@ class MixtureLoader:
         stream = DomainStream(self.domains[index], **self._stream_options)
         key = self._planner.batch_index if seed is None else seed
         rng = rng_for(self.seed, stable_key(name), OBSERVATION, key)
-        picks = rng.choice(stream.samples_per_epoch, size=num_samples, replace=num_samples > stream.samples_per_epoch)
+        picks = rng.choice(
+            stream.samples_per_epoch, size=num_samples, replace=num_samples > stream.samples_per_epoch
+        )
         rows = [stream.read(int(pick), 1) for pick in picks]
         tokens = np.concatenate([row[0] for row in rows])
         valid = np.concatenate([row[1] for row in rows])
         return _to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
 
-    # -- accounting and state -----------------------------------------------------------------------------------
+    # -- accounting and state ---------------------------------------------------------------------
 
     @property
     def batches_seen(self) -> int:
@@ -246,7 +260,7 @@ class MixtureLoader:
         return self._planner.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (also under another world size with equal global batch)."""
+        """Continue exactly where ``state`` was taken (also under another world size, same global batch)."""
         self.close()
         self._planner.load_state_dict(state)
 
@@ -257,7 +271,9 @@ class MixtureLoader:
         return as_dataloader(self, **kwargs)
 
 
-def _to_batch(tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool) -> dict[str, torch.Tensor]:
+def _to_batch(
+    tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool
+) -> dict[str, torch.Tensor]:
     """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and shifted labels."""
     positions = np.arange(tokens.shape[1] - 1)
     labels = np.where(positions[None, :] < (valid[:, None] - 1), tokens[:, 1:], IGNORE_INDEX)

@@ -39,7 +39,7 @@ class BatchPlan:
 
 
 def normalize_weights(weights, names: list[str]) -> np.ndarray:
-    """Validate weights given as a dict by name or a sequence, and return them as a float64 array summing to 1."""
+    """Validate weights (a dict by name or a sequence); return them as a float64 array summing to 1."""
     if isinstance(weights, dict):
         unknown = sorted(set(weights) - set(names))
         if unknown:
@@ -56,7 +56,9 @@ def normalize_weights(weights, names: list[str]) -> np.ndarray:
     if bad:
         raise MixtureWeightError(f"Mixture weights must be finite and >= 0; got {', '.join(bad)}.")
     if values.sum() <= 0:
-        raise MixtureWeightError(f"Mixture weights are all zero ({dict(zip(names, values))}); give some domain weight.")
+        raise MixtureWeightError(
+            f"Mixture weights are all zero ({dict(zip(names, values))}); give some domain weight."
+        )
     return values / values.sum()
 
 
@@ -93,7 +95,7 @@ class MixturePlanner:
         self.weight_history: list[tuple[int, list[float]]] = [(0, self.weights.tolist())]
         self.events: list[dict] = []
 
-    # -- weights ------------------------------------------------------------------------------------------------
+    # -- weights ----------------------------------------------------------------------------------
 
     def set_weights(self, weights: np.ndarray) -> None:
         """Use ``weights`` (already normalised) from the next planned batch on."""
@@ -109,7 +111,7 @@ class MixturePlanner:
         total = weights.sum()
         return weights / total if total > 0 else weights
 
-    # -- planning -----------------------------------------------------------------------------------------------
+    # -- planning ---------------------------------------------------------------------------------
 
     def plan(self) -> BatchPlan | None:
         """Plan the next global batch and advance; ``None`` once the mixture is exhausted."""
@@ -131,7 +133,7 @@ class MixturePlanner:
                 return self._finish(f"domain {self.names[domain]!r} used all of its epochs")
             fixed[domain] = int(remaining[domain])
             self.active[domain] = False
-            self._event("drop", domain, f"used all of its epochs; dropped, the others renormalised")
+            self._event("drop", domain, "used all of its epochs; dropped, the others renormalised")
         quota = quota + fixed
         starts = self.consumed.copy()
         order = rng_for(self.seed, BATCH_ORDER, self.batch_index).permutation(size)
@@ -149,7 +151,9 @@ class MixturePlanner:
         return None
 
     def _event(self, kind: str, domain: int, detail: str) -> None:
-        self.events.append({"batch": self.batch_index, "event": kind, "domain": self.names[domain], "detail": detail})
+        self.events.append(
+            {"batch": self.batch_index, "event": kind, "domain": self.names[domain], "detail": detail}
+        )
         logger.info("batch %d: domain %r %s", self.batch_index, self.names[domain], detail)
 
     def _log_epoch_transitions(self, starts: np.ndarray) -> None:
@@ -158,7 +162,7 @@ class MixturePlanner:
         for domain in np.flatnonzero(after > before):
             self._event("epoch", int(domain), f"starts epoch {int(after[domain])} (new shuffle)")
 
-    # -- state --------------------------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Flat JSON-able state: enough to continue the exact same plan."""
@@ -187,7 +191,9 @@ class MixturePlanner:
                 f"build the loader with the same domains in the same order."
             )
         if int(state["seed"]) != self.seed:
-            raise StateError(f"Loader state was saved with seed={state['seed']}, but this loader has seed={self.seed}.")
+            raise StateError(
+                f"Loader state was saved with seed={state['seed']}, but this loader has seed={self.seed}."
+            )
         self.batch_index = int(state["batch_index"])
         self.consumed = np.asarray(state["consumed"], dtype=np.int64)
         self.carry = np.asarray(state["carry"], dtype=np.float64)

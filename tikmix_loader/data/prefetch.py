@@ -38,7 +38,15 @@ class DomainPrefetcher:
         group (int): Samples read per call (amortises Python overhead).
     """
 
-    def __init__(self, streams: list[DomainStream], starts: np.ndarray, *, num_workers: int, prefetch: int, group: int = 8):
+    def __init__(
+        self,
+        streams: list[DomainStream],
+        starts: np.ndarray,
+        *,
+        num_workers: int,
+        prefetch: int,
+        group: int = 8,
+    ):
         self.streams = streams
         self.group = max(1, min(group, prefetch))
         self.next_index = [int(start) for start in starts]  # next index the consumer will take

@@ -21,7 +21,7 @@ def stable_key(name: str) -> int:
 
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
-    """An independent generator for ``(seed, *keys)``; equal keys give equal streams, different keys do not."""
+    """An independent generator for ``(seed, *keys)``: equal keys give equal streams, others differ."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), *map(int, keys)])))
 
 

@@ -30,7 +30,9 @@ class DomainStream:
         shuffle_window (int): Packed windows shuffled together. Default: 256.
     """
 
-    def __init__(self, domain: Domain, *, seq_len: int, seed: int, block_docs: int = 256, shuffle_window: int = 256):
+    def __init__(
+        self, domain: Domain, *, seq_len: int, seed: int, block_docs: int = 256, shuffle_window: int = 256
+    ):
         self.domain = domain
         self.seq_len = seq_len
         self.seed = seed
@@ -47,7 +49,7 @@ class DomainStream:
         self._block_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         self._chunk_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
-    # -- public -------------------------------------------------------------------------------------------
+    # -- public -----------------------------------------------------------------------------------
 
     def epoch_of(self, index: int) -> int:
         """Epoch that sample ``index`` of the endless stream belongs to."""
@@ -77,7 +79,7 @@ class DomainStream:
             index += run
         return tokens, valid
 
-    # -- epoch layout ---------------------------------------------------------------------------------------
+    # -- epoch layout -----------------------------------------------------------------------------
 
     def _layout(self, epoch: int) -> tuple[BlockShuffle, np.ndarray]:
         """The epoch's block shuffle and the cumulative size (tokens or docs) of blocks in shuffled order."""
@@ -109,7 +111,7 @@ class DomainStream:
             self._block_cache = (key, np.concatenate(pieces).astype(np.int64, copy=False), starts)
         return self._block_cache[1], self._block_cache[2]
 
-    # -- packed mode ------------------------------------------------------------------------------------------
+    # -- packed mode ------------------------------------------------------------------------------
 
     def _chunk(self, epoch: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """Token span of ``shuffle_window`` consecutive windows and their shuffled order."""
@@ -138,7 +140,7 @@ class DomainStream:
             position += 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    # -- document mode -----------------------------------------------------------------------------------------
+    # -- document mode ----------------------------------------------------------------------------
 
     def _document_sample(self, epoch: int, position: int, out: np.ndarray) -> int:
         _, cumulative = self._layout(epoch)

@@ -192,7 +192,7 @@ class GroupInfluence:
         self._basis: list[Eigenbasis] | None = None
         self.steps = 0
 
-    # -- public: observation mode ----------------------------------------------------------------------
+    # -- public: observation mode -----------------------------------------------------------------
 
     @property
     def layer_names(self) -> list[str]:
@@ -252,7 +252,7 @@ class GroupInfluence:
             stats, target_stats, preconditioner, processed + target_processed, domain_names, target_names
         )
 
-    # -- public: online mode -----------------------------------------------------------------------------
+    # -- public: online mode ----------------------------------------------------------------------
 
     @contextmanager
     def observe(self, batch: dict, *, loss_scale: float | None = None):
@@ -430,7 +430,7 @@ class GroupInfluence:
             self._basis = [Eigenbasis(**b) for b in state["basis"]]
         self.steps = int(state["steps"])
 
-    # -- passes ---------------------------------------------------------------------------------------------
+    # -- passes -----------------------------------------------------------------------------------
 
     @contextmanager
     def _observation_mode(self):
@@ -613,7 +613,7 @@ class GroupInfluence:
             step.a[index] += a
             step.b[index] += b
 
-    # -- results -------------------------------------------------------------------------------------------
+    # -- results ----------------------------------------------------------------------------------
 
     def _factored_preconditioner(self, stats: Statistics):
         """The identity or K-FAC preconditioner from the factor sums in ``stats`` (callers build EK-FAC)."""
