@@ -1,0 +1,74 @@
+"""ODM: the EXP3 update on per-domain training loss."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.mixing import MixingContext, ODMMixer
+from tikmix_loader.mixing.odm import exploration_rate
+
+DOMAINS = ("code", "web", "math")
+
+
+def context(w_prior, losses):
+    return MixingContext(domains=DOMAINS, w_prior=w_prior, domain_losses=losses)
+
+
+def run(mixer, losses_per_step, w_prior=(1 / 3, 1 / 3, 1 / 3)):
+    out = []
+    for losses in losses_per_step:
+        out.append(mixer.propose(context(w_prior, losses)).weights)
+        w_prior = out[-1]
+    return out
+
+
+def test_weight_moves_to_the_high_loss_domain():
+    weights = run(ODMMixer(), [[1.0, 1.0, 4.0]] * 30)
+    assert weights[-1][2] == max(weights[-1]) and weights[-1][2] > 0.4
+    assert weights[-1][2] > weights[0][2]
+    assert np.all(np.array(weights) >= exploration_rate(3, 30) - 1e-12)  # exploration floor
+    np.testing.assert_allclose(np.sum(weights, axis=1), 1.0)
+
+
+def test_first_update_before_any_loss_is_uniform():
+    np.testing.assert_allclose(ODMMixer().propose(context([0.6, 0.2, 0.2], None)).weights, 1 / 3)
+
+
+def test_unobserved_domains_keep_their_estimate():
+    mixer = ODMMixer()
+    run(mixer, [[1.0, 2.0, 3.0]] * 3)
+    rewards = mixer.rewards.copy()
+    run(mixer, [[np.nan, np.nan, 3.0]], w_prior=mixer.policy)
+    assert mixer.rewards[:2].tolist() == rewards[:2].tolist() and mixer.rewards[2] != rewards[2]
+
+
+@pytest.mark.parametrize("midpoint", [0, 1, 4])
+def test_state_round_trip_resumes_exactly(midpoint):
+    rng = np.random.default_rng(0)
+    steps = [rng.uniform(1, 4, 3).tolist() for _ in range(8)]
+    straight = run(ODMMixer(smoothing=0.8), steps)
+    first = ODMMixer(smoothing=0.8)
+    run(first, steps[:midpoint])
+    state = json.loads(json.dumps(first.state_dict()))
+    assert set(state) == {"mixer", "config", "domains", "update", "rewards", "policy"}
+    resumed = ODMMixer(smoothing=0.8)
+    resumed.load_state_dict(state)
+    w_prior = straight[midpoint - 1] if midpoint else (1 / 3, 1 / 3, 1 / 3)
+    for expected, got in zip(straight[midpoint:], run(resumed, steps[midpoint:], w_prior), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_changed_domains_and_bad_options_raise():
+    mixer = ODMMixer()
+    mixer.propose(context([1, 1, 1], [1.0, 1.0, 1.0]))
+    with pytest.raises(ConfigError, match="was started on domains"):
+        mixer.propose(MixingContext(domains=("a", "b"), w_prior=[1, 1]))
+    with pytest.raises(ConfigError, match="`smoothing` must be in"):
+        ODMMixer(smoothing=1.0)
+
+
+def test_exploration_rate_schedule():
+    assert exploration_rate(4, 0) == 0.25
+    assert exploration_rate(4, 100) == pytest.approx(np.sqrt(np.log(4) / 400))
