@@ -1,6 +1,7 @@
 """tikmix-loader: a streaming LM-pretraining loader whose domain mixture adapts from Group Influence."""
 
-from tikmix_loader.controller import MixtureController, at_tokens, every
+import importlib
+
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.data.tokenizer import ByteTokenizer
@@ -17,9 +18,29 @@ from tikmix_loader.errors import (
     StateError,
     TikmixError,
 )
-from tikmix_loader.influence import GroupInfluence, InfluenceMatrix
-from tikmix_loader.ledger import MixtureLedger
-from tikmix_loader.mixing import MixingContext, MixtureSolution, get_mixer, solve_tikmix_d
+
+# The training-side engine is imported on first use (PEP 562). Eager imports would be circular:
+# ``tikmix_kernels`` imports ``tikmix_loader.errors`` (which runs this file), and the influence engine
+# imports ``tikmix_kernels``. They also keep ``import tikmix_loader`` free of SciPy and LightGBM.
+_LAZY_EXPORTS = {
+    "GroupInfluence": "tikmix_loader.influence",
+    "InfluenceMatrix": "tikmix_loader.influence",
+    "MixingContext": "tikmix_loader.mixing",
+    "MixtureController": "tikmix_loader.controller",
+    "MixtureLedger": "tikmix_loader.ledger",
+    "MixtureSolution": "tikmix_loader.mixing",
+    "at_tokens": "tikmix_loader.controller",
+    "every": "tikmix_loader.controller",
+    "get_mixer": "tikmix_loader.mixing",
+    "solve_tikmix_d": "tikmix_loader.mixing",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tikmix_loader' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
