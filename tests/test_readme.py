@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-from tikmix_loader.data.corpus import corpus_from_text
+from testkit.corpus import make_text_corpus
+
 from tikmix_loader.ledger import verify
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -19,18 +20,7 @@ def _plain_loop_code() -> str:
 
 
 def test_readme_training_loop_runs_and_adapts_the_mixture(tmp_path, monkeypatch, capsys):
-    sources = tmp_path / "text"
-    for domain, text in {
-        "prose": "the quick brown fox jumps over the lazy dog. ",
-        "code": "def f(x):\n    return x\n",
-    }.items():
-        for index in range(30):
-            path = sources / domain / f"{index}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text * (20 + index))
-    corpus_from_text(
-        tmp_path / "corpus", {"prose": sources / "prose", "code": sources / "code"}, progress=False
-    )
+    make_text_corpus(tmp_path)  # writes tmp_path/corpus, where the README code looks
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(_plain_loop_code(), "README.md", "exec"), namespace)

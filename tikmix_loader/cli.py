@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "tikmix_loader.data.convert",
     "tikmix_loader.data.corpus",
     "tikmix_loader.demo",
+    "tikmix_loader.experiment",
     "tikmix_loader._bench_commands",
     "tikmix_loader.ledger",
     "tikmix_loader.report",

@@ -22,7 +22,7 @@ MAX_TICK_LABELS = 60
 ANNOTATE_MAX_CELLS = 100
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A new figure on the Agg canvas; matplotlib is imported here so other ``tikmix`` commands skip its
     import cost."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -39,7 +39,7 @@ def _x_key(x: str) -> str:
     return X_AXES[x]
 
 
-def _domain_colors(count: int) -> list:
+def domain_colors(count: int) -> list:
     from matplotlib import colormaps
 
     if count <= 10:
@@ -76,9 +76,9 @@ def plot_weights(records: Sequence[dict], *, x: str = "step"):
         raise LedgerError("The ledger has no records; there are no weights to plot.")
     domains = sorted({domain for record in records for domain in record["weights_after"]})
     xs = [0, *(record[key] for record in records)]
-    figure = _figure(9.0, 4.5)
+    figure = new_figure(9.0, 4.5)
     axes = figure.add_subplot()
-    for domain, color in zip(domains, _domain_colors(len(domains)), strict=True):
+    for domain, color in zip(domains, domain_colors(len(domains)), strict=True):
         ys = [_number(records[0]["weights_before"].get(domain))]
         ys += [_number(record["weights_after"].get(domain)) for record in records]
         # Markers show each decision's value, including the last, which a bare step line hides in a riser.
@@ -117,7 +117,7 @@ def plot_influence(records: Sequence[dict]):
     targets, domains = influence["targets"], influence["domains"]
     width = min(max(3.0 + 0.4 * len(domains), 6.0), 24.0)
     height = min(max(2.0 + 0.4 * len(targets), 3.5), 16.0)
-    figure = _figure(width, height)
+    figure = new_figure(width, height)
     axes = figure.add_subplot()
     limit = float(np.abs(values).max()) or 1.0
     image = axes.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
@@ -152,7 +152,7 @@ def plot_solver(records: Sequence[dict], *, x: str = "step"):
     if not terms and not has_objective:
         return None
     xs = [record[key] for record in solved]
-    figure = _figure(9.0, 4.5)
+    figure = new_figure(9.0, 4.5)
     axes = figure.add_subplot()
     for term in terms:
         ys = [_number((record["solver"]["terms"] or {}).get(term)) for record in solved]

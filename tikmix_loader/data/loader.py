@@ -188,7 +188,7 @@ class MixtureLoader:
         valid = np.concatenate([piece[1] for piece in pieces])
         domain_ids = np.repeat(np.arange(len(pieces)), plan.quota)
         mine = plan.order[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return _to_batch(tokens[mine], valid[mine], domain_ids[mine], self._needs_mask)
+        return samples_to_batch(tokens[mine], valid[mine], domain_ids[mine], self._needs_mask)
 
     def close(self) -> None:
         """Stop the background threads (iteration restarts them)."""
@@ -224,7 +224,7 @@ class MixtureLoader:
         rows = [stream.read(int(pick), 1) for pick in picks]
         tokens = np.concatenate([row[0] for row in rows])
         valid = np.concatenate([row[1] for row in rows])
-        return _to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
+        return samples_to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
 
     # -- accounting and state ---------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class MixtureLoader:
         return as_dataloader(self, **kwargs)
 
 
-def _to_batch(
+def samples_to_batch(
     tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool
 ) -> dict[str, torch.Tensor]:
     """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and shifted labels."""

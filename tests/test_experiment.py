@@ -1,0 +1,266 @@
+"""``tikmix experiment``: paired statistics, the results schema end to end, every method, and that only the
+final score ever reads the test split."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from testkit.corpus import make_text_corpus
+
+import tikmix_loader.experiment as experiment
+from tikmix_loader import ConfigError, DomainError, MixtureLoader
+from tikmix_loader.cli import main
+from tikmix_loader.experiment import (
+    METHODS,
+    ExperimentConfig,
+    LookAheadLabel,
+    load_splits,
+    markdown_table,
+    paired_differences,
+    summarize,
+    train_method,
+)
+from tikmix_loader.train import make_optimizer
+
+# Small enough for a test: micro model, 32-token windows, a handful of steps.
+FAST = {
+    "steps": 6,
+    "batch_size": 4,
+    "seq_len": 32,
+    "model": "micro",
+    "device": "cpu",
+    "every": 3,
+    "k": 8,
+    "target_samples": 4,
+    "target_batch_size": 4,
+    "stages": 1,
+    "observation_samples": 4,
+    "regmix_proxies": 5,
+    "regmix_simulations": 500,
+    "regmix_val_samples": 4,
+    "m_every": 3,
+    "m_candidates": 8,
+    "lookahead_samples": 2,
+    "lookahead_target_samples": 2,
+    "eval_samples": 8,
+    "num_workers": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_text_corpus(tmp_path_factory.mktemp("experiment"))
+
+
+def test_paired_differences_from_known_numbers():
+    stats = paired_differences([1.0, 2.0, 3.5, 0.5], [1.5, 2.0, 3.0, 1.5])
+    assert stats["diffs"] == pytest.approx([-0.5, 0.0, 0.5, -1.0])
+    assert stats["mean"] == pytest.approx(-0.25)
+    # std(ddof=1) of the diffs = sqrt(1.25 / 3); SE = that / sqrt(4).
+    assert stats["se"] == pytest.approx(math.sqrt(1.25 / 3) / 2)
+    assert stats["wins"] == 2 and stats["n"] == 4
+    assert paired_differences([1.0], [2.0])["se"] is None
+    with pytest.raises(ConfigError, match="equally long"):
+        paired_differences([1.0, 2.0], [1.0])
+
+
+def test_summarize_and_table_pair_every_method_with_the_baseline():
+    entry = lambda avg, worst: {
+        "avg_test_loss": avg,
+        "worst_test_loss": worst,
+        "decision_flops": 2e9,
+        "train_flops": 1e12,
+        "wall_seconds": [3.0, 5.0],
+    }
+    summary = summarize(
+        {"stratified": entry([2.0, 2.2], [3.0, 3.1]), "tikmix-d": entry([1.9, 2.0], [3.0, 3.3])}
+    )
+    row = summary["tikmix-d"]
+    assert row["avg_test_loss"]["mean"] == pytest.approx(1.95)
+    assert row["avg_test_loss"]["std"] == pytest.approx(np.std([1.9, 2.0], ddof=1))
+    assert row["avg_test_loss_vs_stratified"]["diffs"] == pytest.approx([-0.1, -0.2])
+    assert row["worst_test_loss_vs_stratified"]["mean"] == pytest.approx(0.1)
+    assert "avg_test_loss_vs_stratified" not in summary["stratified"] and row["wall_seconds"] == 4.0
+    table = markdown_table(summary, seeds=[0, 1])
+    assert "| tikmix-d | 1.9500 ± 0.0707 | -0.1500 ± 0.0500 | 2/2 |" in table
+    assert "0.002" in table  # decision / train FLOPs
+
+
+def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    threads = torch.get_num_threads()
+    try:
+        code = main(
+            [
+                "experiment",
+                "--corpus",
+                str(corpus),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--threads",
+                "1",
+                *flags,
+            ]
+            + ["--methods", "stratified", "tikmix-d", "--seeds", "0", "1"]
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["domains"] == ["prose", "numbers", "code"] and results["seeds"] == [0, 1]
+    for name in ("stratified", "tikmix-d"):
+        entry = results["methods"][name]
+        assert len(entry["avg_test_loss"]) == len(entry["worst_test_loss"]) == 2
+        assert all(w >= a for w, a in zip(entry["worst_test_loss"], entry["avg_test_loss"], strict=True))
+        assert np.asarray(entry["final_weights"]).shape == (2, 3)
+        assert np.allclose(np.sum(entry["final_weights"], axis=1), 1.0)
+        for seed in range(2):
+            per_domain = [entry["test_loss"][d][seed] for d in results["domains"]]
+            assert entry["avg_test_loss"][seed] == pytest.approx(np.mean(per_domain))
+            assert entry["worst_test_loss"][seed] == pytest.approx(max(per_domain))
+    assert results["methods"]["stratified"]["decision_flops"] == 0.0
+    assert results["methods"]["tikmix-d"]["decision_flops"] > 0
+    # Seeds differ in init and data order, so the runs differ; the paired diffs come from the same lists.
+    strat, tik = results["methods"]["stratified"], results["methods"]["tikmix-d"]
+    assert strat["avg_test_loss"][0] != strat["avg_test_loss"][1]
+    diff = results["summary"]["tikmix-d"]["avg_test_loss_vs_stratified"]
+    assert diff["diffs"] == pytest.approx(np.subtract(tik["avg_test_loss"], strat["avg_test_loss"]).tolist())
+    assert "| tikmix-d |" in (out / "results.md").read_text()
+    assert "| stratified |" in capsys.readouterr().out
+    assert Path(tik["ledgers"][1]).is_file() and strat["ledgers"] == [None, None]
+
+
+def test_paired_seed_gives_identical_runs_when_the_weights_agree(corpus):
+    splits = load_splits(corpus)
+    config = ExperimentConfig(methods=("stratified",), seeds=(0,), **FAST)
+    runs = [
+        train_method(m, 4, config=config, train_domains=splits.train, val_domains=splits.val, progress=False)
+        for m in ("stratified", "odm")  # ODM's first decision is uniform too, so steps 0-2 match exactly
+    ]
+    assert runs[0].result.losses[:3] == runs[1].result.losses[:3]
+    assert runs[0].initial_weights == runs[1].initial_weights
+
+
+def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path, monkeypatch):
+    splits_seen, evaluated = [], []
+
+    class SpyLoader(MixtureLoader):
+        def __init__(self, domains, **options):
+            splits_seen.extend(Path(domain.path).name for domain in domains)
+            super().__init__(domains, **options)
+
+    original_evaluate = experiment.evaluate
+
+    def spy_evaluate(model, domains, **options):
+        evaluated.append({Path(domain.path).name for domain in domains})
+        return original_evaluate(model, domains, **options)
+
+    monkeypatch.setattr(experiment, "MixtureLoader", SpyLoader)
+    monkeypatch.setattr(experiment, "evaluate", spy_evaluate)
+    config = ExperimentConfig(methods=METHODS, seeds=(0,), **FAST)
+    results = experiment.run_experiment(config, corpus, tmp_path / "all", progress=False)
+    assert set(splits_seen) == {"train", "val"}
+    # RegMix's proxies are scored on val; each of the eight runs is scored on test exactly once.
+    assert evaluated.count({"test"}) == len(METHODS) and evaluated.count({"val"}) == FAST["regmix_proxies"]
+    for name in METHODS:
+        entry = results["methods"][name]
+        assert len(entry["avg_test_loss"]) == 1 and np.isclose(sum(entry["final_weights"][0]), 1.0)
+    assert (
+        results["methods"]["temperature"]["final_weights"] != results["methods"]["natural"]["final_weights"]
+    )
+    for name in ("tikmix-d", "tikmix-d-stage", "tikmix-m", "regmix"):
+        assert results["methods"][name]["decision_flops"] > 0, name
+    assert results["methods"]["odm"]["decision_flops"] == 0
+    assert [d["step"] for d in results["methods"]["tikmix-d-stage"]["decisions"][0]] == [2]  # half the tokens
+    assert results["regmix"]["decision_flops"] == results["methods"]["regmix"]["decision_flops"]
+    assert len(results["regmix"]["losses"]) == FAST["regmix_proxies"]
+
+
+def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus):
+    splits = load_splits(corpus)
+    loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    model = experiment.build_model("micro", seed=0, seq_len=32)
+    targets = experiment.val_targets(splits.val, samples=2, batch_size=2, seq_len=32, seed=0)
+    label = LookAheadLabel(model, loader, targets, samples=2)
+    with pytest.raises(ConfigError, match="no optimizer bound"):
+        label(np.full((2, 3), 1 / 3))
+    optimizer, _ = make_optimizer(model, experiment.ExperimentConfig(**FAST).train_config)
+    for _ in range(2):  # give the optimizer moments, which the look-ahead must restore too
+        experiment.per_token_loss(model, loader.next_batch()).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    label.bind(optimizer)
+    before = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    labels = label(np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    assert labels.shape == (4,) and labels[0] == labels[1] and len(set(labels.tolist())) == 3
+    after = (model.state_dict(), optimizer.state_dict())
+    assert all(torch.equal(before[0][key], value) for key, value in after[0].items())
+    for key, state in after[1]["state"].items():
+        assert all(torch.equal(before[1]["state"][key][name], value) for name, value in state.items())
+    assert label.flops(model.config, 32) > 0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"methods": ("stratified", "nope")}, "unknown: \\['nope'\\]"),
+        ({"seeds": (1, 1)}, "`seeds` must be distinct"),
+        ({"model": "huge"}, "`model` 'huge' is not a preset"),
+        ({"init": "random"}, "`init` must be one of"),
+        ({"every": 0}, "`every` must be a positive int"),
+        ({"regmix_fraction": 1.5}, "`regmix_fraction`"),
+        ({"regmix_proxies": 3}, "`regmix_proxies` must be >= 4"),
+        ({"m_candidates": 4}, "`m_candidates` must be >= 8"),
+        ({"half_life": 0.0}, "`half_life` must be > 0"),
+        ({"temperature": -1.0}, "`temperature` must be >= 0"),
+        ({"num_workers": -1}, "`num_workers` must be >= 0"),
+        ({"eval_samples": 0}, "`eval_samples` must be a positive int"),
+        ({"lr": 0.0}, "`lr` must be a finite float > 0"),
+        ({"preconditioner": "adam"}, "`preconditioner` must be one of"),
+        ({"regmix_regressor": "mlp"}, "`regmix_regressor` must be one of"),
+    ],
+)
+def test_config_rejects_bad_values(options, match):
+    with pytest.raises(ConfigError, match=match):
+        ExperimentConfig(**options)
+
+
+def test_splits_must_hold_the_same_domains(corpus, monkeypatch):
+    real = experiment.load_corpus
+    monkeypatch.setattr(
+        experiment, "load_corpus", lambda path, split: real(path, split)[: 2 if split == "test" else 3]
+    )
+    with pytest.raises(DomainError, match="the splits hold different domains"):
+        load_splits(corpus)
+
+
+@pytest.mark.parametrize("command", ["experiment", "demo"])
+def test_help_lists_the_protocol_flags(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--steps", "--batch-size", "--seq-len", "--model", "--device", "--threads", "--out"):
+        assert flag in text
+    assert ("--methods" in text and "--seeds" in text) == (command == "experiment")
+
+
+def test_threads_must_be_positive():
+    with pytest.raises(ConfigError, match="`--threads` must be >= 1"):
+        experiment.apply_threads(0)
+
+
+def test_regmix_needs_its_sweep_and_unknown_methods_fail(corpus):
+    splits = load_splits(corpus)
+    config = ExperimentConfig(**FAST)
+    with pytest.raises(ConfigError, match="pass `static_weights`"):
+        train_method("regmix", 0, config=config, train_domains=splits.train, val_domains=splits.val)
+    with pytest.raises(ConfigError, match="Unknown method 'bogus'"):
+        train_method("bogus", 0, config=config, train_domains=splits.train, val_domains=splits.val)
