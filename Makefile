@@ -47,6 +47,8 @@ lint: venv
 bench: venv
 	$(VENV)/bin/tikmix bench loader
 	$(VENV)/bin/tikmix bench kernels
+	$(VENV)/bin/python benchmarks/bench_solver.py
+	$(VENV)/bin/python benchmarks/bench_influence.py --presets tiny small --curve
 
 clean:
 	rm -rf $(VENV) $(COMPOSER_VENV) build *.egg-info
