@@ -37,20 +37,10 @@ MAX_K = 256
 
 @triton.jit
 def _project_rows(
-    ptr,
-    stride_n,
-    stride_d,
-    rows,
-    row_mask,
-    p_ptr,
-    stride_pd,
-    stride_pk,
-    D,
-    K,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    ptr, stride_n, stride_d, rows, row_mask,
+    p_ptr, stride_pd, stride_pk,
+    D, K,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Rows of a [*, D] matrix times P [D, K]: [BLOCK_N, BLOCK_K] fp32, zero on masked rows and cols >= K."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -77,31 +67,12 @@ def _project_rows(
 
 @triton.jit
 def _load_tile(
-    x_ptr,
-    g_ptr,
-    p_in_ptr,
-    p_out_ptr,
-    seg_ptr,
-    order_ptr,
-    N,
-    D_IN,
-    D_OUT,
-    K_IN,
-    K_OUT,
-    stride_xn,
-    stride_xd,
-    stride_gn,
-    stride_gd,
-    stride_pin_d,
-    stride_pin_k,
-    stride_pout_d,
-    stride_pout_k,
-    HAS_ORDER: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_KI: tl.constexpr,
-    BLOCK_KO: tl.constexpr,
-    UPCAST: tl.constexpr,
+    x_ptr, g_ptr, p_in_ptr, p_out_ptr, seg_ptr, order_ptr,
+    N, D_IN, D_OUT, K_IN, K_OUT,
+    stride_xn, stride_xd, stride_gn, stride_gd,
+    stride_pin_d, stride_pin_k, stride_pout_d, stride_pout_k,
+    HAS_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_KI: tl.constexpr, BLOCK_KO: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """This program's segment ids [BLOCK_N] (-1 past N), X~ [BLOCK_N, BLOCK_KI] and G~ [BLOCK_N, BLOCK_KO]."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,36 +85,12 @@ def _load_tile(
     # Ignored tokens are never read: their rows of X~ and G~ are zero.
     valid = seg >= 0
     x_proj = _project_rows(
-        x_ptr,
-        stride_xn,
-        stride_xd,
-        rows,
-        valid,
-        p_in_ptr,
-        stride_pin_d,
-        stride_pin_k,
-        D_IN,
-        K_IN,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_KI,
-        UPCAST,
+        x_ptr, stride_xn, stride_xd, rows, valid, p_in_ptr, stride_pin_d, stride_pin_k, D_IN, K_IN,
+        BLOCK_N, BLOCK_D, BLOCK_KI, UPCAST,
     )
     g_proj = _project_rows(
-        g_ptr,
-        stride_gn,
-        stride_gd,
-        rows,
-        valid,
-        p_out_ptr,
-        stride_pout_d,
-        stride_pout_k,
-        D_OUT,
-        K_OUT,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_KO,
-        UPCAST,
+        g_ptr, stride_gn, stride_gd, rows, valid, p_out_ptr, stride_pout_d, stride_pout_k, D_OUT, K_OUT,
+        BLOCK_N, BLOCK_D, BLOCK_KO, UPCAST,
     )
     return seg, x_proj, g_proj
 
@@ -151,68 +98,25 @@ def _load_tile(
 @triton.jit
 def _project_grads_kernel(
     # inputs
-    x_ptr,
-    g_ptr,
-    p_in_ptr,
-    p_out_ptr,
-    seg_ptr,
-    order_ptr,
+    x_ptr, g_ptr, p_in_ptr, p_out_ptr, seg_ptr, order_ptr,
     # outputs (fp32, zero-initialised, accumulated with atomics)
-    phi_ptr,
-    a_ptr,
-    b_ptr,
+    phi_ptr, a_ptr, b_ptr,
     # sizes
-    N,
-    NUM_SEGMENTS,
-    D_IN,
-    D_OUT,
-    K_IN,
-    K_OUT,
+    N, NUM_SEGMENTS, D_IN, D_OUT, K_IN, K_OUT,
     # strides
-    stride_xn,
-    stride_xd,
-    stride_gn,
-    stride_gd,
-    stride_pin_d,
-    stride_pin_k,
-    stride_pout_d,
-    stride_pout_k,
+    stride_xn, stride_xd, stride_gn, stride_gd,
+    stride_pin_d, stride_pin_k, stride_pout_d, stride_pout_k,
     # meta-parameters
-    HAS_ORDER: tl.constexpr,
-    RETURN_FACTORS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_KI: tl.constexpr,
-    BLOCK_KO: tl.constexpr,
+    HAS_ORDER: tl.constexpr, RETURN_FACTORS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KI: tl.constexpr, BLOCK_KO: tl.constexpr,
 ):
     """Phi[s] += G~_s^T X~_s for the segments of BLOCK_N tokens; optionally A += X~^T X~ and B += G~^T G~."""
     seg, x_proj, g_proj = _load_tile(
-        x_ptr,
-        g_ptr,
-        p_in_ptr,
-        p_out_ptr,
-        seg_ptr,
-        order_ptr,
-        N,
-        D_IN,
-        D_OUT,
-        K_IN,
-        K_OUT,
-        stride_xn,
-        stride_xd,
-        stride_gn,
-        stride_gd,
-        stride_pin_d,
-        stride_pin_k,
-        stride_pout_d,
-        stride_pout_k,
-        HAS_ORDER,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_KI,
-        BLOCK_KO,
-        UPCAST,
+        x_ptr, g_ptr, p_in_ptr, p_out_ptr, seg_ptr, order_ptr,
+        N, D_IN, D_OUT, K_IN, K_OUT,
+        stride_xn, stride_xd, stride_gn, stride_gd,
+        stride_pin_d, stride_pin_k, stride_pout_d, stride_pout_k,
+        HAS_ORDER, BLOCK_N, BLOCK_D, BLOCK_KI, BLOCK_KO, UPCAST,
     )
     offs_ki = tl.arange(0, BLOCK_KI)
     offs_ko = tl.arange(0, BLOCK_KO)
@@ -227,91 +131,45 @@ def _project_grads_kernel(
         if tl.sum(in_segment.to(tl.int32)) > 0:
             g_seg = tl.where(in_segment[:, None], g_proj, 0.0)
             block = tl.dot(tl.trans(g_seg), x_proj, input_precision="ieee")
-            tl.atomic_add(phi_ptr + s * K_OUT * K_IN + block_offs, block, mask=block_mask, sem="relaxed")
+            tl.atomic_add(
+                phi_ptr + s * K_OUT * K_IN + block_offs, block, mask=block_mask, sem="relaxed"
+            )
     if RETURN_FACTORS:
         a_block = tl.dot(tl.trans(x_proj), x_proj, input_precision="ieee")
         tl.atomic_add(
-            a_ptr + offs_ki[:, None] * K_IN + offs_ki[None, :],
-            a_block,
-            mask=(offs_ki[:, None] < K_IN) & (offs_ki[None, :] < K_IN),
-            sem="relaxed",
+            a_ptr + offs_ki[:, None] * K_IN + offs_ki[None, :], a_block,
+            mask=(offs_ki[:, None] < K_IN) & (offs_ki[None, :] < K_IN), sem="relaxed",
         )
         b_block = tl.dot(tl.trans(g_proj), g_proj, input_precision="ieee")
         tl.atomic_add(
-            b_ptr + offs_ko[:, None] * K_OUT + offs_ko[None, :],
-            b_block,
-            mask=(offs_ko[:, None] < K_OUT) & (offs_ko[None, :] < K_OUT),
-            sem="relaxed",
+            b_ptr + offs_ko[:, None] * K_OUT + offs_ko[None, :], b_block,
+            mask=(offs_ko[:, None] < K_OUT) & (offs_ko[None, :] < K_OUT), sem="relaxed",
         )
 
 
 @triton.jit
 def _segment_target_scores_kernel(
     # inputs
-    x_ptr,
-    g_ptr,
-    p_in_ptr,
-    p_out_ptr,
-    q_ptr,
-    seg_ptr,
-    order_ptr,
+    x_ptr, g_ptr, p_in_ptr, p_out_ptr, q_ptr, seg_ptr, order_ptr,
     # output (fp32, zero-initialised, accumulated with atomics)
     scores_ptr,
     # sizes
-    N,
-    NUM_SEGMENTS,
-    N_TARGETS,
-    D_IN,
-    D_OUT,
-    K_IN,
-    K_OUT,
+    N, NUM_SEGMENTS, N_TARGETS, D_IN, D_OUT, K_IN, K_OUT,
     # strides
-    stride_xn,
-    stride_xd,
-    stride_gn,
-    stride_gd,
-    stride_pin_d,
-    stride_pin_k,
-    stride_pout_d,
-    stride_pout_k,
-    stride_qb,
-    stride_qo,
-    stride_qi,
+    stride_xn, stride_xd, stride_gn, stride_gd,
+    stride_pin_d, stride_pin_k, stride_pout_d, stride_pout_k,
+    stride_qb, stride_qo, stride_qi,
     # meta-parameters
-    HAS_ORDER: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_KI: tl.constexpr,
-    BLOCK_KO: tl.constexpr,
+    HAS_ORDER: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KI: tl.constexpr, BLOCK_KO: tl.constexpr,
 ):
     """score[s, b] += sum_{t in s} G~[t] . (Q[b] X~[t]) for BLOCK_N tokens, one target matrix at a time."""
     seg, x_proj, g_proj = _load_tile(
-        x_ptr,
-        g_ptr,
-        p_in_ptr,
-        p_out_ptr,
-        seg_ptr,
-        order_ptr,
-        N,
-        D_IN,
-        D_OUT,
-        K_IN,
-        K_OUT,
-        stride_xn,
-        stride_xd,
-        stride_gn,
-        stride_gd,
-        stride_pin_d,
-        stride_pin_k,
-        stride_pout_d,
-        stride_pout_k,
-        HAS_ORDER,
-        BLOCK_N,
-        BLOCK_D,
-        BLOCK_KI,
-        BLOCK_KO,
-        UPCAST,
+        x_ptr, g_ptr, p_in_ptr, p_out_ptr, seg_ptr, order_ptr,
+        N, D_IN, D_OUT, K_IN, K_OUT,
+        stride_xn, stride_xd, stride_gn, stride_gd,
+        stride_pin_d, stride_pin_k, stride_pout_d, stride_pout_k,
+        HAS_ORDER, BLOCK_N, BLOCK_D, BLOCK_KI, BLOCK_KO, UPCAST,
     )
     offs_ki = tl.arange(0, BLOCK_KI)
     offs_ko = tl.arange(0, BLOCK_KO)
@@ -321,8 +179,7 @@ def _segment_target_scores_kernel(
     for b in range(0, N_TARGETS):
         q = tl.load(
             q_ptr + b * stride_qb + offs_ko[:, None] * stride_qo + offs_ki[None, :] * stride_qi,
-            mask=q_mask,
-            other=0.0,
+            mask=q_mask, other=0.0,
         )
         # (X~ Q[b]^T)[t, o] = (Q[b] X~[t])[o]; dot with G~[t] per token.
         per_token = tl.sum(tl.dot(x_proj, tl.trans(q), input_precision="ieee") * g_proj, axis=1)
@@ -415,19 +272,11 @@ def project_grads_triton(
     grid = (triton.cdiv(inputs.n_tokens, settings["BLOCK_N"]),)
     with _device_guard(device):
         _project_grads_kernel[grid](
-            *pointers,
-            seg,
-            order,
-            phi,
-            a,
-            b,
-            inputs.n_tokens,
-            inputs.num_segments,
-            *sizes,
+            *pointers, seg, order,
+            phi, a, b,
+            inputs.n_tokens, inputs.num_segments, *sizes,
             *strides,
-            RETURN_FACTORS=return_factors,
-            **flags,
-            **settings,
+            RETURN_FACTORS=return_factors, **flags, **settings,
         )
     return (phi, a, b) if return_factors else (phi, None, None)
 
@@ -445,18 +294,10 @@ def segment_target_scores_triton(inputs: KernelInputs) -> torch.Tensor:
     grid = (triton.cdiv(inputs.n_tokens, settings["BLOCK_N"]),)
     with _device_guard(inputs.device):
         _segment_target_scores_kernel[grid](
-            *pointers,
-            q,
-            seg,
-            order,
+            *pointers, q, seg, order,
             scores,
-            inputs.n_tokens,
-            inputs.num_segments,
-            q.shape[0],
-            *sizes,
-            *strides,
-            *q.stride(),
-            **flags,
-            **settings,
+            inputs.n_tokens, inputs.num_segments, q.shape[0], *sizes,
+            *strides, *q.stride(),
+            **flags, **settings,
         )
     return scores
