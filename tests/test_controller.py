@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from testkit.domains import write_domains
+from testkit.resume import assert_resumes_exactly
 
 from tikmix_loader import ConfigError, MixtureLoader, StateError
 from tikmix_loader.controller import DecisionSchedule, MixtureController, at_tokens, every
@@ -29,7 +30,7 @@ def _loader(domains, **options):
 class Run:
     """A tiny training run driven by a controller, exactly as the README's loop does it."""
 
-    def __init__(self, domains, ledger_path, *, mixer="tikmix_d", schedule=None, online=True):
+    def __init__(self, domains, ledger_path=None, *, mixer="tikmix_d", schedule=None, online=True):
         torch.manual_seed(0)
         self.loader = _loader(domains)
         self.model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
@@ -42,7 +43,7 @@ class Run:
             influence=influence,
             targets=targets,
             schedule=schedule or every(3),
-            ledger=MixtureLedger(ledger_path),
+            ledger=None if ledger_path is None else MixtureLedger(ledger_path),
             observation_samples=None if online else 8,
         )
 
@@ -125,6 +126,16 @@ def test_odm_gets_per_domain_training_losses(domains, tmp_path):
     for step in range(3):
         run.step(step)
     assert np.all(np.isfinite(captured[0])) and np.all(captured[0] > 0)
+
+
+def test_resume_makes_the_same_decisions_at_every_midpoint(domains):
+    assert_resumes_exactly(
+        lambda: Run(domains),
+        lambda run, step: (run.step(step), run.loader.weights),
+        total=8,
+        midpoints=[1, 2, 3, 6],  # before, at and after the decisions of steps 2 and 5
+        round_trip=lambda state: state,  # Run.state_dict already deep-copies (model and optimizer tensors)
+    )
 
 
 def test_kill_and_resume_reproduces_the_same_ledger(domains, tmp_path):

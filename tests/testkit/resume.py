@@ -6,6 +6,11 @@ import json
 from collections.abc import Callable, Iterable
 
 
+def json_round_trip(state):
+    """What saving a flat state to JSON and reading it back gives."""
+    return json.loads(json.dumps(state))
+
+
 def run_with_actions(obj, step: Callable, start: int, stop: int, actions: dict[int, Callable]) -> list:
     """Outputs of ``step(obj, i)`` for ``i`` in ``[start, stop)``; ``actions[i](obj)`` runs before step i."""
     outputs = []
@@ -25,6 +30,7 @@ def assert_resumes_exactly(
     actions: dict[int, Callable] | None = None,
     equal: Callable[[object, object], bool] = lambda a, b: a == b,
     make_resumed: Callable[[], object] | None = None,
+    round_trip: Callable[[object], object] = json_round_trip,
 ) -> None:
     """Assert that stopping at each midpoint and resuming from a JSON round trip of ``state_dict()`` in a
     fresh object gives exactly the outputs of one uninterrupted run.
@@ -37,13 +43,15 @@ def assert_resumes_exactly(
         actions: Mutations applied before given steps in both runs (e.g. weight changes).
         equal: Output comparison.
         make_resumed: Builds the object that loads the state (default ``make``), e.g. another world size.
+        round_trip: Saves and reloads the state; JSON by default (``copy.deepcopy`` stands in for
+            ``torch.save`` when the state holds tensors).
     """
     actions = actions or {}
     reference = run_with_actions(make(), step, 0, total, actions)
     for midpoint in midpoints:
         first = make()
         head = run_with_actions(first, step, 0, midpoint, actions)
-        state = json.loads(json.dumps(first.state_dict()))
+        state = round_trip(first.state_dict())
         close = getattr(first, "close", None)
         if close:
             close()
