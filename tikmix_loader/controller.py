@@ -150,9 +150,9 @@ class MixtureController:
         self.decisions = 0
         self.last_solution: MixtureSolution | None = None
         self.last_influence = None
-        num_domains = len(loader.domain_names)
-        self._loss_sums = np.zeros(num_domains)
-        self._loss_tokens = np.zeros(num_domains)
+        # Row 0: summed per-token training loss per domain, row 1: loss tokens. Kept on the loss's device and
+        # read only at a decision, so record_losses never synchronises the GPU.
+        self._loss_stats = torch.zeros(2, len(loader.domain_names), dtype=torch.float64)
 
     # -- per step ---------------------------------------------------------------------------------
 
@@ -164,16 +164,11 @@ class MixtureController:
 
     def record_losses(self, batch: dict, losses: torch.Tensor) -> None:
         """Accumulate per-domain training loss from per-token ``losses`` [B, T] (masked entries 0)."""
-        losses = losses.detach().float()
-        mask = (batch["labels"].to(losses.device) != -100).float()
+        losses = losses.detach().double()
+        self._loss_stats = self._loss_stats.to(losses.device)
+        mask = (batch["labels"].to(losses.device) != -100).double()
         domain = batch["domain"].to(losses.device)
-        num_domains = len(self._loss_sums)
-        self._loss_sums += (
-            torch.zeros(num_domains, device=losses.device).index_add_(0, domain, losses.sum(1)).cpu().numpy()
-        )
-        self._loss_tokens += (
-            torch.zeros(num_domains, device=losses.device).index_add_(0, domain, mask.sum(1)).cpu().numpy()
-        )
+        self._loss_stats.index_add_(1, domain, torch.stack([losses.sum(1), mask.sum(1)]))
 
     @property
     def tokens_seen(self) -> int:
@@ -217,8 +212,7 @@ class MixtureController:
             )
         self.decisions += 1
         self.last_solution, self.last_influence = solution, influence
-        self._loss_sums[:] = 0
-        self._loss_tokens[:] = 0
+        self._loss_stats.zero_()
         return solution
 
     def _measure_influence(self):
@@ -235,8 +229,9 @@ class MixtureController:
         return self.influence.compute(domains=batches, targets=self.targets, loss_fn=self.loss_fn)
 
     def _context(self, step: int, before: dict, influence) -> MixingContext:
+        sums, tokens = self._loss_stats.cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
-            losses = np.where(self._loss_tokens > 0, self._loss_sums / self._loss_tokens, np.nan)
+            losses = np.where(tokens > 0, sums / tokens, np.nan)
         caps = {}
         if self.total_tokens is not None:
             # Tokens each domain can still supply before hitting the loader's max_epochs (unlimited: no cap).
@@ -272,8 +267,8 @@ class MixtureController:
             "mixer": self.mixer.state_dict(),
             "influence": None if not self.online else self.influence.state_dict(),
             "ledger": None if self.ledger is None else self.ledger.state_dict(),
-            "loss_sums": self._loss_sums.tolist(),
-            "loss_tokens": self._loss_tokens.tolist(),
+            "loss_sums": self._loss_stats[0].tolist(),
+            "loss_tokens": self._loss_stats[1].tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -294,5 +289,4 @@ class MixtureController:
             )
             self.ledger.load_state_dict(state["ledger"])
         self.decisions = int(state["decisions"])
-        self._loss_sums = np.asarray(state["loss_sums"], dtype=np.float64)
-        self._loss_tokens = np.asarray(state["loss_tokens"], dtype=np.float64)
+        self._loss_stats = torch.tensor([state["loss_sums"], state["loss_tokens"]], dtype=torch.float64)
