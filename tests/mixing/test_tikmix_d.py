@@ -288,3 +288,29 @@ def test_any_input_gives_a_valid_mixture_or_a_reasoned_fallback(
         assert_feasible(S, w_prior, solution, lo=lo, hi=options.get("max_weight", 1.0))
         if variant != "bounds":
             assert solution.objective <= TikmixObjective(S, **options).value(w_prior) + 1e-9
+
+
+def test_trust_region_limits_one_decision_and_keeps_the_prior_feasible(problem):
+    S, w_prior = problem(9, 26, seed=11)
+    free = solve_tikmix_d(S, w_prior)
+    ratio = free.weights / w_prior
+    assert ratio.max() > 2 or ratio.min() < 0.5  # the free step leaves the box, so the box is binding
+    solution = solve_tikmix_d(S, w_prior, max_step=2.0)
+    assert_feasible(S, w_prior, solution, lo=w_prior / 2, hi=2 * w_prior)
+    objective = TikmixObjective(S)
+    assert objective.value(free.weights) <= solution.objective <= objective.value(w_prior)
+
+
+def test_trust_region_lets_a_zero_weight_domain_rise_to_its_min_weight():
+    lo, hi = tikmix_d.trust_region(np.full(3, 0.1), np.ones(3), np.array([0.0, 0.5, 0.5]), 2.0)
+    np.testing.assert_allclose(lo, [0.1, 0.25, 0.25])
+    np.testing.assert_allclose(hi, [0.1, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("max_step", [1.0, 0.5, float("inf"), float("nan"), "2"])
+def test_bad_max_step_raises_config_error(problem, max_step):
+    S, w_prior = problem(6, 3, seed=10)
+    with pytest.raises(ConfigError, match="`max_step` must be a finite number > 1"):
+        solve_tikmix_d(S, w_prior, max_step=max_step)
+    with pytest.raises(ConfigError, match="`max_step` must be a finite number > 1"):
+        TiKMiXD(max_step=max_step)

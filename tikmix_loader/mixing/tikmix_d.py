@@ -8,8 +8,10 @@ Problem (paper, with the project's additions marked "ours")::
 
 ``std`` is the population standard deviation over targets (ddof = 0). The bounds are ``min_weight`` /
 ``max_weight`` (ours) tightened by availability caps ``w_d <= available_tokens_d * max_epochs_d /
-remaining_tokens`` (ours). The problem is convex (a norm of an affine map, a linear term and the negative
-entropy), so any local solution is global.
+remaining_tokens`` (ours) and, optionally, a trust region ``w_prior_d / max_step <= w_d <= max_step *
+w_prior_d`` (ours: online decisions see a noisy S, and the box limits how far one decision can move the
+mixture, like TiKMiX-M's ``[w_D / 2, 2 w_D]`` candidate box). The problem is convex (a norm of an affine map,
+a linear term and the negative entropy), so any local solution is global.
 
 Solvers. Both are SciPy SLSQP with analytic gradients:
 
@@ -201,6 +203,28 @@ def weight_bounds(
         hi = np.minimum(hi, caps)
         lo = np.minimum(lo, hi)
     return lo, hi
+
+
+def check_max_step(max_step) -> None:
+    """Raise ``ConfigError`` unless ``max_step`` is a finite number > 1."""
+    if not (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step > 1):
+        raise ConfigError(f"`max_step` must be a finite number > 1 (None: no trust region), got {max_step}.")
+
+
+def trust_region(
+    lo: np.ndarray, hi: np.ndarray, w_prior: np.ndarray, max_step: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``lo, hi`` tightened to the box ``[w_prior / max_step, max_step * w_prior]`` around the prior.
+
+    A domain at zero weight may still rise to its ``lo`` (``min_weight``): set a ``min_weight`` to keep every
+    domain reachable. The box contains ``w_prior``, so it never makes an in-bounds prior infeasible.
+
+    Raises:
+        ConfigError: ``max_step`` is not a finite number > 1.
+    """
+    check_max_step(max_step)
+    hi = np.minimum(hi, np.maximum(max_step * w_prior, lo))
+    return np.minimum(np.maximum(lo, w_prior / max_step), hi), hi
 
 
 def _pareto_rows(A: np.ndarray, w_prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -417,6 +441,7 @@ def solve_tikmix_d(
     available_tokens=None,
     remaining_tokens: float | None = None,
     max_epochs=None,
+    max_step: float | None = None,
     method: str = "auto",
     tol: float = 1e-10,
     max_iter: int = 1000,
@@ -437,6 +462,8 @@ def solve_tikmix_d(
             Default: None (no caps).
         remaining_tokens (float | None): Training tokens still to come. Default: None.
         max_epochs (float | array | None): Epochs allowed per domain; None means 1, ``inf`` no cap.
+        max_step (float | None): Trust region: keep ``w_prior_d / max_step <= w_d <= max_step * w_prior_d``
+            (see :func:`trust_region`). Default: None (off, as in the paper).
         method (str): ``"auto"``, ``"primal"`` or ``"dual"`` (see the module docstring). Default: ``"auto"``.
         tol (float): SLSQP ``ftol`` of the primal solve; the dual, whose value is flat near its optimum,
             uses ``tol * 1e-4``. Default: 1e-10.
@@ -464,6 +491,8 @@ def solve_tikmix_d(
     lo, hi = weight_bounds(
         num_domains, min_weight, max_weight, available_tokens, remaining_tokens, max_epochs
     )
+    if max_step is not None:
+        lo, hi = trust_region(lo, hi, w_prior, max_step)
 
     def fallback(reason: str, iterations: int = 0) -> MixtureSolution:
         if not np.all(np.isfinite(S)):
@@ -537,6 +566,9 @@ class TiKMiXDConfig(MixerConfig):
     gamma: float = option(1.0, "weight of -H(w): mixture entropy")
     min_weight: float = option(0.0, "lower bound of every weight")
     max_weight: float = option(1.0, "upper bound of every weight")
+    max_step: float | None = option(
+        None, "trust region: w_d within [w_prior_d / max_step, max_step * w_prior_d] (None: off)"
+    )
     method: str = option("auto", "solver: 'auto', 'primal' (SLSQP on w) or 'dual' (SLSQP on the 2n-dim dual)")
     tol: float = option(1e-10, "SLSQP ftol")
     max_iter: int = option(1000, "SLSQP iteration limit")
@@ -550,6 +582,8 @@ class TiKMiXDConfig(MixerConfig):
             raise ConfigError(
                 f"Need 0 <= `min_weight` <= `max_weight` <= 1, got {self.min_weight}, {self.max_weight}."
             )
+        if self.max_step is not None:
+            check_max_step(self.max_step)
         if self.method not in METHODS:
             raise ConfigError(f"TiKMiX-D option `method` must be one of {METHODS}, got {self.method!r}.")
         if not (self.tol > 0 and self.max_iter >= 1):
