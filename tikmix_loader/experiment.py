@@ -59,6 +59,7 @@ from tikmix_loader.mixing import (
     sample_regmix_mixtures,
 )
 from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
+from tikmix_loader.mixing.tikmix_d import check_max_step
 from tikmix_loader.models.tiny_gpt import PRESETS, GPTConfig, TinyGPT, flops_per_token, per_token_loss
 from tikmix_loader.train import TrainConfig, TrainResult, evaluate, resolve_device, train
 
@@ -98,6 +99,9 @@ class ExperimentConfig:
     k: int = field(default=32, metadata={"help": "Group Influence projection width"})
     preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac or ekfac"})
     half_life: float | None = field(default=None, metadata={"help": "online EMA half-life (None: every)"})
+    max_step: float | None = field(
+        default=None, metadata={"help": "tikmix-d trust region: w_d moves at most this factor per decision"}
+    )
     target_samples: int = field(default=32, metadata={"help": "val samples per domain for the targets"})
     target_batch_size: int = field(default=16, metadata={"help": "batch size of target/observation passes"})
     stages: int = field(default=3, metadata={"help": "tikmix-d-stage: evenly spaced token milestones"})
@@ -166,6 +170,8 @@ class ExperimentConfig:
             )
         if self.m_candidates < 8:
             raise ConfigError(f"ExperimentConfig: `m_candidates` must be >= 8, got {self.m_candidates}.")
+        if self.max_step is not None:
+            check_max_step(self.max_step)
         if self.half_life is not None and not self.half_life > 0:
             raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -462,7 +468,7 @@ def train_method(
             influence = GroupInfluence(model, domains=names, half_life=half_life, **influence_options)
             controller = MixtureController(
                 loader,
-                "tikmix_d",
+                get_mixer("tikmix_d", max_step=config.max_step),
                 influence=influence,
                 targets=targets,
                 schedule=every(config.every),
@@ -474,7 +480,7 @@ def train_method(
             ]
             controller = MixtureController(
                 loader,
-                "tikmix_d",
+                get_mixer("tikmix_d", max_step=config.max_step),
                 influence=GroupInfluence(model, **influence_options),
                 targets=targets,
                 schedule=at_tokens(*milestones),
@@ -847,6 +853,62 @@ def write_results(results: dict, out: Path) -> None:
     (out / TABLE_FILE).write_text(markdown_table(results["summary"], seeds=results["seeds"]))
 
 
+def _read_results(part: str | os.PathLike) -> tuple[Path, dict]:
+    path = Path(part) / RESULTS_FILE
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"Cannot read the experiment results {path}: {error}") from error
+
+
+def merge_results(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """Combine the results of one protocol run in parts with disjoint ``--methods`` (parallel processes or
+    machines) into ``out``; trains nothing, rewrites ``results.json`` and ``results.md`` there.
+
+    The parts must agree on the corpus, device, completed seeds and every config field but ``methods``; a
+    field missing from an older part's file is read with its default. Statistics are recomputed over the
+    union of the methods.
+
+    Raises:
+        ConfigError: an unreadable part, a method present in two parts, or a part that differs, naming the
+            part and the fields.
+    """
+    loaded = [_read_results(part) for part in parts]
+    if not loaded:
+        raise ConfigError("merge_results: give at least one experiment directory to merge.")
+
+    def protocol(results: dict) -> dict:
+        config = dict(results["config"], methods=METHODS)
+        return {**ExperimentConfig(**config).to_dict(), **{key: results[key] for key in ("corpus", "device")}}
+
+    (first_path, first), methods = loaded[0], {}
+    reference = protocol(first)
+    for path, results in loaded:
+        differing = sorted(key for key, value in protocol(results).items() if value != reference[key])
+        if results["seeds"] != first["seeds"]:
+            differing.append("seeds (completed)")
+        if differing:
+            raise ConfigError(f"Cannot merge {path} with {first_path}: they differ in {differing}.")
+        for name, entry in results["methods"].items():
+            if name in methods:
+                raise ConfigError(f"Cannot merge {path}: method {name!r} is also in another part.")
+            methods[name] = entry
+    methods = {name: methods[name] for name in METHODS if name in methods}
+    merged = {
+        **first,
+        "config": ExperimentConfig(**dict(first["config"], methods=list(methods))).to_dict(),
+        "methods": methods,
+        "regmix": next((r["regmix"] for _, r in loaded if r.get("regmix")), None),
+        "summary": summarize(methods),
+        "wall_seconds": sum(results["wall_seconds"] for _, results in loaded),
+        "merged_from": [str(path) for path, _ in loaded],
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(merged, out)
+    return merged
+
+
 # -- command line --------------------------------------------------------------------------------
 
 
@@ -858,7 +920,7 @@ def _optional(kind):
     return parse
 
 
-_OPTIONAL_TYPES = {"half_life": float, "m_every": int, "eval_samples": int}
+_OPTIONAL_TYPES = {"half_life": float, "max_step": float, "m_every": int, "eval_samples": int}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:
@@ -901,10 +963,15 @@ def apply_threads(threads: int | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_threads(args.threads)
-    config = config_from_args(args)
-    corpus = ensure_corpus(args.corpus, progress=not args.no_progress) if args.build else Path(args.corpus)
-    results = run_experiment(config, corpus, args.out, progress=not args.no_progress)
+    if args.merge:
+        results = merge_results(args.merge, args.out)
+    else:
+        apply_threads(args.threads)
+        config = config_from_args(args)
+        corpus = (
+            ensure_corpus(args.corpus, progress=not args.no_progress) if args.build else Path(args.corpus)
+        )
+        results = run_experiment(config, corpus, args.out, progress=not args.no_progress)
     print(markdown_table(results["summary"], seeds=results["seeds"]))
     print(
         f"wrote {Path(args.out) / RESULTS_FILE} and {Path(args.out) / TABLE_FILE} "
@@ -928,5 +995,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="combine the results of one protocol run in parts with disjoint --methods into --out "
+        "(trains nothing; the other flags are ignored)",
+    )
     add_config_arguments(parser, ExperimentConfig())
     parser.set_defaults(func=_run)
