@@ -185,18 +185,26 @@ def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path,
 
 
 @pytest.mark.parametrize("method", ["tikmix-d", "tikmix-d-stage"])
-def test_max_step_reaches_every_tikmix_d_solve(corpus, method, monkeypatch):
+def test_max_step_and_min_weight_reach_every_tikmix_d_solve(corpus, method, monkeypatch):
     # On this 3-domain corpus S is diagonal-dominant, so the Pareto rows pin the weights and a bound on the
     # move cannot show in them; spy on the solver's arguments instead.
     seen = []
     solve = tikmix_d_module.solve_tikmix_d
     monkeypatch.setattr(
-        tikmix_d_module, "solve_tikmix_d", lambda *a, **kw: seen.append(kw["max_step"]) or solve(*a, **kw)
+        tikmix_d_module,
+        "solve_tikmix_d",
+        lambda *a, **kw: seen.append((kw["max_step"], kw["min_weight"])) or solve(*a, **kw),
     )
     splits = load_splits(corpus)
-    config = ExperimentConfig(max_step=1.5, **FAST)
-    train_method(method, 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False)
-    assert seen and set(seen) == {1.5}
+    config = ExperimentConfig(max_step=1.5, min_weight=0.05, **FAST)
+    run = train_method(
+        method, 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False
+    )
+    assert seen and set(seen) == {(1.5, 0.05)}
+    assert run.result.decisions
+    too_high = ExperimentConfig(min_weight=0.4, **FAST)  # 3 domains x 0.4 > 1
+    with pytest.raises(ConfigError, match="No mixture of 3 domains fits `min_weight`=0.4"):
+        train_method(method, 0, config=too_high, train_domains=splits.train, val_domains=splits.val)
 
 
 def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
@@ -267,6 +275,7 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
         ({"m_candidates": 4}, "`m_candidates` must be >= 8"),
         ({"half_life": 0.0}, "`half_life` must be > 0"),
         ({"max_step": 1.0}, "`max_step` must be a finite number > 1"),
+        ({"min_weight": -0.1}, "`min_weight`"),
         ({"temperature": -1.0}, "`temperature` must be >= 0"),
         ({"num_workers": -1}, "`num_workers` must be >= 0"),
         ({"eval_samples": 0}, "`eval_samples` must be a positive int"),

@@ -59,7 +59,7 @@ from tikmix_loader.mixing import (
     sample_regmix_mixtures,
 )
 from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
-from tikmix_loader.mixing.tikmix_d import check_max_step
+from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig, weight_bounds
 from tikmix_loader.models.tiny_gpt import PRESETS, GPTConfig, TinyGPT, flops_per_token, per_token_loss
 from tikmix_loader.train import TrainConfig, TrainResult, evaluate, resolve_device, train
 
@@ -102,6 +102,7 @@ class ExperimentConfig:
     max_step: float | None = field(
         default=None, metadata={"help": "tikmix-d trust region: w_d moves at most this factor per decision"}
     )
+    min_weight: float = field(default=0.0, metadata={"help": "tikmix-d lower bound of every weight"})
     target_samples: int = field(default=32, metadata={"help": "val samples per domain for the targets"})
     target_batch_size: int = field(default=16, metadata={"help": "batch size of target/observation passes"})
     stages: int = field(default=3, metadata={"help": "tikmix-d-stage: evenly spaced token milestones"})
@@ -170,8 +171,7 @@ class ExperimentConfig:
             )
         if self.m_candidates < 8:
             raise ConfigError(f"ExperimentConfig: `m_candidates` must be >= 8, got {self.m_candidates}.")
-        if self.max_step is not None:
-            check_max_step(self.max_step)
+        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight)  # validates both
         if self.half_life is not None and not self.half_life > 0:
             raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -452,6 +452,7 @@ def train_method(
         loader.set_weights(
             dict.fromkeys(names, 1.0) if config.init == "stratified" else loader.natural_weights()
         )
+        weight_bounds(len(names), config.min_weight, 1.0)  # fail before training if no mixture fits
         targets = val_targets(
             val_domains,
             samples=config.target_samples,
@@ -468,7 +469,7 @@ def train_method(
             influence = GroupInfluence(model, domains=names, half_life=half_life, **influence_options)
             controller = MixtureController(
                 loader,
-                get_mixer("tikmix_d", max_step=config.max_step),
+                get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight),
                 influence=influence,
                 targets=targets,
                 schedule=every(config.every),
@@ -480,7 +481,7 @@ def train_method(
             ]
             controller = MixtureController(
                 loader,
-                get_mixer("tikmix_d", max_step=config.max_step),
+                get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight),
                 influence=GroupInfluence(model, **influence_options),
                 targets=targets,
                 schedule=at_tokens(*milestones),
