@@ -210,14 +210,19 @@ def test_max_step_and_min_weight_reach_every_tikmix_d_solve(corpus, method, monk
 def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
     config = {**FAST, "seeds": (0, 1)}
     parts = []
-    for methods in (("natural",), ("stratified", "temperature")):
+    # `temperature` configures only the temperature baseline, so the natural-only part may differ in it.
+    for methods, temperature in ((("natural",), 0.3), (("stratified", "temperature"), 0.5)):
         parts.append(tmp_path / "-".join(methods))
         experiment.run_experiment(
-            ExperimentConfig(methods=methods, **config), corpus, parts[-1], progress=False
+            ExperimentConfig(methods=methods, temperature=temperature, **config),
+            corpus,
+            parts[-1],
+            progress=False,
         )
     assert main(["experiment", "--merge", *map(str, parts), "--out", str(tmp_path / "all")]) == 0
     merged = json.loads((tmp_path / "all" / "results.json").read_text())
     assert list(merged["methods"]) == ["stratified", "natural", "temperature"] == merged["config"]["methods"]
+    assert merged["config"]["temperature"] == 0.5
     natural = json.loads((parts[0] / "results.json").read_text())["methods"]["natural"]
     strat = json.loads((parts[1] / "results.json").read_text())["methods"]["stratified"]
     diff = merged["summary"]["natural"]["avg_test_loss_vs_stratified"]
@@ -228,12 +233,15 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="method 'natural' is also in another part"):
         experiment.merge_results([parts[0], parts[0]], tmp_path / "twice")
-    other = tmp_path / "other-steps"
+    other = tmp_path / "other"
     experiment.run_experiment(
-        ExperimentConfig(methods=("odm",), **{**config, "steps": 4}), corpus, other, progress=False
+        ExperimentConfig(methods=("odm",), **{**config, "steps": 4, "temperature": 0.3}),
+        corpus,
+        other,
+        progress=False,
     )
-    with pytest.raises(ConfigError, match=r"other-steps/results.json with .*differ in \['steps'\]"):
-        experiment.merge_results([parts[0], other], tmp_path / "bad")
+    with pytest.raises(ConfigError, match=r"other/results.json'\]: they differ in \['steps'\]"):
+        experiment.merge_results([parts[1], other], tmp_path / "bad")
     with pytest.raises(ConfigError, match="Cannot read the experiment results .*missing/results.json"):
         experiment.merge_results([tmp_path / "missing"], tmp_path / "bad")
 

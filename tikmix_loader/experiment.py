@@ -73,6 +73,8 @@ METHODS = (
     "tikmix-d-stage",
     "tikmix-m",
 )
+ADAPTIVE = ("odm", "tikmix-d", "tikmix-d-stage", "tikmix-m")
+INFLUENCE = ("tikmix-d", "tikmix-d-stage", "tikmix-m")  # the methods that measure Group Influence
 BASELINE = "stratified"
 STATIC = {"stratified": "stratified", "natural": "natural", "temperature": "temperature"}
 INIT_MIXTURES = ("stratified", "natural")
@@ -82,7 +84,8 @@ TABLE_FILE = "results.md"
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything that defines an experiment; saved in ``results.json``."""
+    """Everything that defines an experiment; saved in ``results.json``. A field's ``used_by`` metadata names
+    the methods it configures (absent: every method)."""
 
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": "methods to run"})
     seeds: tuple[int, ...] = field(
@@ -94,33 +97,83 @@ class ExperimentConfig:
     model: str = field(default="tiny", metadata={"help": f"TinyGPT preset: {sorted(PRESETS)}"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate (cosine schedule, 5% warmup)"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cpu, cuda, cuda:N"})
-    init: str = field(default="stratified", metadata={"help": "initial mixture of adaptive methods"})
-    every: int = field(default=100, metadata={"help": "steps between decisions (tikmix-d, odm)"})
-    k: int = field(default=32, metadata={"help": "Group Influence projection width"})
-    preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac or ekfac"})
-    half_life: float | None = field(default=None, metadata={"help": "online EMA half-life (None: every)"})
+    init: str = field(
+        default="stratified", metadata={"help": "initial mixture of adaptive methods", "used_by": ADAPTIVE}
+    )
+    every: int = field(
+        default=100,
+        metadata={
+            "help": "steps between decisions (tikmix-d, odm)",
+            "used_by": ("odm", "tikmix-d", "tikmix-m"),
+        },
+    )
+    k: int = field(default=32, metadata={"help": "Group Influence projection width", "used_by": INFLUENCE})
+    preconditioner: str = field(
+        default="kfac", metadata={"help": "identity, kfac or ekfac", "used_by": INFLUENCE}
+    )
+    half_life: float | None = field(
+        default=None,
+        metadata={"help": "online EMA half-life (None: every)", "used_by": ("tikmix-d", "tikmix-m")},
+    )
     max_step: float | None = field(
-        default=None, metadata={"help": "tikmix-d trust region: w_d moves at most this factor per decision"}
+        default=None,
+        metadata={
+            "help": "tikmix-d trust region: w_d moves at most this factor per decision",
+            "used_by": ("tikmix-d", "tikmix-d-stage"),
+        },
     )
-    min_weight: float = field(default=0.0, metadata={"help": "tikmix-d lower bound of every weight"})
-    target_samples: int = field(default=32, metadata={"help": "val samples per domain for the targets"})
-    target_batch_size: int = field(default=16, metadata={"help": "batch size of target/observation passes"})
-    stages: int = field(default=3, metadata={"help": "tikmix-d-stage: evenly spaced token milestones"})
-    observation_samples: int = field(default=64, metadata={"help": "tikmix-d-stage: samples per domain"})
-    temperature: float = field(default=0.5, metadata={"help": "tau of the temperature baseline"})
-    regmix_proxies: int = field(default=16, metadata={"help": "RegMix proxy runs"})
-    regmix_model: str = field(default="micro", metadata={"help": "RegMix proxy preset"})
-    regmix_fraction: float = field(default=0.25, metadata={"help": "proxy steps as a fraction of steps"})
-    regmix_regressor: str = field(default="lightgbm", metadata={"help": "lightgbm or ridge"})
-    regmix_simulations: int = field(default=100_000, metadata={"help": "mixtures scored by the fit"})
-    regmix_val_samples: int = field(default=64, metadata={"help": "val samples per domain scoring a proxy"})
+    min_weight: float = field(
+        default=0.0,
+        metadata={"help": "tikmix-d lower bound of every weight", "used_by": ("tikmix-d", "tikmix-d-stage")},
+    )
+    target_samples: int = field(
+        default=32, metadata={"help": "val samples per domain for the targets", "used_by": INFLUENCE}
+    )
+    target_batch_size: int = field(
+        default=16, metadata={"help": "batch size of target/observation passes", "used_by": INFLUENCE}
+    )
+    stages: int = field(
+        default=3,
+        metadata={"help": "tikmix-d-stage: evenly spaced token milestones", "used_by": ("tikmix-d-stage",)},
+    )
+    observation_samples: int = field(
+        default=64, metadata={"help": "tikmix-d-stage: samples per domain", "used_by": ("tikmix-d-stage",)}
+    )
+    temperature: float = field(
+        default=0.5, metadata={"help": "tau of the temperature baseline", "used_by": ("temperature",)}
+    )
+    regmix_proxies: int = field(default=16, metadata={"help": "RegMix proxy runs", "used_by": ("regmix",)})
+    regmix_model: str = field(
+        default="micro", metadata={"help": "RegMix proxy preset", "used_by": ("regmix",)}
+    )
+    regmix_fraction: float = field(
+        default=0.25, metadata={"help": "proxy steps as a fraction of steps", "used_by": ("regmix",)}
+    )
+    regmix_regressor: str = field(
+        default="lightgbm", metadata={"help": "lightgbm or ridge", "used_by": ("regmix",)}
+    )
+    regmix_simulations: int = field(
+        default=100_000, metadata={"help": "mixtures scored by the fit", "used_by": ("regmix",)}
+    )
+    regmix_val_samples: int = field(
+        default=64, metadata={"help": "val samples per domain scoring a proxy", "used_by": ("regmix",)}
+    )
     m_every: int | None = field(
-        default=None, metadata={"help": "tikmix-m decision interval (None: 2 x every)"}
+        default=None,
+        metadata={"help": "tikmix-m decision interval (None: 2 x every)", "used_by": ("tikmix-m",)},
     )
-    m_candidates: int = field(default=32, metadata={"help": "tikmix-m look-ahead candidates per decision"})
-    lookahead_steps: int = field(default=1, metadata={"help": "tikmix-m optimiser steps per candidate"})
-    lookahead_samples: int = field(default=4, metadata={"help": "tikmix-m look-ahead samples per domain"})
-    lookahead_target_samples: int = field(default=8, metadata={"help": "tikmix-m target samples per domain"})
+    m_candidates: int = field(
+        default=32, metadata={"help": "tikmix-m look-ahead candidates per decision", "used_by": ("tikmix-m",)}
+    )
+    lookahead_steps: int = field(
+        default=1, metadata={"help": "tikmix-m optimiser steps per candidate", "used_by": ("tikmix-m",)}
+    )
+    lookahead_samples: int = field(
+        default=4, metadata={"help": "tikmix-m look-ahead samples per domain", "used_by": ("tikmix-m",)}
+    )
+    lookahead_target_samples: int = field(
+        default=8, metadata={"help": "tikmix-m target samples per domain", "used_by": ("tikmix-m",)}
+    )
     eval_samples: int | None = field(default=None, metadata={"help": "test samples per domain (None: all)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of test scoring"})
     num_workers: int = field(default=1, metadata={"help": "loader prefetch threads"})
@@ -866,38 +919,40 @@ def merge_results(parts: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     """Combine the results of one protocol run in parts with disjoint ``--methods`` (parallel processes or
     machines) into ``out``; trains nothing, rewrites ``results.json`` and ``results.md`` there.
 
-    The parts must agree on the corpus, device, completed seeds and every config field but ``methods``; a
-    field missing from an older part's file is read with its default. Statistics are recomputed over the
-    union of the methods.
+    The parts must agree on the corpus, device, completed seeds and every shared config field; a field that
+    configures only some methods (its ``used_by`` metadata) is compared only between the parts that run one
+    of them, and the merged config takes it from those parts. A field missing from an older part's file is
+    read with its default. Statistics are recomputed over the union of the methods.
 
     Raises:
-        ConfigError: an unreadable part, a method present in two parts, or a part that differs, naming the
-            part and the fields.
+        ConfigError: an unreadable part, a method present in two parts, or parts that differ, naming the
+            parts and the fields.
     """
     loaded = [_read_results(part) for part in parts]
     if not loaded:
         raise ConfigError("merge_results: give at least one experiment directory to merge.")
-
-    def protocol(results: dict) -> dict:
-        config = dict(results["config"], methods=METHODS)
-        return {**ExperimentConfig(**config).to_dict(), **{key: results[key] for key in ("corpus", "device")}}
-
-    (first_path, first), methods = loaded[0], {}
-    reference = protocol(first)
+    methods, differing, merged_config = {}, [], {}
     for path, results in loaded:
-        differing = sorted(key for key, value in protocol(results).items() if value != reference[key])
-        if results["seeds"] != first["seeds"]:
-            differing.append("seeds (completed)")
-        if differing:
-            raise ConfigError(f"Cannot merge {path} with {first_path}: they differ in {differing}.")
         for name, entry in results["methods"].items():
             if name in methods:
                 raise ConfigError(f"Cannot merge {path}: method {name!r} is also in another part.")
             methods[name] = entry
+    configs = [(set(r["methods"]), ExperimentConfig(**r["config"]).to_dict()) for _, r in loaded]
+    for item in dataclasses.fields(ExperimentConfig):
+        used_by = set(item.metadata.get("used_by", METHODS))
+        values = [config[item.name] for ran, config in configs if ran & used_by] or [configs[0][1][item.name]]
+        if item.name != "methods" and any(value != values[0] for value in values):
+            differing.append(item.name)
+        merged_config[item.name] = values[0]
+    for key in ("corpus", "device", "seeds"):
+        if any(results[key] != loaded[0][1][key] for _, results in loaded):
+            differing.append(key)
+    if differing:
+        raise ConfigError(f"Cannot merge {[str(path) for path, _ in loaded]}: they differ in {differing}.")
     methods = {name: methods[name] for name in METHODS if name in methods}
     merged = {
-        **first,
-        "config": ExperimentConfig(**dict(first["config"], methods=list(methods))).to_dict(),
+        **loaded[0][1],
+        "config": {**merged_config, "methods": list(methods)},
         "methods": methods,
         "regmix": next((r["regmix"] for _, r in loaded if r.get("regmix")), None),
         "summary": summarize(methods),
