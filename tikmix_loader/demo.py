@@ -44,6 +44,7 @@ DEMO_DEFAULTS = ExperimentConfig(
     seq_len=128,
     model="tiny",
     every=30,
+    half_life=60.0,
     target_samples=16,
     target_batch_size=16,
     eval_samples=128,

@@ -24,7 +24,10 @@ refined by a LightGBM surrogate of a measured look-ahead label).
 Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
 the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's
 final run uses the mixture found, so its decision FLOPs are counted once; paired differences are
-``method - stratified`` per seed with standard error ``std(ddof=1) / sqrt(n)``.
+``method - stratified`` per seed with standard error ``std(ddof=1) / sqrt(n)``. The TiKMiX-D defaults (a
+decision every 100 steps, EMA half-life 200 steps, 64 val samples per domain per target, a trust region of
+2x per decision and a floor of 0.1 per weight) come from the investigation in ``benchmarks/RESULTS.md``;
+``--max-step none --min-weight 0`` gives the paper's unbounded solve.
 """
 
 from __future__ import annotations
@@ -112,22 +115,22 @@ class ExperimentConfig:
         default="kfac", metadata={"help": "identity, kfac or ekfac", "used_by": INFLUENCE}
     )
     half_life: float | None = field(
-        default=None,
+        default=200.0,
         metadata={"help": "online EMA half-life (None: every)", "used_by": ("tikmix-d", "tikmix-m")},
     )
     max_step: float | None = field(
-        default=None,
+        default=2.0,
         metadata={
             "help": "tikmix-d trust region: w_d moves at most this factor per decision",
             "used_by": ("tikmix-d", "tikmix-d-stage"),
         },
     )
     min_weight: float = field(
-        default=0.0,
+        default=0.1,
         metadata={"help": "tikmix-d lower bound of every weight", "used_by": ("tikmix-d", "tikmix-d-stage")},
     )
     target_samples: int = field(
-        default=32, metadata={"help": "val samples per domain for the targets", "used_by": INFLUENCE}
+        default=64, metadata={"help": "val samples per domain for the targets", "used_by": INFLUENCE}
     )
     target_batch_size: int = field(
         default=16, metadata={"help": "batch size of target/observation passes", "used_by": INFLUENCE}
