@@ -2,13 +2,16 @@
 
 Albalak, Pan, Raffel and Wang, "Efficient Online Data Mixing For Language Model Pre-Training" (2023,
 arXiv 2312.02406). Each domain is an arm; its reward is the training loss on it (a high loss means there is
-still something to learn). At update t (K domains)::
+still something to learn). After t training batches (K domains)::
 
     eps_t   = min(1 / K, sqrt(ln K / (K t)))
     pi_t(d) = (1 - K eps_t) * softmax(eps_{t-1} * R)_d + eps_t
     R_d    <- smooth * R_d + (1 - smooth) * L_d / pi_{t-1}(d)        (importance-weighted, EXP3)
 
-Ours: the paper samples one domain per batch and updates only that arm. Here batches mix domains, so the
+Ours: the paper samples one domain per batch and updates after every batch, so t counts batches. Here the
+mixer decides every few steps, and t is still the batch count, ``context.step + 1``: counting decisions
+instead would keep ``eps_t = 1/K`` (the uniform policy) for the first ``K / ln K``-ish decisions, i.e. for
+most of a run that decides every 100 steps. Batches mix domains, so the
 controller passes the mean training loss of every domain seen since the last decision
 (``context.domain_losses``) and every observed arm is updated with the same importance-weighted rule; a
 NaN loss marks an arm that was not observed and keeps its estimate. The policy that was in force (and so
@@ -29,7 +32,7 @@ from tikmix_loader.mixing.base import Mixer, MixerConfig, MixingContext, Mixture
 
 
 def exploration_rate(num_domains: int, update: int) -> float:
-    """``eps_t = min(1/K, sqrt(ln K / (K t)))``; ``eps_0 = 1/K``."""
+    """``eps_t = min(1/K, sqrt(ln K / (K t)))`` after ``t`` batches; ``eps_0 = 1/K``."""
     if update <= 0:
         return 1.0 / num_domains
     return min(1.0 / num_domains, math.sqrt(math.log(num_domains) / (num_domains * update)))
@@ -54,12 +57,13 @@ class ODMMixer(Mixer):
 
     name = "odm"
     Config = ODMConfig
-    STATE_KEYS = ("domains", "update", "rewards", "policy")
+    STATE_KEYS = ("domains", "update", "batches", "rewards", "policy")
 
     def __init__(self, **options):
         super().__init__(**options)
         self.domains: list[str] | None = None
         self.update = 0
+        self.batches = 0  # t of the last update
         self.rewards: np.ndarray | None = None
         self.policy: np.ndarray | None = None
 
@@ -81,9 +85,10 @@ class ODMMixer(Mixer):
             self.rewards[seen] = (
                 self.config.smoothing * self.rewards[seen] + (1 - self.config.smoothing) * weighted
             )
-        eps_prev = exploration_rate(num_domains, self.update)
+        eps_prev = exploration_rate(num_domains, self.batches)
         self.update += 1
-        eps = exploration_rate(num_domains, self.update)
+        self.batches = max(int(context.step) + 1, self.batches + 1)
+        eps = exploration_rate(num_domains, self.batches)
         self.policy = (1 - num_domains * eps) * softmax(eps_prev * self.rewards) + eps
         terms = {"exploration": eps, "observed_domains": observed, "max_reward": float(self.rewards.max())}
         return MixtureSolution(
@@ -99,6 +104,7 @@ class ODMMixer(Mixer):
         return {
             "domains": self.domains,
             "update": self.update,
+            "batches": self.batches,
             "rewards": as_list(self.rewards),
             "policy": as_list(self.policy),
         }
@@ -109,5 +115,6 @@ class ODMMixer(Mixer):
             raise StateError(f"ODM state has {state['domains']} domains but rewards {rewards}.")
         self.domains = state["domains"]
         self.update = int(state["update"])
+        self.batches = int(state["batches"])
         self.rewards = None if rewards is None else np.asarray(rewards, dtype=np.float64)
         self.policy = None if policy is None else np.asarray(policy, dtype=np.float64)
