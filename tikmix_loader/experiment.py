@@ -508,7 +508,9 @@ def train_method(
         loader.set_weights(
             dict.fromkeys(names, 1.0) if config.init == "stratified" else loader.natural_weights()
         )
-        weight_bounds(len(names), config.min_weight, 1.0)  # fail before training if no mixture fits
+        if method in ("tikmix-d", "tikmix-d-stage"):
+            weight_bounds(len(names), config.min_weight, 1.0)  # fail before training if no mixture fits
+            tikmix_d = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
         targets = val_targets(
             val_domains,
             samples=config.target_samples,
@@ -525,7 +527,7 @@ def train_method(
             influence = GroupInfluence(model, domains=names, half_life=half_life, **influence_options)
             controller = MixtureController(
                 loader,
-                get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight),
+                tikmix_d,
                 influence=influence,
                 targets=targets,
                 schedule=every(config.every),
@@ -537,7 +539,7 @@ def train_method(
             ]
             controller = MixtureController(
                 loader,
-                get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight),
+                tikmix_d,
                 influence=GroupInfluence(model, **influence_options),
                 targets=targets,
                 schedule=at_tokens(*milestones),
