@@ -231,7 +231,7 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
     )
     assert "| natural |" in capsys.readouterr().out
 
-    with pytest.raises(ConfigError, match="method 'natural' is also in another part"):
+    with pytest.raises(ConfigError, match="method 'natural' seed 0 is also in .*natural/results.json"):
         experiment.merge_results([parts[0], parts[0]], tmp_path / "twice")
     other = tmp_path / "other"
     experiment.run_experiment(
@@ -244,6 +244,42 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
         experiment.merge_results([parts[1], other], tmp_path / "bad")
     with pytest.raises(ConfigError, match="Cannot read the experiment results .*missing/results.json"):
         experiment.merge_results([tmp_path / "missing"], tmp_path / "bad")
+
+
+def test_merge_joins_parts_split_by_seeds_in_seed_order(corpus, tmp_path):
+    def run(name, methods, seeds):
+        config = ExperimentConfig(methods=methods, seeds=seeds, **FAST)
+        return experiment.run_experiment(config, corpus, tmp_path / name, progress=False)
+
+    strat = run("strat", ("stratified",), (0, 1))["methods"]["stratified"]
+    late = run("late", ("natural", "regmix"), (1,))
+    early = run("early", ("natural", "regmix"), (0,))
+    natural = [early["methods"]["natural"], late["methods"]["natural"]]
+    parts = [tmp_path / name for name in ("strat", "late", "early")]
+
+    with pytest.raises(ConfigError, match="different proxy sweeps"):  # each part swept with its first seed
+        experiment.merge_results(parts, tmp_path / "all")
+    run("late-natural", ("natural",), (1,))
+    run("regmix", ("regmix",), (0, 1))
+    run("early-natural", ("natural",), (0,))
+    parts = [tmp_path / name for name in ("strat", "late-natural", "early-natural", "regmix")]
+    merged = experiment.merge_results(parts, tmp_path / "all")
+    assert merged["seeds"] == merged["config"]["seeds"] == [0, 1]
+    assert list(merged["methods"]) == ["stratified", "natural", "regmix"]
+    joined = merged["methods"]["natural"]
+    assert joined["avg_test_loss"] == [entry["avg_test_loss"][0] for entry in natural]
+    assert joined["ledgers"] == [entry["ledgers"][0] for entry in natural]
+    for domain, values in joined["test_loss"].items():
+        assert values == [entry["test_loss"][domain][0] for entry in natural]
+    diff = merged["summary"]["natural"]["avg_test_loss_vs_stratified"]
+    assert diff["diffs"] == pytest.approx(
+        np.subtract(joined["avg_test_loss"], strat["avg_test_loss"]).tolist()
+    )
+
+    with pytest.raises(ConfigError, match=r"method 'natural' has no run for seeds \[0\]"):
+        experiment.merge_results(parts[:2], tmp_path / "bad")
+    with pytest.raises(ConfigError, match="method 'stratified' seed 0 is also in .*strat/results.json"):
+        experiment.merge_results([parts[0], tmp_path / "strat"], tmp_path / "bad")
 
 
 def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus):

@@ -83,6 +83,19 @@ STATIC = {"stratified": "stratified", "natural": "natural", "temperature": "temp
 INIT_MIXTURES = ("stratified", "natural")
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
+# A method's results entry holds one value per seed under each of these keys (and under each domain of
+# ``test_loss``).
+PER_SEED_KEYS = (
+    "avg_test_loss",
+    "worst_test_loss",
+    "decision_flops_per_seed",
+    "final_weights",
+    "initial_weights",
+    "wall_seconds",
+    "train_loss",
+    "decisions",
+    "ledgers",
+)
 
 
 @dataclass(frozen=True)
@@ -873,17 +886,8 @@ def run_experiment(
 
 
 def _empty_entry(names: list[str]) -> dict:
-    keys = ("avg_test_loss", "worst_test_loss", "decision_flops_per_seed", "final_weights", "initial_weights")
-    entry = {key: [] for key in keys}
-    entry.update(
-        test_loss={name: [] for name in names},
-        wall_seconds=[],
-        train_loss=[],
-        decisions=[],
-        ledgers=[],
-        decision_flops=0.0,
-        train_flops=0.0,
-    )
+    entry = {key: [] for key in PER_SEED_KEYS}
+    entry.update(test_loss={name: [] for name in names}, decision_flops=0.0, train_flops=0.0)
     return entry
 
 
@@ -921,53 +925,99 @@ def _read_results(part: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def merge_results(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
-    """Combine the results of one protocol run in parts with disjoint ``--methods`` (parallel processes or
-    machines) into ``out``; trains nothing, rewrites ``results.json`` and ``results.md`` there.
+    """Combine the results of one protocol run in parts (parallel processes or machines, split by
+    ``--methods``, by ``--seeds``, or both) into ``out``; trains nothing, rewrites ``results.json`` and
+    ``results.md`` there.
 
-    The parts must agree on the corpus, device, completed seeds and every shared config field; a field that
-    configures only some methods (its ``used_by`` metadata) is compared only between the parts that run one
-    of them, and the merged config takes it from those parts. A field missing from an older part's file is
-    read with its default. Statistics are recomputed over the union of the methods.
+    Every (method, seed) run must come from exactly one part, and every method must end up with every seed
+    that any part completed, so the paired differences stay paired. The parts must agree on the corpus,
+    device and every shared config field; a field that configures only some methods (its ``used_by``
+    metadata) is compared only between the parts that run one of them, and the merged config takes it from
+    those parts. A field missing from an older part's file is read with its default. RegMix may come from
+    one part only, or from parts that ran the same proxy sweep. Statistics are recomputed over the union.
 
     Raises:
-        ConfigError: an unreadable part, a method present in two parts, or parts that differ, naming the
-            parts and the fields.
+        ConfigError: an unreadable part, a (method, seed) run present in two parts, a method missing seeds,
+            different RegMix sweeps, or parts that differ, naming the parts and the fields.
     """
     loaded = [_read_results(part) for part in parts]
     if not loaded:
         raise ConfigError("merge_results: give at least one experiment directory to merge.")
-    methods, differing, merged_config = {}, [], {}
+    names = [str(path) for path, _ in loaded]
+    merged_config = _merged_config(loaded)
+    seeds = sorted({seed for _, results in loaded for seed in results["seeds"]})
+    runs: dict[str, dict[int, tuple[Path, dict]]] = {}
     for path, results in loaded:
         for name, entry in results["methods"].items():
-            if name in methods:
-                raise ConfigError(f"Cannot merge {path}: method {name!r} is also in another part.")
-            methods[name] = entry
-    configs = [(set(r["methods"]), ExperimentConfig(**r["config"]).to_dict()) for _, r in loaded]
-    for item in dataclasses.fields(ExperimentConfig):
-        used_by = set(item.metadata.get("used_by", METHODS))
-        values = [config[item.name] for ran, config in configs if ran & used_by] or [configs[0][1][item.name]]
-        if item.name != "methods" and any(value != values[0] for value in values):
-            differing.append(item.name)
-        merged_config[item.name] = values[0]
-    for key in ("corpus", "device", "seeds"):
-        if any(results[key] != loaded[0][1][key] for _, results in loaded):
-            differing.append(key)
-    if differing:
-        raise ConfigError(f"Cannot merge {[str(path) for path, _ in loaded]}: they differ in {differing}.")
-    methods = {name: methods[name] for name in METHODS if name in methods}
+            for index, seed in enumerate(results["seeds"]):
+                if seed in runs.setdefault(name, {}):
+                    raise ConfigError(
+                        f"Cannot merge {path}: method {name!r} seed {seed} is also in {runs[name][seed][0]}."
+                    )
+                runs[name][seed] = (path, _seed_slice(entry, index))
+    methods = {}
+    for name in (name for name in METHODS if name in runs):
+        missing = sorted(set(seeds) - set(runs[name]))
+        if missing:
+            raise ConfigError(
+                f"Cannot merge {names}: method {name!r} has no run for seeds {missing}, which other parts "
+                "completed; run them too, or leave those parts out."
+            )
+        methods[name] = _join_seeds([runs[name][seed][1] for seed in seeds])
+    sweeps = [r["regmix"] for _, r in loaded if r.get("regmix") and "regmix" in r["methods"]]
+    if any(sweep["weights"] != sweeps[0]["weights"] for sweep in sweeps):
+        raise ConfigError(
+            f"Cannot merge {names}: their RegMix runs used different proxy sweeps (each part sweeps once, "
+            "seeded by its first seed); run RegMix in one part."
+        )
     merged = {
         **loaded[0][1],
-        "config": {**merged_config, "methods": list(methods)},
+        "config": {**merged_config, "methods": list(methods), "seeds": seeds},
+        "seeds": seeds,
         "methods": methods,
-        "regmix": next((r["regmix"] for _, r in loaded if r.get("regmix")), None),
+        "regmix": sweeps[0] if sweeps else None,
         "summary": summarize(methods),
         "wall_seconds": sum(results["wall_seconds"] for _, results in loaded),
-        "merged_from": [str(path) for path, _ in loaded],
+        "merged_from": names,
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(merged, out)
     return merged
+
+
+def _merged_config(loaded: list[tuple[Path, dict]]) -> dict:
+    """The parts' common config: each field from the parts that run a method it configures, which must agree
+    (as must the corpus and device); ``methods`` and ``seeds`` are the merge's own business."""
+    differing = [key for key in ("corpus", "device") if any(r[key] != loaded[0][1][key] for _, r in loaded)]
+    configs = [(set(r["methods"]), ExperimentConfig(**r["config"]).to_dict()) for _, r in loaded]
+    merged = {}
+    for item in dataclasses.fields(ExperimentConfig):
+        used_by = set(item.metadata.get("used_by", METHODS))
+        values = [config[item.name] for ran, config in configs if ran & used_by] or [configs[0][1][item.name]]
+        if item.name not in ("methods", "seeds") and any(value != values[0] for value in values):
+            differing.append(item.name)
+        merged[item.name] = values[0]
+    if differing:
+        raise ConfigError(f"Cannot merge {[str(path) for path, _ in loaded]}: they differ in {differing}.")
+    return merged
+
+
+def _seed_slice(entry: dict, index: int) -> dict:
+    """One seed's run out of a method's results entry."""
+    run = {key: entry[key][index] for key in PER_SEED_KEYS}
+    run["test_loss"] = {name: values[index] for name, values in entry["test_loss"].items()}
+    run["train_flops"] = entry["train_flops"]
+    return run
+
+
+def _join_seeds(runs: list[dict]) -> dict:
+    """A method's results entry from its per-seed runs, in seed order (the inverse of ``_seed_slice``)."""
+    entry = {key: [run[key] for run in runs] for key in PER_SEED_KEYS}
+    entry["test_loss"] = {name: [run["test_loss"][name] for run in runs] for name in runs[0]["test_loss"]}
+    entry["decision_flops"] = float(np.mean(entry["decision_flops_per_seed"]))
+    entry["train_flops"] = runs[0]["train_flops"]
+    return entry
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -1060,8 +1110,8 @@ def register(subparsers) -> None:
         "--merge",
         nargs="+",
         metavar="DIR",
-        help="combine the results of one protocol run in parts with disjoint --methods into --out "
-        "(trains nothing; the other flags are ignored)",
+        help="combine the results of one protocol run in parts (split by --methods, --seeds or both) into "
+        "--out (trains nothing; the other flags are ignored)",
     )
     add_config_arguments(parser, ExperimentConfig())
     parser.set_defaults(func=_run)
