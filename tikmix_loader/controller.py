@@ -218,14 +218,12 @@ class MixtureController:
     def _measure_influence(self):
         if self.online:
             return self.influence.influence(self.targets, self.loss_fn)
-        batches = {}
-        for name in self.loader.domain_names:
-            sample = self.loader.sample_domain(name, self.observation_samples)
-            size = self.observation_batch_size
-            batches[name] = [
-                {key: value[start : start + size] for key, value in sample.items()}
-                for start in range(0, self.observation_samples, size)
-            ]
+        batches = {
+            name: self.loader.sample_batches(
+                name, self.observation_samples, batch_size=self.observation_batch_size
+            )
+            for name in self.loader.domain_names
+        }
         return self.influence.compute(domains=batches, targets=self.targets, loss_fn=self.loss_fn)
 
     def _context(self, step: int, before: dict, influence) -> MixingContext:

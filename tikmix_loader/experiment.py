@@ -315,14 +315,10 @@ def val_targets(
 ) -> dict[str, list[dict]]:
     """Target batches: ``samples`` random val samples of every domain, named ``<domain>/val``."""
     sampler = MixtureLoader(list(val), batch_size=1, seq_len=seq_len, seed=seed, num_workers=0)
-    targets = {}
-    for name in sampler.domain_names:
-        sample = sampler.sample_domain(name, samples, seed=seed)
-        targets[f"{name}/val"] = [
-            {key: value[start : start + batch_size] for key, value in sample.items()}
-            for start in range(0, samples, batch_size)
-        ]
-    return targets
+    return {
+        f"{name}/val": sampler.sample_batches(name, samples, batch_size=batch_size, seed=seed)
+        for name in sampler.domain_names
+    }
 
 
 def build_model(preset: str, *, seed: int, seq_len: int) -> TinyGPT:

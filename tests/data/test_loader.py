@@ -212,6 +212,18 @@ def test_sample_domain_does_not_disturb_the_training_stream(domains):
     loader.close()
 
 
+def test_sample_batches_cuts_the_same_sample_into_batches(domains):
+    loader = _loader(domains)
+    batches = loader.sample_batches("web", 10, batch_size=4, seed=3)
+    assert [len(batch["input_ids"]) for batch in batches] == [4, 4, 2]
+    whole = loader.sample_domain("web", 10, seed=3)
+    for key, value in whole.items():
+        assert torch.equal(torch.cat([batch[key] for batch in batches]), value)
+    with pytest.raises(ConfigError, match="`batch_size`"):
+        loader.sample_batches("web", 10, batch_size=0)
+    loader.close()
+
+
 def test_document_mode_masks_padding(tmp_path):
     domains = write_domains(tmp_path, {"short": 40}, mode="document", max_len=10)
     batch = _loader(domains, seq_len=32).next_batch()

@@ -226,6 +226,18 @@ class MixtureLoader:
         valid = np.concatenate([row[1] for row in rows])
         return samples_to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
 
+    def sample_batches(
+        self, name: str, num_samples: int, *, batch_size: int, seed: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """``sample_domain(name, num_samples, seed=seed)`` cut into batches of at most ``batch_size`` rows
+        (the form ``GroupInfluence`` takes targets and observation samples in)."""
+        _check_positive_int("batch_size", batch_size)
+        sample = self.sample_domain(name, num_samples, seed=seed)
+        return [
+            {key: value[start : start + batch_size] for key, value in sample.items()}
+            for start in range(0, num_samples, batch_size)
+        ]
+
     # -- accounting and state ---------------------------------------------------------------------
 
     @property
