@@ -31,8 +31,9 @@ def test_parameter_count_matches_the_module(preset, tie_head):
     assert isinstance(model.lm_head, torch.nn.Linear) != tie_head
 
 
-def test_tiny_preset_has_about_0_8m_parameters():
-    assert 0.7e6 < count_parameters(GPTConfig.preset("tiny"), embeddings=True) < 0.9e6
+def test_presets_have_the_sizes_the_protocol_names():
+    assert 0.7e6 < count_parameters(GPTConfig.preset("tiny"), embeddings=True) < 0.9e6  # CPU protocol
+    assert 20e6 < count_parameters(GPTConfig.preset("medium"), embeddings=True) < 50e6  # GPU protocol
 
 
 def test_logits_are_causal_and_seeded():
@@ -88,7 +89,7 @@ def test_bad_configs_raise(kwargs, match):
 
 def test_unknown_preset_and_long_input_raise():
     with pytest.raises(
-        ConfigError, match=r"unknown preset 'huge'; valid presets: \['micro', 'small', 'tiny'\]"
+        ConfigError, match=r"unknown preset 'huge'; valid presets: \['medium', 'micro', 'small', 'tiny'\]"
     ):
         GPTConfig.preset("huge")
     model = TinyGPT.from_preset("micro")

@@ -76,10 +76,12 @@ class GPTConfig:
 
 
 # micro: unit tests (~28k params). tiny: CPU experiments (~0.84M). small: CPU benchmarks (~10.8M).
+# medium: the experiment at GPU scale (~31.8M).
 PRESETS: dict[str, dict] = {
     "micro": {"d_model": 32, "n_layer": 2, "n_head": 2, "seq_len": 64},
     "tiny": {"d_model": 128, "n_layer": 4, "n_head": 4, "seq_len": 128},
     "small": {"d_model": 384, "n_layer": 6, "n_head": 6, "seq_len": 256},
+    "medium": {"d_model": 512, "n_layer": 10, "n_head": 8, "seq_len": 512},
 }
 
 
