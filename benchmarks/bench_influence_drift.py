@@ -32,29 +32,25 @@ import platform
 import numpy as np
 import torch
 
-from tikmix_loader.controller import MixtureController, every
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.experiment import (
     ExperimentConfig,
     add_config_arguments,
     apply_threads,
-    build_model,
     config_from_args,
     load_splits,
-    val_targets,
+    train_method,
 )
 from tikmix_loader.influence import GroupInfluence
-from tikmix_loader.mixing import MixingContext, MixtureSolution, get_mixer
-from tikmix_loader.train import resolve_device, train
+from tikmix_loader.mixing import MixingContext, MixtureSolution
 
 
 class DriftProbe:
     """A TiKMiX-D mixer that, at each decision, also measures fresh influence and records the comparison;
     it returns the online decision, so training is unchanged."""
 
-    name = "tikmix_d"
-
     def __init__(self, mixer, fresh: GroupInfluence, loader: MixtureLoader, targets: dict, *, samples: int):
+        self.name = mixer.name  # what the ledger records
         self.mixer, self.fresh, self.loader, self.targets = mixer, fresh, loader, targets
         self.samples = samples
         self.records: list[dict] = []
@@ -107,46 +103,25 @@ def _diagonal_share(S: np.ndarray) -> float:
 
 
 def run_seed(config: ExperimentConfig, corpus: str, seed: int, *, samples: int, progress: bool) -> list[dict]:
-    """Online TiKMiX-D on one seed as the experiment trains it, with the drift probe at every decision."""
+    """Online TiKMiX-D on one seed, trained by ``train_method`` itself, with the probe at every decision."""
     splits = load_splits(corpus)
-    device = resolve_device(config.device)
-    model = build_model(config.model, seed=seed, seq_len=config.seq_len).to(device)
-    loader = MixtureLoader(
-        list(splits.train),
-        batch_size=config.batch_size,
-        seq_len=config.seq_len,
-        seed=seed,
-        num_workers=config.num_workers,
+    probes = []
+
+    def wrap(mixer, *, model, loader, targets):
+        options = {"k": config.k, "preconditioner": config.preconditioner, "seed": seed}
+        probes.append(DriftProbe(mixer, GroupInfluence(model, **options), loader, targets, samples=samples))
+        return probes[-1]
+
+    train_method(
+        "tikmix-d",
+        seed,
+        config=config,
+        train_domains=splits.train,
+        val_domains=splits.val,
+        progress=progress,
+        wrap_mixer=wrap,
     )
-    names = loader.domain_names
-    loader.set_weights(dict.fromkeys(names, 1.0))
-    targets = val_targets(
-        splits.val,
-        samples=config.target_samples,
-        batch_size=config.target_batch_size,
-        seq_len=config.seq_len,
-        seed=seed,
-    )
-    options = {"k": config.k, "preconditioner": config.preconditioner, "seed": seed}
-    online = GroupInfluence(model, domains=names, half_life=config.half_life or config.every, **options)
-    mixer = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
-    probe = DriftProbe(mixer, GroupInfluence(model, **options), loader, targets, samples=samples)
-    controller = MixtureController(
-        loader, probe, influence=online, targets=targets, schedule=every(config.every)
-    )
-    try:
-        train(
-            model,
-            loader,
-            config=config.train_config,
-            controller=controller,
-            device=device,
-            progress=progress,
-            desc=f"tikmix-d + drift probe seed={seed}",
-        )
-    finally:
-        loader.close()
-    return probe.records
+    return probes[0].records
 
 
 ROWS = (  # label, online key, fresh key (the baseline), statistic over decisions

@@ -39,7 +39,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,7 @@ from tikmix_loader.errors import ConfigError, DomainError
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
 from tikmix_loader.ledger import MixtureLedger, head_path
 from tikmix_loader.mixing import (
+    Mixer,
     MixingContext,
     RegMixMixer,
     get_mixer,
@@ -475,6 +476,7 @@ def train_method(
     static_weights: Mapping[str, float] | None = None,
     ledger: str | os.PathLike | None = None,
     progress: bool = True,
+    wrap_mixer: Callable[..., Mixer] | None = None,
 ) -> MethodRun:
     """Train one method on one seed; mixers and targets see only ``train_domains`` and ``val_domains``.
 
@@ -488,6 +490,9 @@ def train_method(
         ledger (str | PathLike, optional): Where adaptive methods record decisions (an old file is
             replaced).
         progress (bool): Show the training bar. Default: True.
+        wrap_mixer (callable, optional): For diagnostics: an adaptive method's mixer is replaced by
+            ``wrap_mixer(mixer, model=..., loader=..., targets=...)`` before training (e.g.
+            ``benchmarks/bench_influence_drift.py``). Default: None.
 
     Raises:
         ConfigError: unknown ``method``, or ``regmix`` without ``static_weights``.
@@ -575,6 +580,10 @@ def train_method(
                 schedule=every(config.m_every or 2 * config.every),
                 **shared,
             )
+    if wrap_mixer is not None and controller is not None:
+        controller.mixer = wrap_mixer(
+            controller.mixer, model=model, loader=loader, targets=controller.targets
+        )
     initial = loader.weights
     desc = f"{method} seed={seed}"
     try:
