@@ -49,16 +49,25 @@ class DriftProbe:
     """A TiKMiX-D mixer that, at each decision, also measures fresh influence and records the comparison;
     it returns the online decision, so training is unchanged."""
 
-    def __init__(self, mixer, fresh: GroupInfluence, loader: MixtureLoader, targets: dict, *, samples: int):
+    def __init__(
+        self,
+        mixer,
+        fresh: GroupInfluence,
+        loader: MixtureLoader,
+        targets: dict,
+        *,
+        samples: int,
+        batch_size: int,
+    ):
         self.name = mixer.name  # what the ledger records
         self.mixer, self.fresh, self.loader, self.targets = mixer, fresh, loader, targets
-        self.samples = samples
+        self.samples, self.batch_size = samples, batch_size
         self.records: list[dict] = []
 
     def _measure(self, draw: int):
         batches = {
             name: self.loader.sample_batches(
-                name, self.samples, batch_size=16, seed=10_000 * draw + self.loader.batches_seen
+                name, self.samples, batch_size=self.batch_size, seed=10_000 * draw + self.loader.batches_seen
             )
             for name in self.loader.domain_names
         }
@@ -109,7 +118,10 @@ def run_seed(config: ExperimentConfig, corpus: str, seed: int, *, samples: int, 
 
     def wrap(mixer, *, model, loader, targets):
         options = {"k": config.k, "preconditioner": config.preconditioner, "seed": seed}
-        probes.append(DriftProbe(mixer, GroupInfluence(model, **options), loader, targets, samples=samples))
+        fresh = GroupInfluence(model, **options)
+        probes.append(
+            DriftProbe(mixer, fresh, loader, targets, samples=samples, batch_size=config.target_batch_size)
+        )
         return probes[-1]
 
     train_method(
