@@ -18,6 +18,10 @@ loss drop over the M branches, and the regret of the branch each predictor would
 over targets: its measured mean loss change minus the best branch's. The named baseline is stratified (the
 branch every method starts from), whose regret is printed in the same table.
 
+Then the decision itself: from every predictor at ``--k``, TiKMiX-D (the experiment's defaults: trust region
+``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, which gets its own branch on the
+same data; the second table gives its measured mean change minus stratified's (negative: the decision helped).
+
 Usage (the issue-14 record; about 10 minutes on a shared 2-core CPU)::
 
     nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
@@ -44,6 +48,7 @@ from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import apply_threads, build_model, load_splits, val_targets
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
+from tikmix_loader.mixing import MixingContext, get_mixer
 from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
 from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
@@ -71,6 +76,8 @@ class CounterfactualConfig:
         default=("identity", "kfac", "ekfac"), metadata={"help": "preconditioners compared"}
     )
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
+    max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
+    min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self):
@@ -234,7 +241,8 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
     Returns:
         dict: ``domains``, ``targets``, ``mixtures`` {label: weights}, ``checkpoints``: per checkpoint its
         ``step``, ``before`` (target losses), ``change`` [branches, targets], ``influence`` {predictor: S} and
-        ``scores`` {predictor: ``score_predictor``}; ``seconds``.
+        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {predictor: TiKMiX-D's ``weights``,
+        measured ``change`` and its mean minus stratified's, ``vs_stratified``}; ``seconds``.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -305,9 +313,25 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                     for w in mixtures
                 ]
             )
+            solver = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
+            prior = dict.fromkeys(names, 1.0)
+            decisions = {}
+            for name, S in influence.items():
+                if name.endswith(f" k={config.k}"):
+                    solved = solver.propose(
+                        MixingContext(domains=tuple(names), w_prior=prior, influence=S)
+                    ).weights
+                    branch = run_branch(model, optimizer, solved, data, config=config, start=step)
+                    solved_change = target_losses(branch, targets) - before
+                    decisions[name] = {
+                        "weights": solved.tolist(),
+                        "change": solved_change.tolist(),
+                        "vs_stratified": float(solved_change.mean() - change[0].mean()),
+                    }
             records.append(
                 {
                     "step": checkpoint,
+                    "decisions": decisions,
                     "before": before.tolist(),
                     "change": change.tolist(),
                     "influence": {name: S.tolist() for name, S in influence.items()},
@@ -352,6 +376,15 @@ def report(result: dict) -> str:
         f"{np.ptp(np.mean(record['change'], axis=1)):.4f}" for record in result["checkpoints"]
     )
     lines.append(f"| spread of branches' mean change (max - min) | — | — | — | {spread} |")
+    lines += [
+        "",
+        "| TiKMiX-D solved from | " + " | ".join(f"Δ vs stratified @{s}" for s in steps) + " | mean |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for name in result["checkpoints"][0]["decisions"]:
+        deltas = [record["decisions"][name]["vs_stratified"] for record in result["checkpoints"]]
+        cells = " | ".join(f"{delta:+.4f}" for delta in deltas)
+        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} |")
     return "\n".join(lines)
 
 

@@ -93,17 +93,8 @@ def test_config_rejects_checkpoints_past_the_run(bench):
 
 def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
     out = tmp_path / "cf.json"
-    args = [
-        "--corpus",
-        str(corpus),
-        "--json",
-        str(out),
-        "--threads",
-        "1",
-        "--preconditioners",
-        "identity",
-        "kfac",
-    ]
+    kinds = ("identity", "kfac")
+    args = ["--corpus", str(corpus), "--json", str(out), "--threads", "1", "--preconditioners", *kinds]
     for key, value in SMALL.items():
         args += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]
     bench.main(args)
@@ -114,3 +105,10 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
     assert [record["step"] for record in saved["checkpoints"]] == [3, 6]
     change = np.array(saved["checkpoints"][1]["change"])
     assert change.shape == (6, 3) and np.isfinite(change).all()  # stratified, 3 leaning, 2 Dirichlet
+    decisions = saved["checkpoints"][1]["decisions"]
+    assert sorted(decisions) == sorted(f"{when} {kind} k=8" for when in ("online", "fresh") for kind in kinds)
+    for decision in decisions.values():  # TiKMiX-D's own branch, compared with stratified's on the same data
+        assert sum(decision["weights"]) == pytest.approx(1.0) and min(decision["weights"]) >= 0.1 - 1e-9
+        delta = np.mean(decision["change"]) - change[0].mean()
+        assert decision["vs_stratified"] == pytest.approx(delta)
+    assert "| TiKMiX-D solved from |" in table
