@@ -18,13 +18,13 @@ from tikmix_loader.cli import main
 from tikmix_loader.experiment import (
     METHODS,
     ExperimentConfig,
-    LookAheadLabel,
     load_splits,
     markdown_table,
     paired_differences,
     summarize,
     train_method,
 )
+from tikmix_loader.mixing import LookAheadLabel
 from tikmix_loader.train import make_optimizer
 
 # Small enough for a test: micro model, 32-token windows, a handful of steps.
@@ -287,7 +287,7 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
     loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
     model = experiment.build_model("micro", seed=0, seq_len=32)
     targets = experiment.val_targets(splits.val, samples=2, batch_size=2, seq_len=32, seed=0)
-    label = LookAheadLabel(model, loader, targets, samples=2)
+    label = LookAheadLabel(model, loader, targets, loss_fn=experiment.per_token_loss, samples=2)
     with pytest.raises(ConfigError, match="no optimizer bound"):
         label(np.full((2, 3), 1 / 3))
     optimizer, _ = make_optimizer(model, experiment.ExperimentConfig(**FAST).train_config)
@@ -303,7 +303,8 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
     assert all(torch.equal(before[0][key], value) for key, value in after[0].items())
     for key, state in after[1]["state"].items():
         assert all(torch.equal(before[1]["state"][key][name], value) for name, value in state.items())
-    assert label.flops(model.config, 32) > 0
+    # 4 candidates x 1 step x (3 domains x 2 samples) x 32 tokens; the targets scored before and after each.
+    assert label.train_tokens == 4 * 6 * 32 and label.eval_tokens == 5 * 3 * 2 * 32
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,6 @@ decision every 100 steps, EMA half-life 200 steps, 64 val samples per domain per
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -55,6 +54,7 @@ from tikmix_loader.errors import ConfigError, DomainError
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
 from tikmix_loader.ledger import MixtureLedger, head_path
 from tikmix_loader.mixing import (
+    LookAheadLabel,
     Mixer,
     MixingContext,
     RegMixMixer,
@@ -67,7 +67,7 @@ from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig, weight_bounds
 from tikmix_loader.models.tiny_gpt import PRESETS, GPTConfig, TinyGPT, flops_per_token, per_token_loss
 from tikmix_loader.train import TrainConfig, TrainResult, evaluate, resolve_device, train
 
-METHODS = (
+METHODS = (  # run by default; every name must be in METHOD_BUILDERS
     "stratified",
     "natural",
     "temperature",
@@ -335,99 +335,6 @@ def _context(loader: MixtureLoader) -> MixingContext:
     )
 
 
-# -- TiKMiX-M's measured label -------------------------------------------------------------------
-
-
-class LookAheadLabel:
-    """TiKMiX-M label (methods.md §5, label a): the drop in mean target loss after a short look-ahead.
-
-    For each candidate ``w``, from a snapshot of the model and optimizer, take ``steps`` optimizer steps on
-    the loss ``sum_d w_d * mean loss of domain d`` over a fresh sample of every domain, which is the expected
-    loss of a batch drawn with mixture ``w`` (ours: weighting a fixed sample instead of drawing batches with
-    rounded quotas makes the label smooth in ``w``), then record how much the mean target loss fell; the
-    snapshot is restored before the next candidate. Higher is better. Counts the FLOPs it spends.
-
-    Args:
-        model (nn.Module): The model being trained.
-        loader (MixtureLoader): The training loader (``sample_domain`` leaves its stream untouched).
-        targets (Mapping[str, list[dict]]): Target batches whose mean loss is measured.
-        steps (int): Optimiser steps per candidate. Default: 1.
-        samples (int): Samples of every domain in the look-ahead batch. Default: 4.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loader: MixtureLoader,
-        targets: Mapping[str, list[dict]],
-        *,
-        steps: int = 1,
-        samples: int = 4,
-    ):
-        self.model, self.loader, self.targets = model, loader, dict(targets)
-        self.steps, self.samples = steps, samples
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.train_tokens = 0
-        self.eval_tokens = 0
-
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Use the training run's optimizer (``train`` calls this through ``optimizer_hook``)."""
-        self.optimizer = optimizer
-
-    def _target_loss(self) -> float:
-        means = []
-        with torch.no_grad():
-            for batches in self.targets.values():
-                total, count = 0.0, 0
-                for batch in batches:
-                    total += float(per_token_loss(self.model, batch).double().sum())
-                    count += int((batch["labels"] != -100).sum())
-                    self.eval_tokens += batch["input_ids"].numel()
-                means.append(total / max(count, 1))
-        return float(np.mean(means))
-
-    def __call__(self, weights: np.ndarray) -> np.ndarray:
-        if self.optimizer is None:
-            raise ConfigError(
-                "LookAheadLabel: no optimizer bound; pass `optimizer_hook=label.bind` to train()."
-            )
-        names = self.loader.domain_names
-        pieces = [self.loader.sample_domain(name, self.samples) for name in names]
-        batch = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
-        rows = batch["domain"].to(next(self.model.parameters()).device)
-        model_state = copy.deepcopy(self.model.state_dict())
-        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
-        was_training = self.model.training
-        self.model.eval()
-        before = self._target_loss()
-        labels = []
-        for w in np.asarray(weights, dtype=np.float64):
-            row_weights = torch.as_tensor(w, dtype=torch.float32, device=rows.device)[rows]
-            for _ in range(self.steps):
-                per_token = per_token_loss(self.model, batch)
-                mask = (batch["labels"] != -100).to(per_token.device).float()
-                per_row = per_token.sum(1) / mask.sum(1).clamp(min=1)
-                # Every domain has `samples` rows, so sum / samples is sum_d w_d * (mean loss of d).
-                loss = (row_weights * per_row).sum() / self.samples
-                loss.backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.train_tokens += batch["input_ids"].numel()
-            labels.append(before - self._target_loss())
-            self.model.load_state_dict(model_state)
-            # A fresh copy each time: load_state_dict keeps the given tensors, and the next step updates them.
-            self.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
-        self.model.train(was_training)
-        return np.asarray(labels)
-
-    def flops(self, config: GPTConfig, seq_len: int) -> float:
-        """FLOPs spent so far: look-ahead steps as training passes, target scoring as forward passes."""
-        return (
-            flops_per_token(config, seq_len=seq_len) * self.train_tokens
-            + flops_per_token(config, training=False, seq_len=seq_len) * self.eval_tokens
-        )
-
-
 # -- one run -------------------------------------------------------------------------------------
 
 
@@ -466,6 +373,192 @@ def _fresh_ledger(path: Path | None) -> MixtureLedger | None:
     return MixtureLedger(path)
 
 
+@dataclass
+class MethodSetup:
+    """What a method's builder hands to ``train_method``: the loader's weights are already set.
+
+    Attributes:
+        controller (MixtureController | None): Re-mixes during training (None: a static mixture).
+        optimizer_hook (callable | None): Called with the training optimizer before the first step.
+        extra_flops (callable | None): Decision FLOPs spent beyond the influence passes, read after training.
+    """
+
+    controller: MixtureController | None = None
+    optimizer_hook: Callable | None = None
+    extra_flops: Callable[[], float] | None = None
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method's builder may use: the run's config, seed, model, training loader and val domains."""
+
+    method: str
+    seed: int
+    config: ExperimentConfig
+    model: nn.Module
+    loader: MixtureLoader
+    val_domains: Sequence[Domain]
+    static_weights: Mapping[str, float] | None
+    ledger: Path | None
+
+    def fresh_ledger(self) -> MixtureLedger | None:
+        """A new ledger at ``ledger`` (an old file there is replaced), for methods that decide."""
+        return _fresh_ledger(self.ledger)
+
+
+def _static_builder(mixer: str) -> Callable[[MethodInputs], MethodSetup]:
+    def build(run: MethodInputs) -> MethodSetup:
+        options = {"tau": run.config.temperature} if mixer == "temperature" else {}
+        run.loader.set_weights(get_mixer(mixer, **options).propose(_context(run.loader)).weights)
+        return MethodSetup()
+
+    return build
+
+
+def _regmix(run: MethodInputs) -> MethodSetup:
+    if run.static_weights is None:
+        raise ConfigError("train_method('regmix'): pass `static_weights` from regmix_sweep().")
+    run.loader.set_weights(dict(run.static_weights))
+    return MethodSetup()
+
+
+def _adaptive_start(run: MethodInputs) -> None:
+    """Adaptive methods start from ``config.init``."""
+    names = run.loader.domain_names
+    run.loader.set_weights(
+        dict.fromkeys(names, 1.0) if run.config.init == "stratified" else run.loader.natural_weights()
+    )
+
+
+def _targets(run: MethodInputs) -> dict[str, list[dict]]:
+    config = run.config
+    return val_targets(
+        run.val_domains,
+        samples=config.target_samples,
+        batch_size=config.target_batch_size,
+        seq_len=config.seq_len,
+        seed=run.seed,
+    )
+
+
+def _influence_options(run: MethodInputs) -> dict:
+    return {"k": run.config.k, "preconditioner": run.config.preconditioner, "seed": run.seed}
+
+
+def _online_influence(run: MethodInputs) -> GroupInfluence:
+    half_life = run.config.half_life or run.config.every
+    return GroupInfluence(
+        run.model, domains=run.loader.domain_names, half_life=half_life, **_influence_options(run)
+    )
+
+
+def _tikmix_d_mixer(run: MethodInputs) -> Mixer:
+    weight_bounds(len(run.loader.domain_names), run.config.min_weight, 1.0)  # fail before training
+    return get_mixer("tikmix_d", max_step=run.config.max_step, min_weight=run.config.min_weight)
+
+
+def _odm(run: MethodInputs) -> MethodSetup:
+    _adaptive_start(run)
+    schedule = every(run.config.every)
+    controller = MixtureController(run.loader, "odm", schedule=schedule, ledger=run.fresh_ledger())
+    return MethodSetup(controller=controller)
+
+
+def _tikmix_d(run: MethodInputs) -> MethodSetup:
+    _adaptive_start(run)
+    controller = MixtureController(
+        run.loader,
+        _tikmix_d_mixer(run),
+        influence=_online_influence(run),
+        targets=_targets(run),
+        schedule=every(run.config.every),
+        ledger=run.fresh_ledger(),
+    )
+    return MethodSetup(controller=controller)
+
+
+def _tikmix_d_stage(run: MethodInputs) -> MethodSetup:
+    _adaptive_start(run)
+    config = run.config
+    milestones = [config.tokens_per_run * j // (config.stages + 1) for j in range(1, config.stages + 1)]
+    controller = MixtureController(
+        run.loader,
+        _tikmix_d_mixer(run),
+        influence=GroupInfluence(run.model, **_influence_options(run)),
+        targets=_targets(run),
+        schedule=at_tokens(*milestones),
+        observation_samples=config.observation_samples,
+        observation_batch_size=config.target_batch_size,
+        ledger=run.fresh_ledger(),
+    )
+    return MethodSetup(controller=controller)
+
+
+def _lookahead_flops(label: LookAheadLabel, model: GPTConfig, seq_len: int) -> float:
+    """FLOPs the label spent: look-ahead steps as training passes, target scoring as forward passes."""
+    return (
+        flops_per_token(model, seq_len=seq_len) * label.train_tokens
+        + flops_per_token(model, training=False, seq_len=seq_len) * label.eval_tokens
+    )
+
+
+def _tikmix_m(run: MethodInputs) -> MethodSetup:
+    _adaptive_start(run)
+    config = run.config
+    targets = _targets(run)
+    label_targets = {
+        name: [{key: value[: config.lookahead_target_samples] for key, value in batches[0].items()}]
+        for name, batches in targets.items()
+    }
+    label = LookAheadLabel(
+        run.model,
+        run.loader,
+        label_targets,
+        loss_fn=per_token_loss,
+        steps=config.lookahead_steps,
+        samples=config.lookahead_samples,
+    )
+    mixer = get_mixer("tikmix_m", label_fn=label, num_candidates=config.m_candidates, seed=run.seed)
+    controller = MixtureController(
+        run.loader,
+        mixer,
+        influence=_online_influence(run),
+        targets=targets,
+        schedule=every(config.m_every or 2 * config.every),
+        ledger=run.fresh_ledger(),
+    )
+    return MethodSetup(
+        controller=controller,
+        optimizer_hook=label.bind,
+        extra_flops=lambda: _lookahead_flops(label, run.model.config, config.seq_len),
+    )
+
+
+# How each method is wired: name -> builder(MethodInputs) -> MethodSetup. Another module adds a method by
+# adding a builder here (and its name to ``METHODS`` to run it by default).
+METHOD_BUILDERS: dict[str, Callable[[MethodInputs], MethodSetup]] = {
+    "stratified": _static_builder("stratified"),
+    "natural": _static_builder("natural"),
+    "temperature": _static_builder("temperature"),
+    "regmix": _regmix,
+    "odm": _odm,
+    "tikmix-d": _tikmix_d,
+    "tikmix-d-stage": _tikmix_d_stage,
+    "tikmix-m": _tikmix_m,
+}
+
+
+def get_method_builder(method: str) -> Callable[[MethodInputs], MethodSetup]:
+    """The builder registered as ``method`` in ``METHOD_BUILDERS``.
+
+    Raises:
+        ConfigError: unknown ``method``; the message lists the valid ones.
+    """
+    if method not in METHOD_BUILDERS:
+        raise ConfigError(f"Unknown method {method!r}; valid methods are {list(METHOD_BUILDERS)}.")
+    return METHOD_BUILDERS[method]
+
+
 def train_method(
     method: str,
     seed: int,
@@ -481,7 +574,7 @@ def train_method(
     """Train one method on one seed; mixers and targets see only ``train_domains`` and ``val_domains``.
 
     Args:
-        method (str): One of ``METHODS``.
+        method (str): A name in ``METHOD_BUILDERS``.
         seed (int): Fixes the initialisation and every domain's data order.
         config (ExperimentConfig): The shared protocol.
         train_domains (Sequence[Domain]): The train split (what the loader samples).
@@ -497,8 +590,7 @@ def train_method(
     Raises:
         ConfigError: unknown ``method``, or ``regmix`` without ``static_weights``.
     """
-    if method not in METHODS:
-        raise ConfigError(f"Unknown method {method!r}; valid methods are {list(METHODS)}.")
+    builder = get_method_builder(method)
     device = resolve_device(config.device)
     model = build_model(config.model, seed=seed, seq_len=config.seq_len).to(device)
     loader = MixtureLoader(
@@ -508,85 +600,26 @@ def train_method(
         seed=seed,
         num_workers=config.num_workers,
     )
-    names = loader.domain_names
     per_token = flops_per_token(model.config, seq_len=config.seq_len)
-    controller, label, hook = None, None, None
-    if method in STATIC:
-        options = {"tau": config.temperature} if method == "temperature" else {}
-        loader.set_weights(get_mixer(STATIC[method], **options).propose(_context(loader)).weights)
-    elif method == "regmix":
-        if static_weights is None:
-            raise ConfigError("train_method('regmix'): pass `static_weights` from regmix_sweep().")
-        loader.set_weights(dict(static_weights))
-    else:
-        loader.set_weights(
-            dict.fromkeys(names, 1.0) if config.init == "stratified" else loader.natural_weights()
-        )
-        if method in ("tikmix-d", "tikmix-d-stage"):
-            weight_bounds(len(names), config.min_weight, 1.0)  # fail before training if no mixture fits
-            tikmix_d = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
-        targets = val_targets(
-            val_domains,
-            samples=config.target_samples,
-            batch_size=config.target_batch_size,
-            seq_len=config.seq_len,
-            seed=seed,
-        )
-        influence_options = {"k": config.k, "preconditioner": config.preconditioner, "seed": seed}
-        half_life = config.half_life or config.every
-        shared = {"ledger": _fresh_ledger(ledger)}
-        if method == "odm":
-            controller = MixtureController(loader, "odm", schedule=every(config.every), **shared)
-        elif method == "tikmix-d":
-            influence = GroupInfluence(model, domains=names, half_life=half_life, **influence_options)
-            controller = MixtureController(
-                loader,
-                tikmix_d,
-                influence=influence,
-                targets=targets,
-                schedule=every(config.every),
-                **shared,
-            )
-        elif method == "tikmix-d-stage":
-            milestones = [
-                config.tokens_per_run * j // (config.stages + 1) for j in range(1, config.stages + 1)
-            ]
-            controller = MixtureController(
-                loader,
-                tikmix_d,
-                influence=GroupInfluence(model, **influence_options),
-                targets=targets,
-                schedule=at_tokens(*milestones),
-                observation_samples=config.observation_samples,
-                observation_batch_size=config.target_batch_size,
-                **shared,
-            )
-        else:  # tikmix-m
-            influence = GroupInfluence(model, domains=names, half_life=half_life, **influence_options)
-            label_targets = {
-                name: [{key: value[: config.lookahead_target_samples] for key, value in batches[0].items()}]
-                for name, batches in targets.items()
-            }
-            label = LookAheadLabel(
-                model, loader, label_targets, steps=config.lookahead_steps, samples=config.lookahead_samples
-            )
-            hook = label.bind
-            mixer = get_mixer("tikmix_m", label_fn=label, num_candidates=config.m_candidates, seed=seed)
-            controller = MixtureController(
-                loader,
-                mixer,
-                influence=influence,
-                targets=targets,
-                schedule=every(config.m_every or 2 * config.every),
-                **shared,
-            )
-    if wrap_mixer is not None and controller is not None:
-        controller.mixer = wrap_mixer(
-            controller.mixer, model=model, loader=loader, targets=controller.targets
-        )
-    initial = loader.weights
-    desc = f"{method} seed={seed}"
     try:
+        setup = builder(
+            MethodInputs(
+                method=method,
+                seed=seed,
+                config=config,
+                model=model,
+                loader=loader,
+                val_domains=val_domains,
+                static_weights=static_weights,
+                ledger=None if ledger is None else Path(ledger),
+            )
+        )
+        controller = setup.controller
+        if wrap_mixer is not None and controller is not None:
+            controller.mixer = wrap_mixer(
+                controller.mixer, model=model, loader=loader, targets=controller.targets
+            )
+        initial = loader.weights
         result = train(
             model,
             loader,
@@ -594,14 +627,14 @@ def train_method(
             controller=controller,
             device=device,
             progress=progress,
-            desc=desc,
-            optimizer_hook=hook,
+            desc=f"{method} seed={seed}",
+            optimizer_hook=setup.optimizer_hook,
         )
     finally:
         loader.close()
     decision_flops = per_token * sum(d["influence_tokens"] for d in result.decisions)
-    if label is not None:
-        decision_flops += label.flops(model.config, config.seq_len)
+    if setup.extra_flops is not None:
+        decision_flops += setup.extra_flops()
     return MethodRun(
         method=method,
         seed=seed,

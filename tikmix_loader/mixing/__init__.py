@@ -7,6 +7,7 @@ weights. The registry keys are the names the ledger records as ``method``.
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.mixing._surrogate import Surrogate, fit_lightgbm, fit_ridge
 from tikmix_loader.mixing.base import Mixer, MixerConfig, MixingContext, MixtureSolution
+from tikmix_loader.mixing.lookahead import LookAheadLabel
 from tikmix_loader.mixing.natural import NaturalMixer
 from tikmix_loader.mixing.odm import ODMMixer
 from tikmix_loader.mixing.regmix import (
@@ -52,6 +53,7 @@ def get_mixer(name: str, **options) -> Mixer:
 
 __all__ = [
     "CurvatureLabel",
+    "LookAheadLabel",
     "MIXERS",
     "Mixer",
     "MixerConfig",
