@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from importlib import metadata
 
 PROJECT = "tikmix-loader"
@@ -41,7 +42,10 @@ def read_lock(path: str) -> dict[str, str]:
 def main(path: str) -> int:
     pins = read_lock(path)
     problems = []
-    for dist in metadata.distributions():
+    # Only what pip installed into this environment: importing setuptools puts its vendored packages on
+    # sys.path, and their metadata is not part of the environment.
+    site_dirs = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    for dist in metadata.distributions(path=site_dirs):
         name, version = normalize(dist.metadata["Name"]), dist.version
         if name == PROJECT:
             continue

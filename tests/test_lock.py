@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def test_each_lock_pins_every_dependency_its_environment_installs(name):
 
 
 def test_lock_check_names_unpinned_and_mismatched_packages(tmp_path, capsys):
-    installed = {check_lock.normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    site_dirs = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    installed = {
+        check_lock.normalize(d.metadata["Name"]): d.version for d in metadata.distributions(path=site_dirs)
+    }
     installed.pop(check_lock.PROJECT, None)
     lock = tmp_path / "lock.txt"
     lock.write_text("# header\n" + "".join(f"{n}=={v}\n" for n, v in installed.items()))
