@@ -322,7 +322,8 @@ def _parse_lines(data: bytes) -> tuple[list[tuple[int, int, dict]], int | None, 
             return (
                 parsed,
                 lineno,
-                f"not valid JSON for a ledger ({type(exc).__name__}: {exc}); the line was edited or corrupted",
+                f"not valid JSON for a ledger ({type(exc).__name__}: {exc}); the line was edited or "
+                "corrupted",
             )
         if not isinstance(record, dict):
             return parsed, lineno, "not a JSON object; the line was edited"

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tikmix_loader.data.metadata import DatasetMeta
+from tikmix_loader.data.sources._token_info import token_info_of
 from tikmix_loader.data.sources.mds import write_mds
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.sources.parquet import write_parquet
@@ -47,7 +48,13 @@ def _write_mds_dataset(directory: Path, documents: Iterable[np.ndarray], tokeniz
         raise ConfigError(
             f"`compression` {compression!r} is not one of streaming's {sorted(get_compressions())}."
         )
-    write_mds(directory, documents, dtype=tokenizer.dtype, compression=compression)
+    write_mds(
+        directory,
+        documents,
+        dtype=tokenizer.dtype,
+        compression=compression,
+        token_info=token_info_of(tokenizer),
+    )
 
 
 def _write_parquet_dataset(
@@ -60,7 +67,13 @@ def _write_parquet_dataset(
         raise ConfigError(
             f"`compression` {compression!r} is not an available Parquet codec {PARQUET_CODECS}."
         )
-    write_parquet(directory, documents, dtype=tokenizer.dtype, compression=codec)
+    write_parquet(
+        directory,
+        documents,
+        dtype=tokenizer.dtype,
+        compression=codec,
+        token_info=token_info_of(tokenizer),
+    )
 
 
 def _write_memmap_dataset(
@@ -68,7 +81,14 @@ def _write_memmap_dataset(
 ):
     if compression:
         raise ConfigError(f"`compression` {compression!r} applies to mds and parquet only, not memmap.")
-    write_memmap(directory / MEMMAP_FILE, documents, dtype=tokenizer.dtype, vocab_size=tokenizer.vocab_size)
+    write_memmap(
+        directory / MEMMAP_FILE,
+        documents,
+        dtype=tokenizer.dtype,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
 
 
 WRITERS: dict[str, Callable] = {
@@ -92,6 +112,8 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
     temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         yield temp
+        # mkdtemp makes the directory 0700 whatever the umask; give it the mode mkdir would have.
+        temp.chmod(0o777 & ~_current_umask())
         if output.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, retired / output.name)
@@ -102,6 +124,12 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it, so put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_dataset(
