@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -320,3 +322,29 @@ def test_converted_output_opens_without_reading_documents(tmp_path, inputs, monk
     domain = Domain("o", tmp_path / "out")
     assert domain.num_tokens == sum(len(text.encode()) for text in inputs[1])
     assert texts_of(domain) == inputs[1]
+
+
+def test_readme_data_chain_runs_as_written(tmp_path, monkeypatch):
+    from tikmix_loader.cli import main
+
+    text = (REPO / "README.md").read_text()
+    chain = re.search(r"<!-- data-chain:start -->(.*?)<!-- data-chain:end -->", text, re.S)
+    assert chain, "README.md lost its data-chain block"
+    shell = re.search(r"```bash\n(.*?)```", chain.group(1), re.S).group(1)
+    python = re.search(r"```python\n(.*?)```", chain.group(1), re.S).group(1)
+    rng = np.random.default_rng(0)
+    for domain in ("web", "code", "math"):
+        (tmp_path / "texts" / domain).mkdir(parents=True)
+        for index in range(12):
+            words = rng.choice(["alpha", "beta", domain, "gamma", "delta"], size=40)
+            (tmp_path / "texts" / domain / f"{index}.txt").write_text(" ".join(words))
+    (tmp_path / "pages.jsonl").write_text('{"text": "a page"}\n{"text": "another page"}\n')
+    monkeypatch.chdir(tmp_path)
+    commands = [shlex.split(line) for line in shell.splitlines() if line.strip()]
+    assert [command[:2] for command in commands] == [["tikmix", "convert"]] * 3
+    for command in commands:
+        assert main(command[1:]) == 0
+    namespace = {}
+    exec(compile(python, "README.md", "exec"), namespace)
+    assert namespace["batch"]["input_ids"].shape == (8, 64)
+    assert namespace["remote_web"].source.cached_bytes <= 64 << 20
