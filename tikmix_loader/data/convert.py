@@ -309,9 +309,9 @@ def _encoder(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[[Iterable[
     if workers == 1:
         yield lambda texts: map(tokenizer.encode, texts)
         return
-    # spawn, not fork: the parent may hold threads (tqdm's monitor, a caller's), and spawn is what macOS
-    # and Windows use anyway.
-    with multiprocessing.get_context("spawn").Pool(
+    # The platform's default start method (fork on Linux): spawn would re-import the caller's __main__,
+    # which fails for `python -` and interactive sessions.
+    with multiprocessing.get_context().Pool(
         workers, initializer=_start_worker, initargs=(tokenizer,)
     ) as pool:
 
