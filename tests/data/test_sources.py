@@ -204,6 +204,21 @@ def test_remote_shards_are_fetched_lazily_and_read_like_local(tmp_path, compress
     assert len(shard_files(local)) == num_shards  # raw shards only: compressed copies were dropped
 
 
+def test_first_loader_batch_of_a_remote_domain_needs_few_shards(tmp_path):
+    from tikmix_loader import MixtureLoader
+
+    docs = random_docs(400, seed=36, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs)
+    num_shards = len(json.loads((remote / "index.json").read_text())["shards"])
+    domain = Domain("r", tmp_path / "local", remote=f"file://{remote}", prefetch_shards=0)
+    loader = MixtureLoader(
+        [domain], batch_size=2, seq_len=16, num_workers=0, prefetch=2, block_docs=4, shuffle_window=4, seed=0
+    )
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (2, 16)
+    assert 1 <= len(shard_files(tmp_path / "local")) <= 4 < num_shards
+
+
 def test_remote_prefetches_ahead_of_the_read_position(tmp_path):
     remote = remote_dataset(tmp_path, random_docs(60, seed=31, min_len=20, max_len=40))
     source = MDSSource(tmp_path / "local", remote=str(remote), prefetch_shards=2)
@@ -238,6 +253,25 @@ def test_remote_cache_stays_under_its_limit_and_refetches_evicted_shards(tmp_pat
     wait_for_prefetches(source)
     assert peak[0] <= limit
     assert fetched.count("shard.00000.mds") == 2 and len(shard_files(local)) < len(shards)
+
+
+def test_remote_reads_from_several_threads_under_a_cache_limit(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    docs = random_docs(40, seed=37, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs)
+    shards = json.loads((remote / "index.json").read_text())["shards"]
+    limit = 4 * max(shard["raw_data"]["bytes"] for shard in shards)
+    source = MDSSource(tmp_path / "local", remote=str(remote), cache_limit=limit, prefetch_shards=1)
+
+    def read_in_order(seed):
+        order = np.random.default_rng(seed).permutation(40)
+        return all(np.array_equal(source.read_docs(i, i + 1)[0], docs[i]) for i in order)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(read_in_order, range(3)))
+    wait_for_prefetches(source)
+    assert source.cached_bytes <= limit and bytes_on_disk(tmp_path / "local") <= limit
 
 
 def test_remote_cache_limit_smaller_than_a_shard(tmp_path):

@@ -7,13 +7,20 @@ checks and eviction are mosaicml-streaming's own: ``Stream.prepare_shard``, ``St
 (which shards are resident, when each was last read) is kept here, per process, because the mixture loader
 reads each domain by random access rather than in streaming's order. The eviction rule is streaming's:
 the least recently read shard goes first (``StreamingDataset._evict_coldest_shard``).
+
+The bookkeeping is per process: loader worker processes that share ``local`` each count against their own
+``cache_limit`` (so together they may hold up to that many times it), and a shard another process evicted
+is fetched again when next read; a read racing such an eviction fails with a ``ShardError``. Threads of one
+process (the loader's prefetch threads) share one bookkeeping safely.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -96,7 +103,7 @@ class RemoteShards:
         self._owner = os.getpid()
         self._last_read = np.zeros(len(self.readers), dtype=np.int64)  # 0: never read since fetched
         self._clock = 0
-        self._current = -1
+        self._in_use = np.zeros(len(self.readers), dtype=np.int64)  # threads now reading each shard
 
     @property
     def cached_bytes(self) -> int:
@@ -111,21 +118,42 @@ class RemoteShards:
         """Where the uncompressed shard ``shard`` lives once resident."""
         return os.path.join(self.local, self.readers[shard].raw_data.basename)
 
-    def ensure(self, shard: int) -> None:
-        """Make ``shard`` resident (fetching it now if needed), mark it read, and prefetch the next ones."""
+    @contextmanager
+    def reading(self, shard: int) -> Iterator[None]:
+        """Keep ``shard`` resident while the block reads it (fetching it now if needed); prefetch the next."""
         if self._owner != os.getpid():  # a forked loader worker: the parent's threads did not come along
             self._reset_threads()
         with self._lock:
+            self._in_use[shard] += 1  # before the fetch, so no other thread's fetch evicts it meanwhile
+        try:
+            self._ensure(shard)
+            yield
+        finally:
+            with self._lock:
+                self._in_use[shard] -= 1
+
+    def _ensure(self, shard: int) -> None:
+        with self._lock:
             future = self._pending.get(shard)
+            if future is None and self.usage[shard] and not os.path.isfile(self.raw_file(shard)):
+                self.usage[shard] = 0  # evicted by another process sharing this cache directory
             ready = future is None and self.usage[shard] > 0
-            self._current = shard
-        if not ready:
-            if future is None:
+            fetch_here = future is None and not ready
+            if fetch_here:  # registered, so another thread asking for this shard waits for this fetch
+                future = self._pending[shard] = Future()
+        if fetch_here:
+            try:
                 self._load(shard, demand=True)
-            else:
-                future.result()
-                if not self.usage[shard]:  # the prefetch gave way to a full cache; fetch it now
-                    self._load(shard, demand=True)
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                raise
+            finally:
+                self._forget(shard)
+        elif future is not None:
+            future.result()
+            if not self.usage[shard]:  # the prefetch gave way to a full cache; fetch it now
+                self._load(shard, demand=True)
         with self._lock:
             self._clock += 1
             self._last_read[shard] = self._clock
@@ -155,12 +183,16 @@ class RemoteShards:
         if not self._reserve(shard, demand=demand):
             if not demand:
                 return
-            for future in list(self._pending.values()):  # room is held by downloads in flight
+            with self._lock:
+                in_flight = [future for other, future in self._pending.items() if other != shard]
+            for future in in_flight:  # room is held by downloads in flight
                 future.exception()
             if not self._reserve(shard, demand=True):
+                busy = int((self._in_use > 0).sum())
                 raise ShardError(
                     f"{self.remote}: cannot make room for shard {reader.raw_data.basename} within "
-                    f"`cache_limit`={self.cache_limit} bytes; raise `cache_limit`."
+                    f"`cache_limit`={self.cache_limit} bytes while {busy} shards are being read; raise "
+                    f"`cache_limit` to hold one shard per thread reading at once."
                 )
         try:
             self._stream.prepare_shard(reader)
@@ -195,8 +227,8 @@ class RemoteShards:
     def _make_room(self, needed: int, shard: int, *, demand: bool) -> bool:
         """Evict the least recently read shards until ``needed`` more bytes fit (call with the lock held).
 
-        A demand load may evict anything but ``shard``; a prefetch spares the shard being read and shards
-        fetched ahead but not read yet, and gives up rather than evict them.
+        Shards being read are never evicted. A prefetch also spares shards fetched ahead but not read yet,
+        and gives up rather than evict them.
         """
         if self.cache_limit is None:
             return True
@@ -206,7 +238,8 @@ class RemoteShards:
                 for index in np.flatnonzero(self.usage)
                 if index != shard
                 and index not in self._pending
-                and (demand or (index != self._current and self._last_read[index] > 0))
+                and not self._in_use[index]
+                and (demand or self._last_read[index] > 0)
             ]
             if not candidates:
                 return False

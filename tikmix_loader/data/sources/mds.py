@@ -21,6 +21,7 @@ import tempfile
 import urllib.parse
 from array import array
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -165,24 +166,26 @@ class MDSSource(TokenSource):
         if not 0 <= start <= stop <= self.num_docs:
             raise IndexError(f"{self.path}: document range [{start}, {stop}) outside [0, {self.num_docs}).")
         documents = []
-        shard = -1
-        for index in range(start, stop):
-            if shard < 0 or index >= self._shard_starts[shard + 1]:
-                shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
-                self._make_resident(shard)
-            document = self._decode(shard, index - int(self._shard_starts[shard]))
-            if len(document) != self._lengths[index]:
-                raise ShardError(
-                    f"{self._shard_file(self._readers[shard])}: document {index} now holds {len(document)} "
-                    f"tokens but held {self._lengths[index]} when the domain was opened; the shard changed "
-                    f"on disk. Re-open the domain."
-                )
-            documents.append(document)
+        index = start
+        while index < stop:
+            shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+            end = min(stop, int(self._shard_starts[shard + 1]))
+            with self._resident(shard):
+                for position in range(index, end):
+                    document = self._decode(shard, position - int(self._shard_starts[shard]))
+                    if len(document) != self._lengths[position]:
+                        raise ShardError(
+                            f"{self._shard_file(self._readers[shard])}: document {position} now holds "
+                            f"{len(document)} tokens but held {self._lengths[position]} when the domain was "
+                            f"opened; the shard changed on disk. Re-open the domain."
+                        )
+                    documents.append(document)
+            index = end
         return documents
 
-    def _make_resident(self, shard: int) -> None:
-        if self._remote is not None:
-            self._remote.ensure(shard)
+    def _resident(self, shard: int) -> AbstractContextManager:
+        """A block during which ``shard`` is on local disk (fetched and kept there with ``remote``)."""
+        return nullcontext() if self._remote is None else self._remote.reading(shard)
 
     def _download_algorithm(self) -> str | None:
         """The algorithm streaming checks downloaded files with (``None``: no check)."""
@@ -341,9 +344,9 @@ class MDSSource(TokenSource):
         lengths = np.empty(self.num_docs, dtype=np.int64)
         for shard, reader in enumerate(self._readers):
             offset = int(self._shard_starts[shard])
-            self._make_resident(shard)
-            for local_index in range(reader.samples):
-                lengths[offset + local_index] = len(self._decode(shard, local_index))
+            with self._resident(shard):
+                for local_index in range(reader.samples):
+                    lengths[offset + local_index] = len(self._decode(shard, local_index))
         return lengths
 
 
