@@ -5,12 +5,13 @@ shards fetched before the first read of a remote MDS domain, each against its ba
    tokenized with a byte-level BPE tokenizer trained on it (``tokenizers``, ``--vocab`` ids), written as
    MDS with ``workers=1`` (baseline) and ``workers=2``. Reported: input MB/s, median and p20/p80 over
    ``--repeats`` runs, and ``speedup = time(1 worker) / time(2 workers)``.
-2. First open: ``Domain`` on the converted MDS directory, with the length index (ours) and with the index
-   removed so the lengths are scanned (baseline, what data written by other tools gets), each with an empty
-   tikmix cache so nothing is reused. ``speedup = scan / index``.
-3. Remote: the converted MDS written again with small shards, opened with ``remote=`` (a local directory
-   stands in for object storage); reported: shards in the local cache after opening and after the first
-   document is read, against the number of shards (which the previous implementation fetched at open).
+2. First open: ``Domain`` on an MDS directory of ``--open-docs`` random documents (1..511 tokens) written
+   by ``write_mds`` with its length index (ours), and on a copy with the index removed so the lengths are
+   scanned (baseline: what data written by other tools gets), each with an empty tikmix cache so nothing is
+   reused. ``speedup = scan / index``.
+3. Remote: the same documents in ``--shard-bytes`` shards, opened with ``remote=`` (a local directory stands
+   in for object storage); reported: shards in the local cache after opening and after the first document
+   is read, against the number of shards (which the previous implementation fetched at open).
 
 Run: ``python benchmarks/bench_io.py`` or ``tikmix bench io``.
 """
@@ -27,6 +28,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def collect_text(directory: Path, megabytes: float) -> list[Path]:
@@ -123,7 +126,10 @@ def run(args) -> None:
         print(row("convert, 1 worker (baseline)", runs["1"], runs["1"], megabytes))
         print(row("convert, 2 workers", runs["2"], runs["1"], megabytes))
 
-        dataset = root / "out-1-0"
+        rng = np.random.default_rng(0)
+        documents = [rng.integers(0, 258, size=int(n)) for n in rng.integers(1, 512, size=args.open_docs)]
+        ids = {"eos_id": 256, "pad_id": 257, "vocab_size": 258}
+        dataset = write_mds(root / "indexed", documents, token_info=ids)
         scanned = root / "scanned"
         shutil.copytree(dataset, scanned)
         index = json.loads((scanned / "index.json").read_text())
@@ -134,24 +140,18 @@ def run(args) -> None:
         def first_open(path: Path):
             def open_once():
                 os.environ["TIKMIX_CACHE_DIR"] = tempfile.mkdtemp(dir=root)  # an empty cache every time
-                Domain("bench", path)
+                Domain("bench", path, eos_id=256, vocab_size=258)  # the scanned copy records no ids
 
             return open_once
 
         scan_seconds = timed(first_open(scanned), args.repeats)
         index_seconds = timed(first_open(dataset), args.repeats)
+        tokens = sum(len(document) for document in documents)
+        print(f"# first open: {args.open_docs} documents, {tokens} tokens, {tokens * 2 / 1e6:.0f} MB")
         print(row("first open, scan (baseline)", scan_seconds, scan_seconds))
         print(row("first open, conversion index", index_seconds, scan_seconds))
 
-        small = root / "small-shards"
-        source = MDSSource(dataset)
-        write_mds(
-            small,
-            source.read_docs(0, source.num_docs),
-            dtype="uint16",
-            size_limit=args.shard_bytes,
-            token_info=source.token_info,
-        )
+        small = write_mds(root / "small-shards", documents, size_limit=args.shard_bytes, token_info=ids)
         shards = len(json.loads((small / "index.json").read_text())["shards"])
         remote = MDSSource(root / "remote-cache", remote=str(small), prefetch_shards=0)
         at_open = len(list((root / "remote-cache").glob("shard.*")))
@@ -173,6 +173,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--megabytes", type=float, default=8.0, help="text to convert (default: 8)")
     parser.add_argument("--vocab", type=int, default=8000, help="BPE vocabulary size (default: 8000)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (default: 3)")
+    parser.add_argument(
+        "--open-docs", type=int, default=100_000, help="documents of the first-open case (default: 100000)"
+    )
     parser.add_argument(
         "--shard-bytes", type=int, default=1 << 20, help="shard size of the remote case (default: 1 MiB)"
     )
