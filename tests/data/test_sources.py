@@ -357,12 +357,30 @@ def test_mds_length_index_that_does_not_match(tmp_path):
     path = make_domain_files(tmp_path, "mds", [[1, 2, 3], [4]], token_info=BYTE_IDS)
     np.save(path / "tikmix-lengths.npy", np.array([3], dtype=np.int64))
     with pytest.raises(
-        ShardError, match=r"tikmix-lengths.npy: holds int64 \(1,\) lengths but .*lists 2 documents"
+        ShardError, match=r"tikmix-lengths.npy: holds int64 \(1,\) values but .*lists 2 documents"
     ):
         Domain("d", path)
-    (path / "tikmix-lengths.npy").unlink()
-    with pytest.raises(ShardError, match=r"tikmix-lengths.npy: cannot read the length index"):
+    np.save(path / "tikmix-lengths.npy", np.array([3, 1], dtype=np.int32))
+    with pytest.raises(ShardError, match=r"tikmix-lengths.npy: holds int32 lengths, not int64"):
         Domain("d", path)
+    (path / "tikmix-lengths.npy").unlink()
+    with pytest.raises(ShardError, match=r"tikmix-lengths.npy: cannot read this per-document array"):
+        Domain("d", path)
+
+
+def test_per_document_values_are_read_without_decoding_documents(tmp_path, monkeypatch):
+    docs = random_docs(25, seed=22)
+    mds = make_domain_files(tmp_path, "mds", docs, name="m", **SPLIT_OPTIONS["mds"])
+    np.save(mds / "scores.npy", np.arange(25, dtype=np.float32))
+    parquet = make_domain_files(tmp_path, "parquet", docs, name="p", **SPLIT_OPTIONS["parquet"])
+    monkeypatch.setattr(MDSSource, "_decode", lambda *args: pytest.fail("decoded a document"))
+    monkeypatch.setattr(ParquetSource, "_read_group", lambda *args: pytest.fail("decoded a document"))
+    np.testing.assert_array_equal(MDSSource(mds).read_doc_array("scores.npy"), np.arange(25))
+    np.testing.assert_array_equal(ParquetSource(parquet).read_doc_column("num_tokens"), list(map(len, docs)))
+    with pytest.raises(
+        ShardError, match=r"part-00000.parquet \(row group 0\): cannot read the per-document column 'q'"
+    ):
+        ParquetSource(parquet).read_doc_column("q")
 
 
 IDS = {"eos_id": 5, "pad_id": 6, "vocab_size": 40}

@@ -200,22 +200,37 @@ class MDSSource(TokenSource):
         name = embedded.get("lengths")
         if not name:
             return None
+        lengths = self.read_doc_array(name)
+        if lengths.dtype != np.int64:
+            raise ShardError(
+                f"{Path(self.path) / name}: holds {lengths.dtype} lengths, not int64; re-run "
+                f"`tikmix convert`."
+            )
+        return lengths
+
+    def read_doc_array(self, name: str) -> np.ndarray:
+        """The per-document ``.npy`` array ``name`` beside ``index.json`` (fetched from ``remote``).
+
+        The length index is one; other per-document values (e.g. quality scores) can be stored and read
+        the same way, without decoding a document. Raises ``ShardError`` naming the file unless it holds one
+        value per document.
+        """
         file = Path(self.path) / name
         if self.remote is not None and not file.is_file():
             self._fetch(name)
         try:
-            lengths = np.load(file, mmap_mode="r")
+            values = np.load(file, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise ShardError(
-                f"{file}: cannot read the length index that {index_path} names ({exc}); restore it or "
+                f"{file}: cannot read this per-document array named by {INDEX_FILE} ({exc}); restore it or "
                 f"re-run `tikmix convert`."
             ) from exc
-        if lengths.dtype != np.int64 or lengths.shape != (self.num_docs,):
+        if values.shape != (self.num_docs,):
             raise ShardError(
-                f"{file}: holds {lengths.dtype} {lengths.shape} lengths but {index_path} lists "
-                f"{self.num_docs} documents; the index and the shards disagree. Re-run `tikmix convert`."
+                f"{file}: holds {values.dtype} {values.shape} values but {INDEX_FILE} lists {self.num_docs} "
+                f"documents; the index and the shards disagree. Re-run `tikmix convert`."
             )
-        return lengths
+        return values
 
     def _make_reader(self, shard: dict, index_path: Path):
         from streaming.base.format import reader_from_json

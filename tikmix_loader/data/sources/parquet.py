@@ -70,7 +70,7 @@ class ParquetSource(TokenSource):
         self.vocab_size = vocab_size if vocab_size is not None else self.token_info.get("vocab_size")
         lengths_columns = {entry.get("lengths_column") for entry in embedded}
         if len(lengths_columns) == 1 and None not in lengths_columns:
-            self._lengths = self._indexed_lengths(lengths_columns.pop())
+            self._lengths = self.read_doc_column(lengths_columns.pop()).astype(np.int64, copy=False)
         else:
             key = file_fingerprint(self._files, kind="parquet", column=token_column)
             lengths = load_lengths(key)
@@ -185,23 +185,29 @@ class ParquetSource(TokenSource):
             self._cached_group = group
         return self._cached
 
-    def _indexed_lengths(self, column: str) -> np.ndarray:
-        """The token counts ``write_parquet`` stored in ``column``, read one row group at a time."""
-        lengths = np.empty(self.num_docs, dtype=np.int64)
+    def read_doc_column(self, column: str) -> np.ndarray:
+        """One value per document from a scalar ``column``, read one row group at a time, no document decoded.
+
+        The length column is one; other per-document columns (e.g. quality scores) are read the same way.
+        Raises ``ShardError`` naming the file and row group when the column is missing or unreadable.
+        """
+        parts = []
         for group in range(len(self._group_file)):
             file = self._files[self._group_file[group]]
             try:
                 table = self._file(int(self._group_file[group])).read_row_group(
                     int(self._group_index[group]), columns=[column]
                 )
+                if table.num_columns != 1:  # pyarrow skips a column the file lacks
+                    raise KeyError("no such column")
                 values = table.column(0).to_numpy()
             except (OSError, KeyError, pa.ArrowException) as exc:
                 raise ShardError(
-                    f"{file} (row group {self._group_index[group]}): cannot read the length column "
-                    f"{column!r} its schema metadata names ({exc}); re-run `tikmix convert`."
+                    f"{file} (row group {self._group_index[group]}): cannot read the per-document column "
+                    f"{column!r} ({exc}); re-run `tikmix convert` or pass a column the files hold."
                 ) from exc
-            lengths[self._group_starts[group] : self._group_starts[group + 1]] = values
-        return lengths
+            parts.append(values)
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def _scan_lengths(self) -> np.ndarray:
         lengths = np.empty(self.num_docs, dtype=np.int64)
