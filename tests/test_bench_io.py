@@ -4,7 +4,10 @@ from tikmix_loader.cli import main
 
 
 def test_bench_io_smoke(capsys):
-    assert main(["bench", "io", "--megabytes", "0.05", "--repeats", "1", "--open-docs", "300", "--vocab", "300"]) == 0
+    assert (
+        main(["bench", "io", "--megabytes", "0.05", "--repeats", "1", "--open-docs", "300", "--vocab", "300"])
+        == 0
+    )
     out = capsys.readouterr().out
     for case in ("convert, 1 worker (baseline)", "convert, 2 workers", "first open, scan (baseline)"):
         assert case in out
