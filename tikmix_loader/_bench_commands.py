@@ -1,4 +1,4 @@
-"""``tikmix bench {loader,kernels}``: run a benchmark from the console script; extra arguments go to it."""
+"""``tikmix bench {loader,io,kernels}``: run a benchmark from the console script; extra arguments go to it."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ BENCHMARKS = {
     "loader": (
         "MixtureLoader vs mosaicml-streaming vs a plain memmap DataLoader",
         lambda: _repo_benchmark("bench_loader"),
+    ),
+    "io": (
+        "tikmix convert on 1 vs 2 processes, first open with vs without the index, lazy remote shards",
+        lambda: _repo_benchmark("bench_io"),
     ),
     "kernels": (
         "fused projected-gradient kernels vs naive and unfused torch",
