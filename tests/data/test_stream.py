@@ -81,3 +81,19 @@ def test_document_mode_truncates_pads_and_appends_eos(tmp_path, seq_len):
         sample[: len(content)] = content
         expected.add((tuple(sample), len(content)))
     assert {(tuple(row), int(count)) for row, count in zip(tokens, valid)} == expected
+
+
+@pytest.mark.parametrize("mode", ["packed", "document"])
+def test_read_at_gives_the_rows_read_gives_in_any_order_across_epochs(tmp_path, mode):
+    (domain,) = write_domains(tmp_path, {"d": 90}, mode=mode, max_len=40)
+    stream = DomainStream(domain, seq_len=8, seed=2, block_docs=16, shuffle_window=10)
+    span = 3 * stream.samples_per_epoch  # three epochs, so indices cross epoch boundaries
+    tokens, valid = stream.read(0, span)
+    picks = np.random.default_rng(0).choice(span, size=50, replace=False)
+    for indices in (np.sort(picks), picks):
+        got_tokens, got_valid = DomainStream(
+            domain, seq_len=8, seed=2, block_docs=16, shuffle_window=10
+        ).read_at(indices)
+        assert np.array_equal(got_tokens, tokens[indices]) and np.array_equal(got_valid, valid[indices])
+    empty_tokens, empty_valid = stream.read_at(np.array([], dtype=np.int64))
+    assert empty_tokens.shape == (0, 9) and empty_valid.shape == (0,)
