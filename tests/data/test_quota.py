@@ -5,7 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tikmix_loader._bench_commands import _repo_benchmark
 from tikmix_loader.data.quota import allocate_quota
+
+reference_targets = _repo_benchmark("fuzz_quota").reference_targets  # the fuzz's rule, so the two agree
 
 weight_vectors = st.lists(st.floats(min_value=1e-6, max_value=1.0), min_size=1, max_size=12)
 
@@ -51,18 +54,6 @@ def test_zero_weight_domains_get_nothing_and_release_their_carry(raw, zero, tota
     assert np.all(quota[weights == 0] == 0)
     assert np.all(new_carry[weights == 0] == 0)
     assert new_carry.sum() == pytest.approx(carry.sum(), abs=1e-9)
-
-
-def reference_targets(targets, realized, weights, total):
-    """The targets after one batch, by the documented rule, independent of ``allocate_quota``'s carry.
-
-    Each domain's target grows by ``w_d * total``; a domain with weight 0 gives up what it is still owed
-    (target minus served), which the weighted domains share in proportion to their weights.
-    """
-    idle = weights == 0
-    released = float(np.sum(targets[idle] - realized[idle]))
-    targets = np.where(idle, realized, targets + weights * (total + released))
-    return targets
 
 
 @settings(max_examples=150, deadline=None)
