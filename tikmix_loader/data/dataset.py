@@ -82,7 +82,7 @@ class MixtureDataset(IterableDataset):
     def _worker_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
         loader = self.loader
         loader.close()  # threads do not survive into worker processes; this worker reads on demand
-        planner, streams, applied = loader._planner, loader._streams, 0
+        planner, applied = loader._planner, 0
         while True:
             applied = self.apply_schedule(planner, applied)
             plan = planner.plan()
@@ -90,11 +90,7 @@ class MixtureDataset(IterableDataset):
                 return
             if plan.index % num_workers != worker:
                 continue
-            pieces = [
-                streams[d].read(int(start), int(count))
-                for d, (start, count) in enumerate(zip(plan.starts, plan.quota))
-            ]
-            yield loader._assemble(plan, pieces)
+            yield loader.read_batch(plan)
 
 
 class MixtureDataLoader(DataLoader):
