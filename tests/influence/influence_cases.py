@@ -35,7 +35,7 @@ def sequences(kind: str, rows: int, length: int, *, seed: int) -> torch.Tensor:
 def batches(
     kind: str, n: int, *, batch_size: int = 4, seq_len: int = 32, seed: int = 0, domain: int = 0
 ) -> list[dict]:
-    """``n`` loader-style batches (``input_ids``, shifted ``labels``, ``label_shift``, ``domain``) of one kind."""
+    """``n`` loader-style batches (``input_ids``, shifted ``labels``, ``label_shift``, ``domain``)."""
     out = []
     for i in range(n):
         tokens = sequences(kind, batch_size, seq_len + 1, seed=seed * 1000 + i)
