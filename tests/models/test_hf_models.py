@@ -3,9 +3,13 @@ batches with exactly the next-token loss, and the core loss agrees with theirs."
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from testkit.corpus import make_text_corpus
 from testkit.domains import write_domains
 from testkit.hf_models import VOCAB, tiny_gpt2, tiny_llama
 
@@ -61,3 +65,17 @@ def test_shifted_batches_would_train_an_hf_model_two_tokens_ahead(tmp_path):
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_readme_hf_section_runs(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- hf-labels:start -->\s*```python\n(.*?)```\s*<!-- hf-labels:end -->", text, re.S)
+    assert block, "README.md lost its hf-labels code block"
+    make_text_corpus(tmp_path)  # writes tmp_path/corpus, where the README code looks
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    influence = namespace["influence"]
+    assert namespace["loader"].label_convention == "hf" and influence.steps == 3
+    assert len(influence.layer_names) == 9  # 4 Conv1D per block and the head
+    assert f"9 layers, {influence.tracked_fraction:.0%} of the parameters tracked" in capsys.readouterr().out
