@@ -3,8 +3,7 @@
 ``S[b, d] = psi_b^T H^-1 phi_d`` (methods.md §3), positive = helpful, where ``phi_d`` is the gradient of
 domain d's mean per-token loss and ``psi_b`` that of target b's mean loss, over the weights of the tracked
 layers (``nn.Linear`` and HF ``Conv1D``, as the ``Task`` lists them), Kronecker-projected to ``k_out x k_in``
-per layer (LoGra-style; ``k=None`` is exact). Two ways
-to get ``phi``:
+per layer (LoGra-style; ``k=None`` is exact). Two ways to get ``phi``:
 
 - **Observation mode**, ``compute(domains=..., targets=...)``: extra forward and backward passes over a sample
   of every domain, then over the targets. The curvature factors are estimated on the domain tokens.
