@@ -10,12 +10,14 @@ from tikmix_loader.errors import (
     ConversionError,
     DomainError,
     KernelInputError,
+    LabelConventionError,
     LedgerError,
     MissingExtraError,
     MixtureWeightError,
     ShardError,
     StateError,
     TikmixError,
+    TrackingError,
 )
 
 # The training-side engine is imported on first use (PEP 562). Eager imports would be circular:
@@ -55,6 +57,7 @@ __all__ = [
     "GroupInfluence",
     "InfluenceMatrix",
     "KernelInputError",
+    "LabelConventionError",
     "LedgerError",
     "MissingExtraError",
     "MixingContext",
@@ -66,6 +69,7 @@ __all__ = [
     "ShardError",
     "StateError",
     "TikmixError",
+    "TrackingError",
     "at_tokens",
     "every",
     "get_mixer",

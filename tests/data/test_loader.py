@@ -40,7 +40,8 @@ def _same_batch(a, b):
 def test_batches_have_the_documented_layout(domains):
     loader = _loader(domains)
     batch = loader.next_batch()
-    assert set(batch) == {"input_ids", "labels", "domain"}
+    assert set(batch) == {"input_ids", "labels", "label_shift", "domain"}
+    assert batch["label_shift"].tolist() == [1] * 8  # the default "shifted" convention, recorded per row
     assert batch["input_ids"].shape == batch["labels"].shape == (8, 16)
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["domain"].dtype == torch.long
     # Labels are the inputs shifted by one within each packed window.
