@@ -8,6 +8,7 @@ change applies from the very next batch, and the state needed to resume exactly 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -121,7 +122,7 @@ class MixtureLoader:
             max_epochs=_resolve_max_epochs(max_epochs, exhaustion, names),
         )
         self._prefetcher: DomainPrefetcher | None = None
-        self._set_weights_hook = None
+        self._ahead: MixturePlanner | None = None  # planning ahead for DataLoader worker processes
         self._needs_mask = any(domain.mode == "document" for domain in domains)
 
     # -- mixture ----------------------------------------------------------------------------------
@@ -133,19 +134,25 @@ class MixtureLoader:
 
     @property
     def weights(self) -> dict[str, float]:
-        """The current mixture by domain name (as set; exhausted domains keep their entry)."""
-        return dict(zip(self._planner.names, self._planner.weights.tolist()))
+        """The mixture by domain name as last set, also when the change is scheduled for a later batch
+        (see ``set_weights``); exhausted domains keep their entry."""
+        return dict(zip(self._planner.names, self._planner.latest_weights.tolist()))
 
     def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> None:
         """Use ``weights`` (dict by name or one value per domain; normalised) from the next batch on.
 
         Every rank must call this with the same weights at the same step (the controller broadcasts them).
+        While a DataLoader with worker processes iterates (``as_dataloader(num_workers=W)``), the batches it
+        has already handed to workers keep their weights and the change applies from the first batch not
+        yet planned (see ``tikmix_loader.data.dataset``); ``weights`` and ``state_dict()`` show it at once.
         """
-        if self._set_weights_hook is not None:  # iterating through DataLoader worker processes
-            self._set_weights_hook(weights)
-            return
-        self._planner.set_weights(normalize_weights(weights, self._planner.names))
-        logger.info("batch %d: weights set to %s", self._planner.batch_index, self.weights)
+        weights = normalize_weights(weights, self._planner.names)
+        at_batch = None
+        if self._ahead is not None:
+            at_batch = self._ahead.batch_index
+            self._ahead.set_weights(weights)
+        self._planner.set_weights(weights, at_batch=at_batch)
+        logger.info("weights set to %s from batch %d", self.weights, self._planner.weight_history[-1][0])
 
     def natural_weights(self) -> dict[str, float]:
         """Each domain's share of all tokens."""
@@ -167,18 +174,48 @@ class MixtureLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         """The next batch of this rank, or ``None`` once the mixture is exhausted."""
+        plan = self.plan_next()
+        if plan is None:
+            return None
+        return self.take_batch(plan)
+
+    def plan_next(self) -> BatchPlan | None:
+        """Plan the next global batch and advance the state (no data is read); ``None`` once exhausted."""
         plan = self._planner.plan()
         if plan is None:
             self.close()
-            return None
+        return plan
+
+    def plan_ahead(self) -> MixturePlanner:
+        """A copy of the planner that runs ahead of this loader: ``set_weights`` also reaches it and is
+        scheduled in this loader at the copy's position, until ``stop_planning_ahead``. The DataLoader's
+        plan sampler uses it to plan batches that worker processes read before they are delivered."""
+        self._ahead = copy.deepcopy(self._planner)
+        return self._ahead
+
+    def stop_planning_ahead(self, ahead: MixturePlanner) -> None:
+        """End ``plan_ahead`` (no-op when a newer copy has replaced ``ahead``)."""
+        if self._ahead is ahead:
+            self._ahead = None
+
+    def take_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """This rank's part of the batch ``plan_next`` just returned, from the prefetch queues."""
         if self._prefetcher is None:
             self._prefetcher = DomainPrefetcher(
                 self._streams,
-                self._planner.consumed - plan.quota,
+                plan.starts,
                 num_workers=self.num_workers,
                 prefetch=self.prefetch,
             )
         pieces = [self._prefetcher.take(domain, int(count)) for domain, count in enumerate(plan.quota)]
+        return self._assemble(plan, pieces)
+
+    def read_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """This rank's part of a planned batch, read on demand (no threads: safe in DataLoader workers)."""
+        pieces = [
+            stream.read(int(start), int(count))
+            for stream, start, count in zip(self._streams, plan.starts, plan.quota)
+        ]
         return self._assemble(plan, pieces)
 
     def _assemble(
@@ -195,6 +232,12 @@ class MixtureLoader:
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawned DataLoader workers, which only call read_batch: no threads, no planner copy.
+        state = self.__dict__.copy()
+        state["_prefetcher"], state["_ahead"] = None, None
+        return state
 
     def __del__(self):
         if getattr(self, "_prefetcher", None) is not None:  # may run on a half-constructed loader
