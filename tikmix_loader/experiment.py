@@ -54,6 +54,7 @@ from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError, DomainError
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
 from tikmix_loader.ledger import MixtureLedger, head_path
+from tikmix_loader.losses import loss_mask
 from tikmix_loader.mixing import (
     Mixer,
     MixingContext,
@@ -381,7 +382,7 @@ class LookAheadLabel:
                 total, count = 0.0, 0
                 for batch in batches:
                     total += float(per_token_loss(self.model, batch).double().sum())
-                    count += int((batch["labels"] != -100).sum())
+                    count += int(loss_mask(batch).sum())
                     self.eval_tokens += batch["input_ids"].numel()
                 means.append(total / max(count, 1))
         return float(np.mean(means))
@@ -405,7 +406,7 @@ class LookAheadLabel:
             row_weights = torch.as_tensor(w, dtype=torch.float32, device=rows.device)[rows]
             for _ in range(self.steps):
                 per_token = per_token_loss(self.model, batch)
-                mask = (batch["labels"] != -100).to(per_token.device).float()
+                mask = loss_mask(batch).to(per_token.device).float()
                 per_row = per_token.sum(1) / mask.sum(1).clamp(min=1)
                 # Every domain has `samples` rows, so sum / samples is sum_d w_d * (mean loss of d).
                 loss = (row_weights * per_row).sum() / self.samples

@@ -22,10 +22,9 @@ from tikmix_loader.data.prefetch import DomainPrefetcher
 from tikmix_loader.data.shuffle import OBSERVATION, rng_for, stable_key
 from tikmix_loader.data.stream import DomainStream
 from tikmix_loader.errors import ConfigError, DomainError
+from tikmix_loader.losses import IGNORE_INDEX, LABEL_SHIFT_KEY, check_convention
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class MixtureLoader:
@@ -37,9 +36,11 @@ class MixtureLoader:
     ``(seed, domain name, epoch)`` and independent of weights and ranks. Rank ``r`` yields its slice of every
     global batch, so ranks see disjoint samples that together form the global stream.
 
-    Batches are dicts: ``input_ids`` and ``labels`` (LongTensor ``[batch_size, seq_len]``; labels are the
-    next tokens, ``-100`` where masked), ``domain`` (LongTensor ``[batch_size]``, an index into
-    ``domain_names``) and, when a domain is in document mode, ``attention_mask``.
+    Batches are dicts: ``input_ids`` and ``labels`` (LongTensor ``[batch_size, seq_len]``; labels follow
+    ``label_convention``, ``IGNORE_INDEX`` where masked), ``label_shift`` (LongTensor ``[batch_size]``,
+    the convention: 1 = shifted, 0 = hf; see ``tikmix_loader.losses``), ``domain`` (LongTensor
+    ``[batch_size]``, an index into ``domain_names``) and, when a domain is in document mode,
+    ``attention_mask``.
 
     Args:
         domains (Sequence[Domain]): The domains, with unique names.
@@ -59,6 +60,9 @@ class MixtureLoader:
         world_size (int, optional): Number of ranks; default from ``torch.distributed``, else 1.
         block_docs (int): Documents per shuffle block. Default: 256.
         shuffle_window (int): Packed windows shuffled together. Default: 256.
+        label_convention (str): ``"shifted"``: ``labels`` are the next tokens (nanoGPT, torchtitan, TinyGPT);
+            ``"hf"``: ``labels`` are aligned with ``input_ids`` and the model shifts them (Hugging Face causal
+            LMs). Default: ``"shifted"`` (what the loader has always produced).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class MixtureLoader:
         world_size: int | None = None,
         block_docs: int = 256,
         shuffle_window: int = 256,
+        label_convention: str = "shifted",
     ):
         domains = list(domains)
         _check_positive_int("batch_size", batch_size)
@@ -99,6 +104,8 @@ class MixtureLoader:
                     f"sample of seq_len + 1 = {seq_len + 1} tokens; lower `seq_len` or add data."
                 )
         self.rank, self.world_size = _resolve_rank(rank, world_size)
+        check_convention(label_convention)
+        self.label_convention = label_convention
         self.domains = domains
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -225,7 +232,13 @@ class MixtureLoader:
         valid = np.concatenate([piece[1] for piece in pieces])
         domain_ids = np.repeat(np.arange(len(pieces)), plan.quota)
         mine = plan.order[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return samples_to_batch(tokens[mine], valid[mine], domain_ids[mine], self._needs_mask)
+        return samples_to_batch(
+            tokens[mine],
+            valid[mine],
+            domain_ids[mine],
+            self._needs_mask,
+            label_convention=self.label_convention,
+        )
 
     def close(self) -> None:
         """Stop the background threads (iteration restarts them)."""
@@ -267,7 +280,13 @@ class MixtureLoader:
         rows = [stream.read(int(pick), 1) for pick in picks]
         tokens = np.concatenate([row[0] for row in rows])
         valid = np.concatenate([row[1] for row in rows])
-        return samples_to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
+        return samples_to_batch(
+            tokens,
+            valid,
+            np.full(num_samples, index),
+            self._needs_mask,
+            label_convention=self.label_convention,
+        )
 
     def sample_batches(
         self, name: str, num_samples: int, *, batch_size: int, seed: int | None = None
@@ -327,14 +346,27 @@ class MixtureLoader:
 
 
 def samples_to_batch(
-    tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    domain_ids: np.ndarray,
+    needs_mask: bool,
+    *,
+    label_convention: str,
 ) -> dict[str, torch.Tensor]:
-    """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and shifted labels."""
+    """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and labels.
+
+    ``"shifted"``: ``labels[t] = tokens[t + 1]`` while ``t + 1 < valid``. ``"hf"``: ``labels[t] = tokens[t]``
+    for ``1 <= t < valid`` (position 0 is never a target, so it is masked and ``labels != IGNORE_INDEX``
+    counts the loss tokens); the window's last token then only serves the ``"shifted"`` convention.
+    """
+    shift = check_convention(label_convention)
     positions = np.arange(tokens.shape[1] - 1)
-    labels = np.where(positions[None, :] < (valid[:, None] - 1), tokens[:, 1:], IGNORE_INDEX)
+    targets = tokens[:, shift : shift + len(positions)]
+    counted = (positions[None, :] + shift < valid[:, None]) & (positions[None, :] + shift >= 1)
     batch = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(labels),
+        "labels": torch.from_numpy(np.where(counted, targets, IGNORE_INDEX)),
+        LABEL_SHIFT_KEY: torch.full((len(tokens),), shift, dtype=torch.long),
         "domain": torch.from_numpy(domain_ids.astype(np.int64)),
     }
     if needs_mask:

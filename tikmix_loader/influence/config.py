@@ -28,7 +28,7 @@ class InfluenceConfig:
             to A and ``damping * trace(B) / k_out`` to B; EK-FAC adds ``damping * mean(Lambda)`` to Lambda.
             Default: 0.1.
         layers (tuple[str, ...] | None): fnmatch patterns over module names selecting the tracked
-            ``nn.Linear`` layers; None tracks every ``nn.Linear``. Default: None.
+            layers (``nn.Linear`` or HF ``Conv1D``); None tracks every one the task lists. Default: None.
         exclude (tuple[str, ...]): fnmatch patterns of layers to drop from the selection. Default: ().
         seed (int): Seed of the random projections. Default: 0.
         backend (str): Kernel backend passed to ``tikmix_loader.ops`` (``"auto"``, ``"torch"``, ...).
@@ -43,9 +43,9 @@ class InfluenceConfig:
     preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac or ekfac"})
     damping: float = field(default=0.1, metadata={"help": "damping relative to the mean eigenvalue"})
     layers: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "fnmatch patterns of tracked Linears"}
+        default=None, metadata={"help": "fnmatch patterns of tracked layers"}
     )
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "fnmatch patterns of Linears to skip"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "fnmatch patterns of layers to skip"})
     seed: int = field(default=0, metadata={"help": "seed of the random projections"})
     backend: str = field(default="auto", metadata={"help": "kernel backend (auto, torch, cpu, triton, cuda)"})
     half_life: float | None = field(
@@ -86,7 +86,7 @@ class InfluenceConfig:
                 )
             object.__setattr__(self, name, value)
         if self.layers == ():
-            raise ConfigError("InfluenceConfig: `layers` is empty; pass None to track every nn.Linear")
+            raise ConfigError("InfluenceConfig: `layers` is empty; pass None to track every trackable layer")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ConfigError(f"InfluenceConfig: `seed` must be an int, got {self.seed!r}")
         if not isinstance(self.backend, str):

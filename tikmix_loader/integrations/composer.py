@@ -26,6 +26,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from tikmix_loader.losses import loss_mask
+
 
 class TikMixCallback(Callback):
     """Composer callback around a ``MixtureController`` (online influence, decisions, logging, state).
@@ -47,7 +49,7 @@ class TikMixCallback(Callback):
         if not self.controller.online:
             return
         batch = state.batch
-        tokens = int((batch["labels"] != -100).sum())
+        tokens = int(loss_mask(batch).sum())
         scale = len(batch["input_ids"]) / max(self._batch_size, 1) / max(tokens, 1)
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
