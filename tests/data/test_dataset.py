@@ -55,21 +55,22 @@ class DataLoaderRun:
         self.iterator = None
 
 
-def _actions():
+def _actions(restart: bool):
     actions = {
         step: lambda run, w=weights: run.loader.set_weights(w) for step, weights in WEIGHT_CHANGES.items()
     }
-    actions[RESTART_AT] = DataLoaderRun.restart
+    if restart:
+        actions[RESTART_AT] = DataLoaderRun.restart
     return actions
 
 
-def _assert_resumes(domains, *, midpoints, states_from_reference=False, **dataloader_options):
+def _assert_resumes(domains, *, midpoints, states_from_reference=False, restart=True, **dataloader_options):
     assert_resumes_exactly(
         lambda: DataLoaderRun(domains, **dataloader_options),
         lambda run, i: run.next(),
         total=TOTAL,
         midpoints=midpoints,
-        actions=_actions(),
+        actions=_actions(restart),
         equal=_equal,
         states_from_reference=states_from_reference,
     )
@@ -205,7 +206,8 @@ def test_resumes_exactly_with_fork_workers_and_weight_changes(domains, stateful,
 
 # Spawned workers import torch (seconds each on a small VM), so spawn runs the pairwise cover of
 # {DataLoader, StatefulDataLoader} x {1, 2 workers} x {persistent or not}, one odd midpoint, and takes the
-# checkpoint from the uninterrupted run: two DataLoaders per case.
+# checkpoint from the uninterrupted run: two DataLoaders per case. The iterator restart (which starts new
+# workers unless they persist) runs where workers persist; the fork cases cover it without.
 SPAWN_CASES = [(False, 1, False), (False, 2, True), (True, 1, True), (True, 2, False)]
 
 
@@ -215,6 +217,7 @@ def test_resumes_exactly_with_spawned_workers_and_weight_changes(domains, statef
         domains,
         midpoints=(3,),
         states_from_reference=True,
+        restart=persistent,
         stateful=stateful,
         num_workers=num_workers,
         multiprocessing_context="spawn",
