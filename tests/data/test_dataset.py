@@ -223,3 +223,22 @@ def test_resumes_exactly_with_spawned_workers_and_weight_changes(domains, statef
         multiprocessing_context="spawn",
         persistent_workers=persistent,
     )
+
+
+def test_held_batches_the_state_excludes_batches_fetched_ahead_and_keeps_later_weight_changes(domains):
+    # A trainer that fetches one batch ahead (Lightning) trained on 5 of the 6 delivered batches.
+    expected = [batch for _, batch in zip(range(9), _loader(domains).as_dataloader())]
+    loader = _loader(domains)
+    dataloader = loader.as_dataloader()
+    dataloader.held_batches = 1
+    iterator = iter(dataloader)
+    got = [next(iterator) for _ in range(6)][:5]
+    loader.set_weights([0.0, 0.0, 1.0])  # decided after training batch 4: applies from batch 6
+    state = dataloader.state_dict()
+    assert state["batch_index"] == 5 and state["weight_history"][-1] == [6, [0.0, 0.0, 1.0]]
+    resumed = _loader(domains).as_dataloader()
+    resumed.load_state_dict(state)
+    tail = [batch for _, batch in zip(range(4), resumed)]
+    assert all(_equal(a, b) for a, b in zip(expected[5:6], tail[:1], strict=True))  # the held batch
+    assert all((batch["domain"] == 2).all() for batch in tail[1:])
+    assert all(_equal(a, b) for a, b in zip(expected, got, strict=False))

@@ -28,6 +28,7 @@ dataset-state protocol Composer uses to resume without spinning through batches)
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Iterator
 
@@ -88,28 +89,45 @@ class PlanSampler(Sampler):
 
 
 class _MixtureDataLoaderMixin:
-    """Iteration and state shared by the plain and the torchdata DataLoader (see the module docstring)."""
+    """Iteration and state shared by the plain and the torchdata DataLoader (see the module docstring).
+
+    ``held_batches`` (default 0) is for trainers that fetch batches before they train on them (Lightning's
+    fetcher holds one): ``state_dict()`` then reports the state after the last batch not held, so a resume
+    starts with the first held batch. Weight changes made since are kept, scheduled where they applied.
+    """
+
+    held_batches = 0
+    _MAX_HELD = 8
 
     def __iter__(self):
         loader = self.dataset.loader
+        self._recent_states = collections.deque([loader.state_dict()], maxlen=self._MAX_HELD + 1)
         batches = super().__iter__()  # starts the sampler, which may start planning ahead
-        if self.num_workers == 0:
-            yield from batches
-            return
-        ahead = self.sampler.planner
+        ahead = self.sampler.planner if self.num_workers > 0 else None
         try:
             for batch in batches:
-                loader.plan_next()  # the delivered batch's plan, replayed so the loader's state is exact
+                if ahead is not None:
+                    loader.plan_next()  # the delivered batch's plan, replayed so the loader's state is exact
+                self._recent_states.append(loader.state_dict())
                 yield batch
         finally:
-            loader.stop_planning_ahead(ahead)
+            if ahead is not None:
+                loader.stop_planning_ahead(ahead)
 
     def state_dict(self) -> dict:
-        """The loader's state after the last delivered batch."""
-        return self.dataset.loader.state_dict()
+        """The loader's state after the last delivered batch (less ``held_batches``)."""
+        state = self.dataset.loader.state_dict()
+        recent = getattr(self, "_recent_states", None)
+        if not self.held_batches or not recent:
+            return state
+        if self.held_batches > self._MAX_HELD:
+            raise ConfigError(f"`held_batches` must be at most {self._MAX_HELD}, got {self.held_batches}.")
+        before = recent[max(len(recent) - 1 - self.held_batches, 0)]
+        return {**before, "weight_history": state["weight_history"]}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``: the next iterator starts with the batch after the saved one."""
+        self._recent_states = None
         self.dataset.loader.load_state_dict(state)
 
 
