@@ -9,6 +9,7 @@ is a handful of counters.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -153,7 +154,7 @@ class MixtureLoader:
         self._lookahead = -(-prefetch * len(domains) // batch_size)
         self._prefetcher: DomainPrefetcher | None = None
         self._scout: MixturePlanner | None = None  # a fork of the planner that plans ahead for the prefetcher
-        self._set_weights_hook = None
+        self._ahead: MixturePlanner | None = None  # planning ahead for DataLoader worker processes
         self._needs_mask = any(domain.mode == "document" for domain in domains)
 
     # -- mixture ----------------------------------------------------------------------------------
@@ -165,13 +166,17 @@ class MixtureLoader:
 
     @property
     def weights(self) -> dict[str, float]:
-        """The current mixture by domain name (as set; exhausted domains keep their entry)."""
-        return dict(zip(self._planner.names, self._planner.weights.tolist()))
+        """The mixture by domain name as last set, also when the change is scheduled for a later batch
+        (see ``set_weights``); exhausted domains keep their entry."""
+        return dict(zip(self._planner.names, self._planner.latest_weights.tolist()))
 
     def set_weights(self, weights: Mapping[str, float] | Sequence[float], *, missing: str = "error") -> None:
         """Use ``weights`` (dict by name or one value per domain; normalised) from the next batch on.
 
         Every rank must call this with the same weights at the same step (the controller broadcasts them).
+        While a DataLoader with worker processes iterates (``as_dataloader(num_workers=W)``), the batches it
+        has already handed to workers keep their weights and the change applies from the first batch not
+        yet planned (see ``tikmix_loader.data.dataset``); ``weights`` and ``state_dict()`` show it at once.
 
         Args:
             weights (Mapping[str, float] | Sequence[float]): The new mixture.
@@ -184,12 +189,13 @@ class MixtureLoader:
                 the wrong length.
         """
         values = normalize_weights(weights, self._planner.names, missing=missing)
-        if self._set_weights_hook is not None:  # iterating through DataLoader worker processes
-            self._set_weights_hook(values)
-            return
-        self._planner.set_weights(values)
+        at_batch = None
+        if self._ahead is not None:
+            at_batch = self._ahead.batch_index
+            self._ahead.set_weights(values)
+        self._planner.set_weights(values, at_batch=at_batch)
         self._scout = None  # what it planned ahead assumed the old weights
-        logger.info("batch %d: weights set to %s", self._planner.batch_index, self.weights)
+        logger.info("weights set to %s from batch %d", self.weights, self._planner.weight_history[-1][0])
 
     def natural_weights(self) -> dict[str, float]:
         """Each domain's share of all tokens."""
@@ -214,22 +220,43 @@ class MixtureLoader:
         plan = self.plan_next()
         if plan is None:
             return None
-        if self.num_workers > 0:
-            self._read_ahead()
-        return self.read_batch(plan)
+        return self.take_batch(plan)
 
     def plan_next(self) -> BatchPlan | None:
         """Plan the next global batch and move past it (``state_dict()`` counts it); ``None`` once exhausted.
 
-        Reads nothing: pass the plan to ``read_batch`` in whichever process reads it.
+        Reads nothing: pass the plan to ``take_batch`` (this process, prefetched) or ``read_batch``
+        (on demand, e.g. in a DataLoader worker process).
         """
         plan = self._planner.plan()
         if plan is None:
             self.close()
         return plan
 
+    def plan_ahead(self) -> MixturePlanner:
+        """A copy of the planner that runs ahead of this loader: ``set_weights`` also reaches it and is
+        scheduled in this loader at the copy's position, until ``stop_planning_ahead``. The DataLoader's
+        plan sampler uses it to plan batches that worker processes read before they are delivered."""
+        self._ahead = copy.deepcopy(self._planner)
+        return self._ahead
+
+    def stop_planning_ahead(self, ahead: MixturePlanner) -> None:
+        """End ``plan_ahead`` (no-op when a newer copy has replaced ``ahead``)."""
+        if self._ahead is ahead:
+            self._ahead = None
+
+    def take_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """This rank's batch of the plan ``plan_next`` just returned, through the prefetch threads."""
+        if self.num_workers > 0:
+            self._read_ahead()
+        return self._rank_batch(plan, self._prefetcher)
+
     def read_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
-        """This rank's batch of the global batch ``plan``, reading only the samples of this rank's slice."""
+        """This rank's batch of ``plan``, read on demand (no threads: safe in DataLoader worker processes)."""
+        return self._rank_batch(plan, None)
+
+    def _rank_batch(self, plan: BatchPlan, prefetcher: DomainPrefetcher | None) -> dict[str, torch.Tensor]:
+        """Read only the samples of this rank's slice of the global batch ``plan``."""
         first = self.rank * self.batch_size
         domains, indices = plan.samples(first, first + self.batch_size)
         tokens = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
@@ -237,18 +264,16 @@ class MixtureLoader:
         for domain in np.unique(domains):
             rows = np.flatnonzero(domains == domain)
             rows = rows[np.argsort(indices[rows], kind="stable")]  # ascending stream order reads fastest
-            tokens[rows], valid[rows] = self._read(int(domain), indices[rows])
-        if self._prefetcher is not None:
+            if prefetcher is None:
+                tokens[rows], valid[rows] = self._streams[int(domain)].read_at(indices[rows])
+            else:
+                tokens[rows], valid[rows] = prefetcher.take(int(domain), indices[rows])
+        if prefetcher is not None:
             for domain, start in enumerate(plan.starts.tolist()):
-                self._prefetcher.release_below(domain, start)
+                prefetcher.release_below(domain, start)
         return samples_to_batch(
             tokens, valid, domains, self._needs_mask, label_convention=self.label_convention
         )
-
-    def _read(self, domain: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._prefetcher is None:
-            return self._streams[domain].read_at(indices)
-        return self._prefetcher.take(domain, indices)
 
     def _read_ahead(self) -> None:
         """Plan up to ``self._lookahead`` batches ahead on a fork and request this rank's samples of them."""
@@ -271,6 +296,12 @@ class MixtureLoader:
             self._prefetcher.close()
             self._prefetcher = None
         self._scout = None
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawned DataLoader workers, which only call read_batch: no threads, no planner copy.
+        state = self.__dict__.copy()
+        state["_prefetcher"], state["_ahead"] = None, None
+        return state
 
     def __del__(self):
         if getattr(self, "_prefetcher", None) is not None:  # may run on a half-constructed loader

@@ -167,13 +167,32 @@ class MixturePlanner:
 
     # -- weights ----------------------------------------------------------------------------------
 
-    def set_weights(self, weights: np.ndarray) -> None:
-        """Use ``weights`` (already normalised) from the next planned batch on."""
-        self.weights = np.asarray(weights, dtype=np.float64)
-        if self.weight_history and self.weight_history[-1][0] == self.batch_index:
-            self.weight_history[-1] = (self.batch_index, self.weights.tolist())
-        else:
-            self.weight_history.append((self.batch_index, self.weights.tolist()))
+    def set_weights(self, weights: np.ndarray, *, at_batch: int | None = None) -> None:
+        """Use ``weights`` (already normalised) from batch ``at_batch`` on (default: the next planned batch).
+
+        A later ``at_batch`` schedules the change: it is kept in ``weight_history`` (so it is part of the
+        state) and applied when that batch is planned. The newest call wins: changes scheduled at or after
+        ``at_batch`` by earlier calls are dropped.
+        """
+        at_batch = self.batch_index if at_batch is None else int(at_batch)
+        if at_batch < self.batch_index:
+            raise StateError(
+                f"Cannot schedule weights at batch {at_batch}: batch {self.batch_index} is already planned; "
+                f"pass `at_batch` >= {self.batch_index}."
+            )
+        weights = np.asarray(weights, dtype=np.float64)
+        self.weight_history = [entry for entry in self.weight_history if entry[0] < at_batch]
+        self.weight_history.append((at_batch, weights.tolist()))
+        self.weights = self._weights_at(self.batch_index)
+
+    @property
+    def latest_weights(self) -> np.ndarray:
+        """The most recently set weights, including a change scheduled for a later batch."""
+        return np.asarray(self.weight_history[-1][1], dtype=np.float64)
+
+    def _weights_at(self, batch: int) -> np.ndarray:
+        due = [weights for index, weights in self.weight_history if index <= batch]
+        return np.asarray(due[-1], dtype=np.float64)
 
     def effective_weights(self) -> np.ndarray:
         """Current weights with exhausted domains removed and the rest renormalised."""
@@ -199,6 +218,7 @@ class MixturePlanner:
         """Plan the next global batch and advance; ``None`` once the mixture is exhausted."""
         if self.finished:
             return None
+        self.weights = self._weights_at(self.batch_index)  # a scheduled change may be due
         size = self.global_batch_size
         fixed = np.zeros(len(self.names), dtype=np.int64)  # samples of domains that ran out in this batch
         while True:
