@@ -1,10 +1,12 @@
-"""``tikmix bench {loader,io,kernels}``: run a benchmark from the console script; extra arguments go to it."""
+"""``tikmix bench {counterfactual,io,kernels,loader}``: run a benchmark from the console script (extra
+arguments go to it)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 
 from tikmix_loader.errors import ConfigError
@@ -21,6 +23,7 @@ def _repo_benchmark(name: str):
         )
     spec = importlib.util.spec_from_file_location(f"tikmix_benchmarks.{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the body runs
     spec.loader.exec_module(module)
     return module
 
@@ -33,6 +36,10 @@ BENCHMARKS = {
     "io": (
         "tikmix convert on 1 vs 2 processes, first open with vs without the index, lazy remote shards",
         lambda: _repo_benchmark("bench_io"),
+    ),
+    "counterfactual": (
+        "does Group Influence rank mixtures like paired training branches do? (issue 14)",
+        lambda: _repo_benchmark("bench_counterfactual"),
     ),
     "kernels": (
         "fused projected-gradient kernels vs naive and unfused torch",

@@ -75,8 +75,9 @@ def test_loss_scale_recovers_the_summed_loss_gradient(micro):
         _train_step(micro, gi, batch, loss_scale=loss_scale, scale_loss=scale_loss)
         results.append(gi.influence(_targets()).values)
         micro.zero_grad(set_to_none=True)
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-5)
-    np.testing.assert_allclose(results[2], results[0], rtol=1e-5)
+    # atol: float32 rounding of the differently scaled losses, amplified by K-FAC's inverse on small entries.
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[2], results[0], rtol=1e-5, atol=1e-6)
 
 
 def test_half_life_weights_older_steps_down(micro):

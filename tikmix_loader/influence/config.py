@@ -24,9 +24,10 @@ class InfluenceConfig:
             or None for no projection (exact gradients; for tests and small models). A side whose k is at
             least the layer's width is not projected (the identity is exact and no wider). Default: 64.
         preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"`` (methods.md §3). Default: ``"kfac"``.
-        damping (float): Damping relative to the mean eigenvalue: K-FAC adds ``damping * trace(A) / k_in``
-            to A and ``damping * trace(B) / k_out`` to B; EK-FAC adds ``damping * mean(Lambda)`` to Lambda.
-            Default: 0.1.
+        damping (float): Damping relative to the unprojected layer's mean eigenvalue: K-FAC adds ``damping *
+            trace(A) / d_in`` to A and ``damping * trace(B) / d_out`` to B; EK-FAC adds ``damping *
+            sum(Lambda) / (d_out d_in)`` to Lambda (traces survive projection, so the shift is the same for
+            every k). Default: 0.1.
         layers (tuple[str, ...] | None): fnmatch patterns over module names selecting the tracked
             layers (``nn.Linear`` or HF ``Conv1D``); None tracks every one the task lists. Default: None.
         exclude (tuple[str, ...]): fnmatch patterns of layers to drop from the selection. Default: ().
@@ -41,7 +42,9 @@ class InfluenceConfig:
         default=64, metadata={"help": "projection width, (k_in, k_out) or None"}
     )
     preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac or ekfac"})
-    damping: float = field(default=0.1, metadata={"help": "damping relative to the mean eigenvalue"})
+    damping: float = field(
+        default=0.1, metadata={"help": "damping relative to the unprojected mean eigenvalue"}
+    )
     layers: tuple[str, ...] | None = field(
         default=None, metadata={"help": "fnmatch patterns of tracked layers"}
     )

@@ -214,6 +214,8 @@ class GroupInfluence:
             type(self.model).__name__,
             self.layer_names,
         )
+        # Unprojected (d_in, d_out) per layer: damping is relative to the unprojected mean eigenvalue.
+        self._widths = [(layer.d_in, layer.d_out) for layer in self.layers]
         self._projections = Projections(self.layers, self.config.seed)
         self.domains = None if domains is None else _names(dict.fromkeys(domains), "domains")
         self._pass: _Pass | None = None
@@ -276,7 +278,9 @@ class GroupInfluence:
                 )
                 lam_stats.all_reduce_()
                 lambdas = [lam.cpu() for lam in lam_stats.lambdas()]
-                preconditioner = EKFACPreconditioner(bases, lambdas, self.config.damping)
+                preconditioner = EKFACPreconditioner(
+                    bases=bases, lambdas=lambdas, widths=self._widths, damping=self.config.damping
+                )
             target_stats, target_processed = self._collect_targets(targets, loss_fn, progress=progress)
         return self._matrix(
             stats, target_stats, preconditioner, processed + target_processed, domain_names, target_names
@@ -397,7 +401,9 @@ class GroupInfluence:
                 bases, lambdas = self._basis, [lam.cpu() for lam in stats.lambdas()]
             else:
                 bases, lambdas = fresh, [basis.kfac_eigenvalues() for basis in fresh]
-            preconditioner = EKFACPreconditioner(bases, lambdas, self.config.damping)
+            preconditioner = EKFACPreconditioner(
+                bases=bases, lambdas=lambdas, widths=self._widths, damping=self.config.damping
+            )
         with self._observation_mode():
             target_stats, processed = self._collect_targets(targets, loss_fn, progress=progress)
         matrix = self._matrix(stats, target_stats, preconditioner, processed, self.domains, target_names)
@@ -649,7 +655,9 @@ class GroupInfluence:
         """The identity or K-FAC preconditioner from the factor sums in ``stats`` (callers build EK-FAC)."""
         if self.config.preconditioner == "identity":
             return IdentityPreconditioner()
-        return KFACPreconditioner(self._cpu_factors(stats), self.config.damping)
+        return KFACPreconditioner(
+            factors=self._cpu_factors(stats), widths=self._widths, damping=self.config.damping
+        )
 
     @staticmethod
     def _cpu_factors(stats: Statistics) -> list[tuple[torch.Tensor, torch.Tensor]]:

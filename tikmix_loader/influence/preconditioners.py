@@ -11,10 +11,13 @@ Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_ou
 Ours (the paper is silent): ``g`` is the gradient of the *summed* per-token loss, so it has per-token scale,
 and B is normalised by examples (rows) while A is normalised by tokens. Then ``A (x) B`` approximates the
 per-example empirical Fisher ``E_e[vec(W_e) vec(W_e)^T]`` (cross-token terms dropped, as in Kronfluence), the
-same scale as EK-FAC's per-example ``Lambda``. Damping is relative (``InfluenceConfig.damping``): K-FAC adds
-``damping * mean eigenvalue`` of each factor to that factor, EK-FAC adds ``damping * mean(Lambda)``. A factor
-that saw no signal (all zero) gets ``damping`` itself, so it stays invertible and its layer contributes 0.
-Linear algebra runs in float64.
+same scale as EK-FAC's per-example ``Lambda``. Damping is relative (``InfluenceConfig.damping``) to the
+*unprojected* mean eigenvalue: K-FAC adds ``damping * trace(A) / d_in`` to A and ``damping * trace(B) /
+d_out`` to B, EK-FAC adds ``damping * sum(Lambda) / (d_out d_in)`` to Lambda. The projections (variance 1/k)
+keep traces in expectation, so the shift does not depend on k; dividing by k instead grew it as d/k and shrank
+projected influence steadily as k fell (issue 14; docs/influence.md compares this with Kronfluence's
+convention). Without projection (k = d) both are the same. A factor that saw no signal (all zero) gets
+``damping`` itself, so it stays invertible and its layer contributes 0. Linear algebra runs in float64.
 """
 
 from __future__ import annotations
@@ -26,15 +29,25 @@ import torch
 from tikmix_loader.errors import ConfigError
 
 
-def _relative_damping(values_mean: float, damping: float) -> float:
-    return damping * values_mean if values_mean > 0 else damping
+def _damping_shift(total: float, unprojected_size: int, damping: float) -> float:
+    """``damping`` times the *unprojected* mean eigenvalue ``total / unprojected_size`` (``damping`` itself
+    when the factor saw no signal). ``total`` is a trace, which the projections preserve in expectation."""
+    return damping * total / unprojected_size if total > 0 else damping
 
 
-def _damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
+def _damped_inverse(factor: torch.Tensor, unprojected_size: int, damping: float) -> torch.Tensor:
     size = factor.shape[0]
-    shift = _relative_damping(float(torch.trace(factor)) / size, damping)
+    shift = _damping_shift(float(torch.trace(factor)), unprojected_size, damping)
     eye = torch.eye(size, dtype=factor.dtype, device=factor.device)
     return torch.cholesky_inverse(torch.linalg.cholesky(factor + shift * eye))
+
+
+def _check_layers(owner: str, what: str, items: list, per_layer: list) -> None:
+    if len(items) != len(per_layer):
+        raise ConfigError(
+            f"{owner}: {len(items)} {what} but {len(per_layer)} per-layer entries to pair them with; give "
+            "one of each per tracked layer"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,16 +94,25 @@ class KFACPreconditioner:
 
     Args:
         factors (list[tuple[Tensor, Tensor]]): per layer ``(A, B)``, normalised (see the module docstring).
-        damping (float): Relative damping.
+        widths (list[tuple[int, int]]): per layer the unprojected ``(d_in, d_out)``, which set the damping.
+        damping (float): Relative damping: ``lambda_A = damping * trace(A) / d_in``, likewise B.
     """
 
     name = "kfac"
     needs_factors = True
     needs_lambda = False
 
-    def __init__(self, factors: list[tuple[torch.Tensor, torch.Tensor]], damping: float):
+    def __init__(
+        self,
+        *,
+        factors: list[tuple[torch.Tensor, torch.Tensor]],
+        widths: list[tuple[int, int]],
+        damping: float,
+    ):
+        _check_layers("KFACPreconditioner", "factor pairs", factors, widths)
         self._inverses = [
-            (_damped_inverse(a.double(), damping), _damped_inverse(b.double(), damping)) for a, b in factors
+            (_damped_inverse(a.double(), d_in, damping), _damped_inverse(b.double(), d_out, damping))
+            for (a, b), (d_in, d_out) in zip(factors, widths, strict=True)
         ]
 
     def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:
@@ -100,26 +122,33 @@ class KFACPreconditioner:
 
 
 class EKFACPreconditioner:
-    """``H^-1 M = Q_B [(Q_B^T M Q_A) / (Lambda + damping * mean(Lambda))] Q_A^T`` per layer.
+    """``H^-1 M = Q_B [(Q_B^T M Q_A) / (Lambda + damping * sum(Lambda) / (d_out d_in))] Q_A^T`` per layer.
 
     Args:
         bases (list[Eigenbasis]): per layer eigenbases of the K-FAC factors.
         lambdas (list[Tensor]): per layer corrected eigenvalues ``Lambda`` [k_out, k_in] in those bases.
-        damping (float): Relative damping.
+        widths (list[tuple[int, int]]): per layer the unprojected ``(d_in, d_out)``, which set the damping.
+        damping (float): Relative damping (of the unprojected mean eigenvalue).
     """
 
     name = "ekfac"
     needs_factors = True
     needs_lambda = True
 
-    def __init__(self, bases: list[Eigenbasis], lambdas: list[torch.Tensor], damping: float):
-        if len(bases) != len(lambdas):
-            raise ConfigError(
-                f"EKFACPreconditioner: {len(bases)} eigenbases but {len(lambdas)} Lambda matrices"
-            )
+    def __init__(
+        self,
+        *,
+        bases: list[Eigenbasis],
+        lambdas: list[torch.Tensor],
+        widths: list[tuple[int, int]],
+        damping: float,
+    ):
+        _check_layers("EKFACPreconditioner", "eigenbases", bases, lambdas)
+        _check_layers("EKFACPreconditioner", "eigenbases", bases, widths)
         self._bases = bases
         self._denominators = [
-            lam.double() + _relative_damping(float(lam.double().mean()), damping) for lam in lambdas
+            lam.double() + _damping_shift(float(lam.double().sum()), d_in * d_out, damping)
+            for lam, (d_in, d_out) in zip(lambdas, widths, strict=True)
         ]
 
     def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:

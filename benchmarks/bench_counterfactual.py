@@ -1,0 +1,425 @@
+"""Benchmark: does Group Influence predict what a mixture does? Paired counterfactual branches (issue 14).
+
+A base run trains on the stratified mixture. At each checkpoint it is branched M times (model and AdamW state
+copied, the schedule continued), and each branch trains ``--branch-steps`` more steps on one mixture:
+stratified, one "leaning" mixture per domain (``--lean`` on it, the rest spread evenly) and ``--dirichlet``
+draws from ``Dirichlet(1)``. Every branch reads the same data: at branch step j, domain d contributes the
+first ``n_d(w)`` rows of one fixed sample of d drawn for (checkpoint, j), so two branches differ only in how
+many rows each domain gives, not in which. The measured outcome is each target's loss change (mean loss per
+token on fixed val samples after minus before); the targets are every domain's val split.
+
+Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
+observed every base training step (one per preconditioner, at ``--k``), and fresh matrices measured at the
+checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``). A predictor's
+prediction for mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
+
+Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
+loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
+over targets: its measured mean loss change minus the best branch's. The named baseline is stratified (the
+branch every method starts from), whose regret is printed in the same table.
+
+Then the decision itself: from every predictor at ``--k``, TiKMiX-D (the experiment's defaults: trust region
+``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, which gets its own branch on the
+same data; the second table gives its measured mean change minus stratified's (negative: the decision helped).
+
+Usage (the issue-14 record; about 10 minutes on a shared 2-core CPU)::
+
+    nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
+        [--checkpoints 100 200 300] [--branch-steps 10] [--json out/counterfactual.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+
+from tikmix_loader.data.loader import MixtureLoader
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.experiment import apply_threads, build_model, load_splits, val_targets
+from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
+from tikmix_loader.mixing import MixingContext, get_mixer
+from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
+from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """Settings of one counterfactual check (the base run, the branches and the predictors)."""
+
+    model: str = field(default="tiny", metadata={"help": "TinyGPT preset"})
+    seed: int = field(default=0, metadata={"help": "initialisation, data order and projections"})
+    steps: int = field(default=300, metadata={"help": "length of the base run's LR schedule"})
+    checkpoints: tuple[int, ...] = field(default=(100, 200, 300), metadata={"help": "steps to branch at"})
+    branch_steps: int = field(default=10, metadata={"help": "training steps of every branch"})
+    dirichlet: int = field(default=6, metadata={"help": "Dirichlet(1) branch mixtures"})
+    lean: float = field(default=0.6, metadata={"help": "weight of a leaning mixture's domain"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    target_samples: int = field(default=32, metadata={"help": "val samples per domain per target"})
+    observation_samples: int = field(default=32, metadata={"help": "fresh S: samples per domain"})
+    target_batch_size: int = field(default=16, metadata={"help": "batch size of influence passes"})
+    k: int = field(default=32, metadata={"help": "projection width of the online engines"})
+    ks: tuple[int, ...] = field(default=(16, 32, 64), metadata={"help": "projection widths of fresh S"})
+    preconditioners: tuple[str, ...] = field(
+        default=("identity", "kfac", "ekfac"), metadata={"help": "preconditioners compared"}
+    )
+    half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
+    max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
+    min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
+
+    def __post_init__(self):
+        for name in ("checkpoints", "ks", "preconditioners"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        checkpoints = self.checkpoints
+        if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1:
+            raise ConfigError(
+                "CounterfactualConfig: `checkpoints` must be increasing positive steps, got "
+                f"{list(checkpoints)}"
+            )
+        if checkpoints[-1] > self.steps:
+            raise ConfigError(
+                f"CounterfactualConfig: the last checkpoint {checkpoints[-1]} is past `steps` {self.steps}; "
+                "raise --steps or branch earlier"
+            )
+        unknown = [name for name in self.preconditioners if name not in PRECONDITIONERS]
+        if unknown or not self.preconditioners:
+            raise ConfigError(
+                f"CounterfactualConfig: unknown `preconditioners` {unknown}; valid: {sorted(PRECONDITIONERS)}"
+            )
+        if not 0 < self.lean < 1:
+            raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        # The branches run past the last checkpoint, so the schedule covers them too.
+        return TrainConfig(steps=self.steps + self.branch_steps, lr=self.lr)
+
+
+# -- branches ------------------------------------------------------------------------------------
+
+
+def branch_mixtures(names: list[str], *, dirichlet: int, lean: float, seed: int) -> dict[str, np.ndarray]:
+    """The branch mixtures by label: ``stratified``, ``lean:<domain>`` per domain, ``dirichlet:<i>``."""
+    m = len(names)
+    mixtures = {"stratified": np.full(m, 1.0 / m)}
+    for index, name in enumerate(names):
+        w = np.full(m, (1.0 - lean) / (m - 1))
+        w[index] = lean
+        mixtures[f"lean:{name}"] = w
+    draws = np.random.default_rng(seed).dirichlet(np.ones(m), size=dirichlet)
+    mixtures.update({f"dirichlet:{i}": w for i, w in enumerate(draws)})
+    return mixtures
+
+
+def quotas(weights: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rows per domain, ``round(w * batch_size)`` by largest remainder so they sum to ``batch_size``."""
+    exact = np.asarray(weights, dtype=np.float64) * batch_size
+    rows = np.floor(exact).astype(int)
+    rows[np.argsort(rows - exact)[: batch_size - rows.sum()]] += 1
+    return rows
+
+
+def branch_data(loader: MixtureLoader, *, steps: int, batch_size: int, key: int) -> list[list[dict]]:
+    """Per branch step, one sample of ``batch_size`` rows of every domain (shared by every branch)."""
+    return [
+        [loader.sample_domain(name, batch_size, seed=key * 10_000 + step) for name in loader.domain_names]
+        for step in range(steps)
+    ]
+
+
+def _train_step(model, optimizer, batch: dict, *, lr: float, grad_clip: float | None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    per_token = per_token_loss(model, batch)
+    loss = per_token.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_branch(model, optimizer, weights: np.ndarray, data, *, config: CounterfactualConfig, start: int):
+    """A copy of ``model`` and ``optimizer`` trained on ``data`` at mixture ``weights``, from step ``start``
+    of the schedule; the originals are left as they were."""
+    branch = copy.deepcopy(model)
+    branch_optimizer, _ = make_optimizer(branch, config.train_config)
+    branch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    rows = quotas(weights, config.batch_size)
+    device = next(model.parameters()).device
+    for step, samples in enumerate(data):
+        batch = {
+            key: torch.cat([sample[key][:n] for sample, n in zip(samples, rows, strict=True)]).to(device)
+            for key in samples[0]
+        }
+        lr = config.train_config.lr_at(start + step)
+        _train_step(branch, branch_optimizer, batch, lr=lr, grad_clip=config.train_config.grad_clip)
+    return branch
+
+
+@torch.no_grad()
+def target_losses(model, targets: dict[str, list[dict]]) -> np.ndarray:
+    """Mean loss per token of every target, in ``targets`` order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for batches in targets.values():
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            total += float(per_token_loss(model, batch).double().sum())
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+        out.append(total / count)
+    model.train(was_training)
+    return np.asarray(out)
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+
+def score_predictor(S: np.ndarray, mixtures: np.ndarray, change: np.ndarray, *, baseline: int = 0) -> dict:
+    """How well ``S`` [targets, domains] predicts the measured loss ``change`` [branches, targets].
+
+    Returns:
+        dict: per target ``spearman`` and ``pearson`` of ``S w`` with the loss drop over branches; the
+        ``pick`` (branch index with the highest mean predicted drop) and its ``regret`` (its measured mean
+        change minus the best branch's); ``baseline_regret`` of branch ``baseline``.
+    """
+    predicted = mixtures @ S.T  # [branches, targets], higher = predicted larger drop
+    drop = -change
+    spearman = [float(stats.spearmanr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
+    pearson = [float(stats.pearsonr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
+    mean_change = change.mean(axis=1)
+    pick = int(np.argmax(predicted.mean(axis=1)))
+    return {
+        "spearman": spearman,
+        "pearson": pearson,
+        "spearman_mean_target": float(stats.spearmanr(predicted.mean(axis=1), -mean_change).statistic),
+        "pick": pick,
+        "regret": float(mean_change[pick] - mean_change.min()),
+        "baseline_regret": float(mean_change[baseline] - mean_change.min()),
+    }
+
+
+# -- the check -----------------------------------------------------------------------------------
+
+
+def _fresh_influence(
+    model, loader, targets, *, config: CounterfactualConfig, key: int
+) -> dict[str, np.ndarray]:
+    observation = {
+        name: loader.sample_batches(
+            name, config.observation_samples, batch_size=config.target_batch_size, seed=key
+        )
+        for name in loader.domain_names
+    }
+    out = {}
+    for kind in config.preconditioners:
+        for k in config.ks:
+            engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed)
+            out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
+    return out
+
+
+def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = False) -> dict:
+    """Train the base run, branch at every checkpoint, and score every predictor (see the module docstring).
+
+    Returns:
+        dict: ``domains``, ``targets``, ``mixtures`` {label: weights}, ``checkpoints``: per checkpoint its
+        ``step``, ``before`` (target losses), ``change`` [branches, targets], ``influence`` {predictor: S} and
+        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {predictor: TiKMiX-D's ``weights``,
+        measured ``change`` and its mean minus stratified's, ``vs_stratified``}; ``seconds``.
+    """
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    splits = load_splits(corpus)
+    model = build_model(config.model, seed=config.seed, seq_len=config.seq_len).to(device)
+    loader = MixtureLoader(
+        list(splits.train),
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        num_workers=0,
+    )
+    names = loader.domain_names
+    loader.set_weights(dict.fromkeys(names, 1.0))
+    targets = val_targets(
+        splits.val,
+        samples=config.target_samples,
+        batch_size=config.target_batch_size,
+        seq_len=config.seq_len,
+        seed=config.seed,
+    )
+    labelled = branch_mixtures(names, dirichlet=config.dirichlet, lean=config.lean, seed=config.seed)
+    mixtures = np.stack(list(labelled.values()))
+    online = {
+        kind: GroupInfluence(
+            model,
+            k=config.k,
+            preconditioner=kind,
+            seed=config.seed,
+            half_life=config.half_life,
+            domains=names,
+        )
+        for kind in config.preconditioners
+    }
+    optimizer, _ = make_optimizer(model, config.train_config)
+    train_config = config.train_config
+    batches = iter(loader)
+    records, step = [], 0
+    try:
+        for checkpoint in config.checkpoints:
+            while step < checkpoint:
+                batch = {key: value.to(device) for key, value in next(batches).items()}
+                with contextlib.ExitStack() as stack:
+                    for engine in online.values():
+                        stack.enter_context(engine.observe(batch))
+                    for group in optimizer.param_groups:
+                        group["lr"] = train_config.lr_at(step)
+                    per_token = per_token_loss(model, batch)
+                    loss = per_token.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+                    loss.backward()
+                if train_config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+            influence = {
+                f"online {kind} k={config.k}": e.influence(targets).values for kind, e in online.items()
+            }
+            influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
+            before = target_losses(model, targets)
+            data = branch_data(
+                loader, steps=config.branch_steps, batch_size=config.batch_size, key=checkpoint
+            )
+            change = np.stack(
+                [
+                    target_losses(run_branch(model, optimizer, w, data, config=config, start=step), targets)
+                    - before
+                    for w in mixtures
+                ]
+            )
+            solver = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
+            prior = dict.fromkeys(names, 1.0)
+            decisions = {}
+            for name, S in influence.items():
+                if name.endswith(f" k={config.k}"):
+                    solved = solver.propose(
+                        MixingContext(domains=tuple(names), w_prior=prior, influence=S)
+                    ).weights
+                    branch = run_branch(model, optimizer, solved, data, config=config, start=step)
+                    solved_change = target_losses(branch, targets) - before
+                    decisions[name] = {
+                        "weights": solved.tolist(),
+                        "change": solved_change.tolist(),
+                        "vs_stratified": float(solved_change.mean() - change[0].mean()),
+                    }
+            records.append(
+                {
+                    "step": checkpoint,
+                    "decisions": decisions,
+                    "before": before.tolist(),
+                    "change": change.tolist(),
+                    "influence": {name: S.tolist() for name, S in influence.items()},
+                    "scores": {name: score_predictor(S, mixtures, change) for name, S in influence.items()},
+                }
+            )
+            if progress:
+                print(f"checkpoint {checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        loader.close()
+    return {
+        "domains": names,
+        "targets": list(targets),
+        "mixtures": {label: w.tolist() for label, w in labelled.items()},
+        "checkpoints": records,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def report(result: dict) -> str:
+    """Markdown: per predictor, median Spearman/Pearson over targets x checkpoints, mean-target Spearman,
+    and regret per checkpoint beside stratified's (the baseline)."""
+    steps = [record["step"] for record in result["checkpoints"]]
+    regret_heads = " | ".join(f"regret @{s}" for s in steps)
+    lines = [
+        f"| predictor | median Spearman | median Pearson | Spearman of mean target | {regret_heads} |",
+        "|---|---|---|---|" + "---|" * len(steps),
+    ]
+    predictors = list(result["checkpoints"][0]["scores"])
+    for name in predictors:
+        scores = [record["scores"][name] for record in result["checkpoints"]]
+        spearman = np.median([value for s in scores for value in s["spearman"]])
+        pearson = np.median([value for s in scores for value in s["pearson"]])
+        mean_target = np.median([s["spearman_mean_target"] for s in scores])
+        regrets = " | ".join(f"{s['regret']:.4f}" for s in scores)
+        lines.append(f"| {name} | {spearman:.2f} | {pearson:.2f} | {mean_target:.2f} | {regrets} |")
+    baseline = " | ".join(
+        f"{record['scores'][predictors[0]]['baseline_regret']:.4f}" for record in result["checkpoints"]
+    )
+    lines.append(f"| stratified (baseline) | — | — | — | {baseline} |")
+    spread = " | ".join(
+        f"{np.ptp(np.mean(record['change'], axis=1)):.4f}" for record in result["checkpoints"]
+    )
+    lines.append(f"| spread of branches' mean change (max - min) | — | — | — | {spread} |")
+    lines += [
+        "",
+        "| TiKMiX-D solved from | " + " | ".join(f"Δ vs stratified @{s}" for s in steps) + " | mean |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for name in result["checkpoints"][0]["decisions"]:
+        deltas = [record["decisions"][name]["vs_stratified"] for record in result["checkpoints"]]
+        cells = " | ".join(f"{delta:+.4f}" for delta in deltas)
+        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default="corpus", help="corpus directory DIR/<domain>/{train,val,test}/")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write every checkpoint's record here")
+    parser.add_argument("--progress", action="store_true", help="print the time at every checkpoint")
+    defaults = CounterfactualConfig()
+    for item in dataclasses.fields(CounterfactualConfig):
+        default = getattr(defaults, item.name)
+        flag = f"--{item.name.replace('_', '-')}"
+        if isinstance(default, tuple):
+            kind = str if item.name == "preconditioners" else int
+            parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])
+    args = parser.parse_args(argv)
+    apply_threads(args.threads)
+    config = CounterfactualConfig(
+        **{item.name: getattr(args, item.name) for item in dataclasses.fields(defaults)}
+    )
+    result = run_check(config, args.corpus, progress=args.progress)
+    print(
+        f"{len(result['mixtures'])} branches x {config.branch_steps} steps at steps "
+        f"{list(config.checkpoints)} ({config.model}, {config.batch_size} x {config.seq_len}, seed "
+        f"{config.seed}); {result['seconds']:.0f} s; "
+        f"torch {torch.__version__}, {platform.machine()}, {datetime.date.today()}"
+    )
+    print(report(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"config": dataclasses.asdict(config), **result}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The counterfactual check: paired branches, the scoring of predictors, and a smoke run of the benchmark."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from testkit.corpus import make_text_corpus
+
+from tikmix_loader._bench_commands import _repo_benchmark
+from tikmix_loader.data.loader import MixtureLoader
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.experiment import build_model, load_splits, val_targets
+from tikmix_loader.train import make_optimizer
+
+SMALL = {"model": "micro", "steps": 6, "checkpoints": (3, 6), "branch_steps": 2, "dirichlet": 2}
+SMALL.update(batch_size=4, seq_len=32, target_samples=4, observation_samples=4, target_batch_size=4, ks=(8,))
+SMALL.update(k=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread (tiny models run faster so on a shared CPU); the smoke run sets it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _repo_benchmark("bench_counterfactual")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_text_corpus(tmp_path_factory.mktemp("counterfactual"))
+
+
+@pytest.mark.parametrize("weights", [[0.2, 0.3, 0.5], [0.9, 0.05, 0.05], [1 / 3] * 3])
+def test_quotas_round_to_the_batch(bench, weights):
+    rows = bench.quotas(np.array(weights), 16)
+    assert rows.sum() == 16 and np.all(np.abs(rows - np.array(weights) * 16) < 1)
+
+
+def test_branch_mixtures_lean_on_each_domain_and_sum_to_one(bench):
+    mixtures = bench.branch_mixtures(["a", "b", "c"], dirichlet=3, lean=0.6, seed=0)
+    assert list(mixtures)[:4] == ["stratified", "lean:a", "lean:b", "lean:c"] and len(mixtures) == 7
+    assert mixtures["lean:b"] == pytest.approx([0.2, 0.6, 0.2])
+    assert all(w.sum() == pytest.approx(1.0) and (w >= 0).all() for w in mixtures.values())
+
+
+def test_branches_are_paired_and_leave_the_base_run_alone(bench, corpus):
+    config = bench.CounterfactualConfig(**SMALL)
+    splits = load_splits(corpus)
+    model = build_model("micro", seed=0, seq_len=32)
+    optimizer, _ = make_optimizer(model, config.train_config)
+    loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    targets = val_targets(splits.val, samples=4, batch_size=4, seq_len=32, seed=0)
+    data = bench.branch_data(loader, steps=2, batch_size=4, key=1)
+    before = bench.target_losses(model, targets)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    runs = [
+        bench.target_losses(
+            bench.run_branch(model, optimizer, np.array(w), data, config=config, start=3), targets
+        )
+        for w in ([1 / 3] * 3, [1 / 3] * 3, [0.8, 0.1, 0.1])
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])  # same mixture, same data: the same outcome
+    assert not np.allclose(runs[0], runs[2]) and not np.allclose(runs[0], before)
+    assert all(torch.equal(state[key], value) for key, value in model.state_dict().items())
+    assert not optimizer.state  # the base optimizer took no step
+    loader.close()
+
+
+def test_score_predictor_rewards_the_right_ranking(bench):
+    mixtures = np.array([[1 / 2, 1 / 2], [0.9, 0.1], [0.1, 0.9], [0.7, 0.3]])
+    S = np.array([[1.0, -0.5], [0.2, 0.4]])  # [targets, domains]
+    change = -(mixtures @ S.T)  # measured drop exactly what S predicts
+    perfect = bench.score_predictor(S, mixtures, change)
+    assert perfect["spearman"] == pytest.approx([1.0, 1.0]) and perfect["regret"] == 0.0
+    assert perfect["baseline_regret"] == pytest.approx(change.mean(1)[0] - change.mean(1).min())
+    wrong = bench.score_predictor(-S, mixtures, change)
+    assert wrong["spearman"] == pytest.approx([-1.0, -1.0]) and wrong["regret"] > 0
+
+
+def test_config_rejects_checkpoints_past_the_run(bench):
+    with pytest.raises(ConfigError, match=r"last checkpoint 9 is past `steps` 6"):
+        bench.CounterfactualConfig(steps=6, checkpoints=(3, 9))
+    with pytest.raises(ConfigError, match=r"unknown `preconditioners` \['exact'\]"):
+        bench.CounterfactualConfig(preconditioners=("kfac", "exact"))
+
+
+def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
+    out = tmp_path / "cf.json"
+    kinds = ("identity", "kfac")
+    args = ["--corpus", str(corpus), "--json", str(out), "--threads", "1", "--preconditioners", *kinds]
+    for key, value in SMALL.items():
+        args += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]
+    bench.main(args)
+    table = capsys.readouterr().out
+    assert "| online kfac k=8 |" in table and "| fresh identity k=8 |" in table
+    assert "| stratified (baseline) |" in table
+    saved = json.loads(out.read_text())
+    assert [record["step"] for record in saved["checkpoints"]] == [3, 6]
+    change = np.array(saved["checkpoints"][1]["change"])
+    assert change.shape == (6, 3) and np.isfinite(change).all()  # stratified, 3 leaning, 2 Dirichlet
+    decisions = saved["checkpoints"][1]["decisions"]
+    assert sorted(decisions) == sorted(f"{when} {kind} k=8" for when in ("online", "fresh") for kind in kinds)
+    for decision in decisions.values():  # TiKMiX-D's own branch, compared with stratified's on the same data
+        assert sum(decision["weights"]) == pytest.approx(1.0) and min(decision["weights"]) >= 0.1 - 1e-9
+        delta = np.mean(decision["change"]) - change[0].mean()
+        assert decision["vs_stratified"] == pytest.approx(delta)
+    assert "| TiKMiX-D solved from |" in table
