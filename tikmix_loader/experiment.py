@@ -340,7 +340,7 @@ def _context(loader: MixtureLoader) -> MixingContext:
 
 
 class LookAheadLabel:
-    """TiKMiX-M label (methods.md §5, label a): the drop in mean target loss after a short look-ahead.
+    """TiKMiX-M label (docs/methods.md §5, label a): the drop in mean target loss after a short look-ahead.
 
     For each candidate ``w``, from a snapshot of the model and optimizer, take ``steps`` optimizer steps on
     the loss ``sum_d w_d * mean loss of domain d`` over a fresh sample of every domain, which is the expected
@@ -624,7 +624,7 @@ def regmix_sweep(
     seed: int,
     progress: bool = True,
 ) -> dict:
-    """RegMix's decision (methods.md §7) at small scale: proxies, fit, simulated optimum.
+    """RegMix's decision (docs/methods.md §7) at small scale: proxies, fit, simulated optimum.
 
     ``regmix_proxies`` mixtures from the RegMix prior; one ``regmix_model`` proxy per mixture trained with
     the shared schedule for ``regmix_fraction * steps`` steps (same batch and sequence length), scored by its

@@ -1,6 +1,6 @@
 """``GroupInfluence``: how much each data domain helps each target set, from projected per-domain gradients.
 
-``S[b, d] = psi_b^T H^-1 phi_d`` (methods.md §3), positive = helpful, where ``phi_d`` is the gradient of
+``S[b, d] = psi_b^T H^-1 phi_d`` (docs/methods.md §3), positive = helpful, where ``phi_d`` is the gradient of
 domain d's mean per-token loss and ``psi_b`` that of target b's mean loss, over the weights of the tracked
 layers (``nn.Linear`` and HF ``Conv1D``, as the ``Task`` lists them), Kronecker-projected to ``k_out x k_in``
 per layer (LoGra-style; ``k=None`` is exact). Two ways to get ``phi``:
@@ -139,7 +139,8 @@ def _names(groups: Mapping, what: str) -> tuple[str, ...]:
 
 
 class GroupInfluence:
-    """Group Influence of domains on targets over a model's Linear and Conv1D layers (methods.md §2-3, §6).
+    """Group Influence of domains on targets over a model's Linear and Conv1D layers (docs/methods.md §2-3,
+    §6).
 
     Args:
         model (nn.Module): The model (a ``DistributedDataParallel`` wrapper is unwrapped).
