@@ -48,8 +48,8 @@ from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import apply_threads, build_model, load_splits, val_targets
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
+from tikmix_loader.losses import IGNORE_INDEX, per_token_loss
 from tikmix_loader.mixing import MixingContext, get_mixer
-from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
 from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
 

@@ -32,7 +32,8 @@ import torch
 
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.influence.reference import correlation, projection_curve
-from tikmix_loader.models import GPTConfig, TinyGPT, per_token_loss
+from tikmix_loader.losses import loss_mask, mark_labels, per_token_loss
+from tikmix_loader.models import GPTConfig, TinyGPT
 
 DOMAINS = ("web", "code", "math")
 GOAL_OVERHEAD = {"cpu": 0.10, "cuda": 0.03}
@@ -54,18 +55,19 @@ def domain_tokens(domain: int, rows: int, length: int, *, seed: int) -> torch.Te
 
 
 def make_batch(rows_per_domain: list[int], seq_len: int, *, seed: int, device) -> dict:
-    """A loader-style batch (``input_ids``, shifted ``labels``, ``domain``) mixing the domains."""
+    """A loader-style batch (``input_ids``, shifted ``labels``, ``label_shift``, ``domain``), all domains."""
     parts, domains = [], []
     for d, rows in enumerate(rows_per_domain):
         if rows:
             parts.append(domain_tokens(d, rows, seq_len + 1, seed=seed * 31 + d))
             domains.append(torch.full((rows,), d, dtype=torch.long))
     tokens = torch.cat(parts)
-    return {
+    batch = {
         "input_ids": tokens[:, :-1].to(device),
         "labels": tokens[:, 1:].to(device),
         "domain": torch.cat(domains).to(device),
     }
+    return mark_labels(batch, "shifted")
 
 
 def _sync(device: torch.device) -> None:
@@ -76,7 +78,7 @@ def _sync(device: torch.device) -> None:
 def _train_step(model, optimizer, batch, gi=None) -> None:
     def step():
         loss = per_token_loss(model, batch)
-        (loss.sum() / (batch["labels"] != -100).sum()).backward()
+        (loss.sum() / loss_mask(batch).sum()).backward()
 
     if gi is None:
         step()

@@ -60,7 +60,8 @@ def _time_batches(iterator, num_batches: int, on_batch=None) -> float:
 def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
     from tikmix_loader import Domain, MixtureLoader
 
-    domains = [Domain(name, directory / "mds" / name) for name in DOMAINS]
+    # Plain MDSWriter output records no ids; these documents are byte tokens (EOS 256, vocabulary 258).
+    domains = [Domain(name, directory / "mds" / name, eos_id=256, vocab_size=258) for name in DOMAINS]
     loader = MixtureLoader(
         domains,
         batch_size=args.batch_size,

@@ -2,7 +2,7 @@
 
 Providers (all on the same synthetic influence matrices, one per seed):
 
-* ``plain``: SLSQP on ``w`` as methods.md §4 states it, with none of our structure: finite-difference
+* ``plain``: SLSQP on ``w`` as docs/methods.md §4 states it, with none of our structure: finite-difference
   gradients, every Pareto row as a constraint without a Jacobian, from the uniform mixture. BLAS is pinned
   to one thread as for ours, so the ratio measures the structure, not the pinning.
 * ``primal``: ``solve_tikmix_d(method="primal")``: analytic gradients, reduced Pareto rows.

@@ -173,7 +173,8 @@ def project_grads(
     """Per-segment Kronecker-projected weight gradients of one Linear layer, in one pass over x and g.
 
     ``out[s] = sum_{t : segment_ids[t] = s} (g[t] @ p_out)^T (x[t] @ p_in)``, i.e. ``p_out^T W_s p_in`` for
-    the segment's weight gradient ``W_s = sum_t g[t] x[t]^T`` (methods.md §2), without materialising ``W_s``.
+    the segment's weight gradient ``W_s = sum_t g[t] x[t]^T`` (docs/methods.md §2), without materialising
+    ``W_s``.
 
     Args:
         x (Tensor): [N, d_in] or [B, T, d_in] layer inputs; float32, bfloat16 or float16; any strides.
@@ -222,7 +223,7 @@ def segment_target_scores(
 
     ``score[s, b] = sum_{t : segment_ids[t] = s} (g[t] @ p_out) . (q[b] @ (x[t] @ p_in))``, which equals
     ``<q[b], project_grads(...)[s]>`` (Frobenius); with ``q[b] = H^-1 psi_b`` it is the per-segment influence
-    on target b (methods.md §3, §8).
+    on target b (docs/methods.md §3, §8).
 
     Args:
         x, g, p_in, p_out, segment_ids, num_segments: as for ``project_grads``.

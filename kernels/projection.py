@@ -1,6 +1,6 @@
 """Deterministic random projection matrices keyed by (seed, layer name, shape, kind).
 
-Each Linear layer gets fixed projections P_in [d_in, k_in] and P_out [d_out, k_out] (methods.md §2). They
+Each Linear layer gets fixed projections P_in [d_in, k_in] and P_out [d_out, k_out] (docs/methods.md §2). They
 must be identical on every rank, device, dtype and batch tiling, so we always draw them on the CPU from a
 ``torch.Generator`` seeded with a stable hash (BLAKE2b, unlike Python's salted ``hash``) of
 ``(seed, name, d, k, kind)``, and only then cast and move them. Entries have mean 0 and variance 1/k, so

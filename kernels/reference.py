@@ -2,7 +2,7 @@
 
 Three implementations, all for one Linear layer with activations X [N, d_in], output gradients G [N, d_out],
 projections P_in [d_in, k_in], P_out [d_out, k_out] and a segment id per token (-1 = ignored)
-(methods.md §2, the LoGra/LogIX factored form):
+(docs/methods.md §2, the LoGra/LogIX factored form):
 
     Phi[s] = sum_{t : seg[t] = s} (G[t] @ P_out)^T (X[t] @ P_in)        [k_out, k_in], float32
 

@@ -1,6 +1,6 @@
 """Triton kernels for projected per-segment gradients, curvature factors and target scores, tiled over tokens.
 
-For one Linear layer (methods.md §2; LoGra/LogIX's factored form, fused here into one pass):
+For one Linear layer (docs/methods.md §2; LoGra/LogIX's factored form, fused here into one pass):
 
     X~ = X @ P_in   [N, k_in]        G~ = G @ P_out   [N, k_out]        (fp32 accumulation)
     Phi[s]       = sum_{t : seg[t] = s} G~[t]^T X~[t]                     [S, k_out, k_in]

@@ -91,6 +91,25 @@ def test_demo_end_to_end(corpus, tmp_path, capsys):
     assert f"{results['methods']['tikmix-d']['avg_test_loss'][0]:.4f}" in printed
 
 
+def test_demo_shorter_than_one_decision_still_writes_its_loss_plot_and_results(corpus, tmp_path, capsys):
+    out = tmp_path / "short"
+    flags = [*FLAGS]
+    flags[flags.index("--steps") + 1] = "2"  # decisions every 3 steps: none is made
+    threads = torch.get_num_threads()
+    try:
+        code = main(
+            ["demo", "--corpus", str(corpus), "--out", str(out), "--no-progress", "--threads", "1", *flags]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["decisions"] == 0 and results["last_influence"] is None
+    assert set(results["files"]) == {"loss_curves", "results"}
+    assert Path(results["files"]["loss_curves"]).read_bytes()[:8] == PNG_MAGIC
+    assert "TiKMiX-D made no decision in 2 steps" in capsys.readouterr().out
+
+
 def test_demo_defaults_are_the_two_methods_on_one_seed():
     assert DEMO_DEFAULTS.methods == ("stratified", "tikmix-d") and DEMO_DEFAULTS.seeds == (0,)
     assert DEMO_DEFAULTS.model == "tiny"

@@ -420,3 +420,42 @@ def test_cli_verify_exit_codes(tmp_path, run_cli, capsys):
         and "damaged at line 2: " in err
         and "reordered" in err
     )
+
+
+MALFORMED_LINES = {
+    "nan": '{"index":2,"step":NaN}',
+    "infinity": '{"index":2,"step":Infinity}',
+    "minus_infinity": '{"index":2,"step":-Infinity}',
+    "overflowing_float": '{"index":2,"step":1e999}',
+    "deep_nesting": "[" * 100_000 + "]" * 100_000,
+    "deep_object_nesting": '{"a":' * 5_000 + "1" + "}" * 5_000,
+    "array": "[1,2,3]",
+    "number": "3",
+    "string": '"record"',
+    "null": "null",
+    "huge_integer": '{"index":' + "9" * 5_000 + "}",
+    "unhashable_fields": '{"version":1,"index":[],"hash":[],"prev_hash":{},"step":{},"tokens_seen":[],'
+    '"method":[],"weights_before":1,"weights_after":1,"influence":null,"solver":null}',
+    "binary": "\udcff",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_LINES))
+def test_cli_verify_names_the_line_of_any_malformed_line(tmp_path, run_cli, capsys, name):
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(path, 4, head=False)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = MALFORMED_LINES[name] + "\n"
+    path.write_bytes("".join(lines).encode("utf-8", errors="surrogateescape"))
+    assert run_cli(["ledger", "verify", str(path)]) == 2  # a status, never a traceback
+    err = capsys.readouterr().err
+    assert "damaged at line 3: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ['{"num_records": NaN, "last_hash": null}', "[" * 100_000])
+def test_cli_verify_malformed_head_sidecar(tmp_path, run_cli, capsys, content):
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(path, 2)
+    head_path(path).write_text(content)
+    assert run_cli(["ledger", "verify", str(path)]) == 2
+    assert re.search(r"head sidecar .*ledger\.jsonl\.head is corrupt", capsys.readouterr().err)

@@ -3,7 +3,6 @@
 import importlib
 
 from tikmix_loader.data.domain import Domain
-from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.data.tokenizer import ByteTokenizer
 from tikmix_loader.errors import (
     BackendUnavailableError,
@@ -11,18 +10,22 @@ from tikmix_loader.errors import (
     ConversionError,
     DomainError,
     KernelInputError,
+    LabelConventionError,
     LedgerError,
     MissingExtraError,
     MixtureWeightError,
     ShardError,
     StateError,
     TikmixError,
+    TrackingError,
 )
 
 # The training-side engine is imported on first use (PEP 562). Eager imports would be circular:
 # ``tikmix_kernels`` imports ``tikmix_loader.errors`` (which runs this file), and the influence engine
-# imports ``tikmix_kernels``. They also keep ``import tikmix_loader`` free of SciPy and LightGBM.
+# imports ``tikmix_kernels``. They also keep ``import tikmix_loader`` free of SciPy and LightGBM, and
+# free of torch (``MixtureLoader``), so ``tikmix convert`` starts without it.
 _LAZY_EXPORTS = {
+    "MixtureLoader": "tikmix_loader.data.loader",
     "GroupInfluence": "tikmix_loader.influence",
     "InfluenceMatrix": "tikmix_loader.influence",
     "MixingContext": "tikmix_loader.mixing",
@@ -54,6 +57,7 @@ __all__ = [
     "GroupInfluence",
     "InfluenceMatrix",
     "KernelInputError",
+    "LabelConventionError",
     "LedgerError",
     "MissingExtraError",
     "MixingContext",
@@ -65,6 +69,7 @@ __all__ = [
     "ShardError",
     "StateError",
     "TikmixError",
+    "TrackingError",
     "at_tokens",
     "every",
     "get_mixer",

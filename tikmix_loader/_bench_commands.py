@@ -1,5 +1,5 @@
-"""``tikmix bench {counterfactual,loader,kernels}``: run a benchmark from the console script (extra arguments
-go to it)."""
+"""``tikmix bench {counterfactual,io,kernels,loader}``: run a benchmark from the console script (extra
+arguments go to it)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ BENCHMARKS = {
     "loader": (
         "MixtureLoader vs mosaicml-streaming vs a plain memmap DataLoader",
         lambda: _repo_benchmark("bench_loader"),
+    ),
+    "io": (
+        "tikmix convert on 1 vs 2 processes, first open with vs without the index, lazy remote shards",
+        lambda: _repo_benchmark("bench_io"),
     ),
     "counterfactual": (
         "does Group Influence rank mixtures like paired training branches do? (issue 14)",

@@ -5,7 +5,7 @@ A training loop calls, per step (the order matters)::
     for step, batch in enumerate(loader):
         with controller.observe(batch):      # online influence: the hooks read this backward
             losses = per_token_loss(model, batch)
-            loss = losses.sum() / (batch["labels"] != -100).sum()
+            loss = losses.sum() / loss_mask(batch).sum()
             loss.backward()
         controller.record_losses(batch, losses)   # only mixers that use training losses (ODM) need it
         optimizer.step()
@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from tikmix_loader.errors import ConfigError, StateError
 from tikmix_loader.ledger import MixtureLedger
+from tikmix_loader.losses import loss_mask
 from tikmix_loader.mixing import Mixer, MixingContext, MixtureSolution, get_mixer
-from tikmix_loader.models.tiny_gpt import per_token_loss
 
 STATE_VERSION = 1
 
@@ -95,7 +95,8 @@ class MixtureController:
             ``observation_samples`` for observation mode. Default: ``None``.
         targets (Mapping[str, Iterable[dict]], optional): Target name -> batches (re-iterable, e.g. a list),
             whose mean loss the influence is measured on. Default: ``None``.
-        loss_fn (callable): ``loss_fn(model, batch)`` -> per-token loss. Default: ``per_token_loss``.
+        loss_fn (callable, optional): ``loss_fn(model, batch)`` -> per-token loss of the influence passes.
+            Default: ``None`` (the influence engine's task loss, which follows the batch's label convention).
         schedule (DecisionSchedule): When to decide. Default: ``every(100)``.
         ledger (MixtureLedger | str, optional): Where decisions are recorded (rank 0 writes). Default: None.
         observation_samples (int, optional): Observation mode: samples per domain drawn at each decision.
@@ -113,7 +114,7 @@ class MixtureController:
         *,
         influence=None,
         targets: Mapping[str, Iterable[dict]] | None = None,
-        loss_fn: Callable = per_token_loss,
+        loss_fn: Callable | None = None,
         schedule: DecisionSchedule | None = None,
         ledger: MixtureLedger | str | None = None,
         observation_samples: int | None = None,
@@ -163,10 +164,11 @@ class MixtureController:
         return contextlib.nullcontext()
 
     def record_losses(self, batch: dict, losses: torch.Tensor) -> None:
-        """Accumulate per-domain training loss from per-token ``losses`` [B, T] (masked entries 0)."""
+        """Accumulate per-domain training loss from position-aligned per-token ``losses`` [B, T] (masked
+        entries 0), counting the loss tokens the batch's label convention marks."""
         losses = losses.detach().double()
         self._loss_stats = self._loss_stats.to(losses.device)
-        mask = (batch["labels"].to(losses.device) != -100).double()
+        mask = loss_mask(batch).to(losses.device).double()
         domain = batch["domain"].to(losses.device)
         self._loss_stats.index_add_(1, domain, torch.stack([losses.sum(1), mask.sum(1)]))
 

@@ -78,11 +78,15 @@ def run_demo(
     ensure_corpus(corpus, progress=progress)
     results = run_experiment(config, corpus, out, progress=progress)
     ledger = Path(results["methods"]["tikmix-d"]["ledgers"][0])
-    records = load_records(ledger)
-    files = {name: str(path) for name, path in write_report(ledger, out).items()}
+    # A run shorter than one decision interval leaves no ledger records (or no ledger file): the loss plot
+    # and results are still written, and the summary says that the weights never moved.
+    records = load_records(ledger) if ledger.exists() else []
+    files = {name: str(path) for name, path in write_report(ledger, out).items()} if records else {}
     files["loss_curves"] = str(_plot_losses(results, out / LOSS_PLOT))
-    files["ledger"] = str(ledger)
+    if records:
+        files["ledger"] = str(ledger)
     files["results"] = str(out / RESULTS_FILE)
+    results["decisions"] = len(records)
     last = next((record for record in reversed(records) if record["influence"] is not None), None)
     results["last_influence"] = None if last is None else {"step": last["step"], **last["influence"]}
     results["files"] = files
@@ -112,6 +116,12 @@ def format_results(results: dict) -> str:
             f"  {name:<{width}}"
             + "".join(f"{entry['final_weights'][0][index]:>14.3f}" for entry in methods.values())
         )
+    if results.get("decisions") == 0:
+        lines += [
+            "",
+            f"TiKMiX-D made no decision in {results['config']['steps']} steps (it decides every "
+            f"{results['config']['every']} steps), so its weights stayed at the prior; run more steps.",
+        ]
     influence = results.get("last_influence")
     if influence is not None:
         lines += [

@@ -49,3 +49,12 @@ class LedgerError(TikmixError, ValueError):
 
 class MissingExtraError(TikmixError, ImportError):
     """An optional dependency (e.g. ``lightgbm``, ``composer``) is needed but not installed."""
+
+
+class LabelConventionError(TikmixError, ValueError):
+    """A batch does not record which label convention (``"hf"`` or ``"shifted"``) its labels follow, or an
+    unknown convention is requested."""
+
+
+class TrackingError(ConfigError):
+    """Influence cannot track a model: it has no trackable module, or a layer pattern selects none."""

@@ -656,7 +656,7 @@ def regmix_sweep(
     seed: int,
     progress: bool = True,
 ) -> dict:
-    """RegMix's decision (methods.md §7) at small scale: proxies, fit, simulated optimum.
+    """RegMix's decision (docs/methods.md §7) at small scale: proxies, fit, simulated optimum.
 
     ``regmix_proxies`` mixtures from the RegMix prior; one ``regmix_model`` proxy per mixture trained with
     the shared schedule for ``regmix_fraction * steps`` steps (same batch and sequence length), scored by its

@@ -276,6 +276,25 @@ class _Scan:
     reason: str | None = None
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON and never written to a ledger")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to {value}, which a ledger never holds")
+    return value
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses what the writer never emits: NaN, Infinity and floats that overflow.
+
+    Nesting too deep for the parser raises ``RecursionError``, which callers report like any other bad line.
+    """
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def _parse_lines(data: bytes) -> tuple[list[tuple[int, int, dict]], int | None, str | None]:
     """Parse each newline-terminated line; return ``(end offset, line number, record)`` triples and the first
     line that is torn, empty, not JSON or not canonical."""
@@ -298,12 +317,13 @@ def _parse_lines(data: bytes) -> tuple[list[tuple[int, int, dict]], int | None, 
         if not raw:
             return parsed, lineno, "empty line; a ledger has exactly one record per line"
         try:
-            record = json.loads(raw.decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as exc:
+            record = _strict_json(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return (
                 parsed,
                 lineno,
-                f"not valid JSON ({exc}); the line was edited or corrupted",
+                f"not valid JSON for a ledger ({type(exc).__name__}: {exc}); the line was edited or "
+                "corrupted",
             )
         if not isinstance(record, dict):
             return parsed, lineno, "not a JSON object; the line was edited"
@@ -352,9 +372,12 @@ def _scan(path: Path) -> _Scan:
     for end, lineno, record in parsed:
         raw = data[start : end - 1]
         start = end
-        reason = _check_record(record, lineno, canonical_json(record).encode("ascii") == raw)
-        if reason is None:
-            reason = _check_link(record, lineno, records, line_of_hash, line_of_index)
+        try:
+            reason = _check_record(record, lineno, canonical_json(record).encode("ascii") == raw)
+            if reason is None:
+                reason = _check_link(record, lineno, records, line_of_hash, line_of_index)
+        except (TypeError, ValueError, RecursionError) as exc:  # a well-formed line of the wrong shape
+            reason = f"malformed record ({type(exc).__name__}: {exc}); the line was edited"
         if reason is not None:
             return _Scan(records, ends, lineno, reason)
         records.append(record)
@@ -407,11 +430,11 @@ def _read_head(path: Path) -> dict | None:
     if not head.exists():
         return None
     try:
-        state = json.loads(head.read_text("ascii"))
+        state = _strict_json(head.read_text("ascii"))
         if not isinstance(state, dict):
             raise ValueError("not an object")
         _check_state(state, f"head sidecar {head}")
-    except (ValueError, StateError) as exc:
+    except (ValueError, StateError, RecursionError) as exc:
         raise LedgerError(
             f"Ledger head sidecar {head} is corrupt ({exc}); delete it to verify without it."
         ) from exc

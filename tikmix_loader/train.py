@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from tikmix_loader.data.domain import Domain
 
-# Reused rather than rewritten: the loader's batch layout (shifted labels, -100 past the valid tokens).
+# Reused rather than rewritten: the loader's batch layout (labels masked past the valid tokens).
 from tikmix_loader.data.loader import samples_to_batch
 from tikmix_loader.data.stream import DomainStream
 from tikmix_loader.errors import ConfigError
-from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
+from tikmix_loader.losses import loss_mask, per_token_loss
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def train(
         batch = {key: value.to(device) for key, value in batch.items()}
         with controller.observe(batch) if controller is not None else contextlib.nullcontext():
             per_token = per_token_loss(model, batch)
-            count = (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+            count = loss_mask(batch).sum().clamp(min=1)
             loss = per_token.sum() / count
             loss.backward()
         if controller is not None:
@@ -271,11 +271,15 @@ def evaluate(
             for start in range(0, count, batch_size):
                 window, valid = stream.read(start, min(batch_size, count - start))
                 batch = samples_to_batch(
-                    window, valid, np.zeros(len(valid), np.int64), domain.mode == "document"
+                    window,
+                    valid,
+                    np.zeros(len(valid), np.int64),
+                    domain.mode == "document",
+                    label_convention="shifted",  # every target of the window; the loss follows the batch
                 )
                 per_token = per_token_loss(model, batch)
                 total += float(per_token.double().sum())
-                tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+                tokens += int(loss_mask(batch).sum())
             if tokens == 0:
                 raise ConfigError(
                     f"evaluate: domain {domain.name!r} ({domain.path}) has no scorable token at seq_len "

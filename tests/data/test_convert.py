@@ -6,6 +6,13 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +24,8 @@ from tikmix_loader import ConfigError, ConversionError, Domain
 from tikmix_loader.data import convert as convert_module
 from tikmix_loader.data.convert import FORMATS, convert, write_dataset
 from tikmix_loader.data.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -235,3 +244,107 @@ def test_cli(tmp_path, inputs, capsys):
     assert args.func(args) == 0
     assert "8 documents" in capsys.readouterr().out
     assert texts_of(Domain("cli", tmp_path / "out")) == expected
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o027, 0o750)])
+def test_output_directory_follows_the_umask(tmp_path, inputs, umask, mode):
+    previous = os.umask(umask)
+    try:
+        convert(inputs[0], tmp_path / "out", name="m", progress=False)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == mode
+
+
+def test_convert_help_starts_without_torch():
+    code = (
+        "import sys\n"
+        "from tikmix_loader.cli import main\n"
+        "try:\n"
+        "    main(['convert', '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "print('torch' in sys.modules, 'streaming' in sys.modules)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "--workers" in result.stdout and "--max-doc-tokens" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def _tree(directory):
+    """Every file under ``directory`` with its bytes."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_workers_write_the_same_dataset_as_one_process(tmp_path, inputs, monkeypatch, fmt):
+    tokenizer_file = write_hf_tokenizer(tmp_path / "tokenizer.json")  # a BPE tokenizer must pickle too
+    monkeypatch.setattr(convert_module, "BATCH_BYTES", 16)  # several batches in flight on this small input
+    options = {
+        "name": "w",
+        "format": fmt,
+        "tokenizer": tokenizer_file,
+        "progress": False,
+        "max_doc_tokens": 3,
+    }
+    one = convert(inputs[0], tmp_path / "one", workers=1, **options)
+    two = convert(inputs[0], tmp_path / "two", workers=2, **options)
+    assert one == two and _tree(tmp_path / "one") == _tree(tmp_path / "two")
+
+
+def test_max_doc_tokens_splits_long_documents(tmp_path):
+    (tmp_path / "long.txt").write_text("abcdefghij")
+    (tmp_path / "short.txt").write_text("xyz")
+    meta = convert([tmp_path], tmp_path / "out", name="s", max_doc_tokens=4, progress=False)
+    texts = texts_of(Domain("s", tmp_path / "out"))
+    assert texts == ["abcd", "efgh", "ij", "xyz"]
+    assert (meta.num_docs, meta.num_tokens, meta.docs_split, meta.max_doc_tokens) == (4, 13, 1, 4)
+    with pytest.raises(ConfigError, match=r"`max_doc_tokens` must be >= 1 or None, got 0"):
+        convert([tmp_path / "long.txt"], tmp_path / "bad", name="s", max_doc_tokens=0, progress=False)
+    with pytest.raises(ConfigError, match=r"`workers` must be an int >= 1, got 0"):
+        convert([tmp_path / "long.txt"], tmp_path / "bad", name="s", workers=0, progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_converted_output_opens_without_reading_documents(tmp_path, inputs, monkeypatch, fmt):
+    from tikmix_loader.data.sources import SOURCES
+
+    convert(inputs[0], tmp_path / "out", name="o", format=fmt, progress=False)
+    monkeypatch.setattr(SOURCES[fmt], "_scan_lengths", lambda self: pytest.fail("scanned a converted domain"))
+    domain = Domain("o", tmp_path / "out")
+    assert domain.num_tokens == sum(len(text.encode()) for text in inputs[1])
+    assert texts_of(domain) == inputs[1]
+
+
+def test_readme_data_chain_runs_as_written(tmp_path, monkeypatch):
+    from tikmix_loader.cli import main
+
+    text = (REPO / "README.md").read_text()
+    chain = re.search(r"<!-- data-chain:start -->(.*?)<!-- data-chain:end -->", text, re.S)
+    assert chain, "README.md lost its data-chain block"
+    shell = re.search(r"```bash\n(.*?)```", chain.group(1), re.S).group(1)
+    python = re.search(r"```python\n(.*?)```", chain.group(1), re.S).group(1)
+    rng = np.random.default_rng(0)
+    for domain in ("web", "code", "math"):
+        (tmp_path / "texts" / domain).mkdir(parents=True)
+        for index in range(12):
+            words = rng.choice(["alpha", "beta", domain, "gamma", "delta"], size=40)
+            (tmp_path / "texts" / domain / f"{index}.txt").write_text(" ".join(words))
+    (tmp_path / "pages.jsonl").write_text('{"text": "a page"}\n{"text": "another page"}\n')
+    monkeypatch.chdir(tmp_path)
+    commands = [shlex.split(line) for line in shell.splitlines() if line.strip()]
+    assert [command[:2] for command in commands] == [["tikmix", "convert"]] * 3
+    for command in commands:
+        assert main(command[1:]) == 0
+    namespace = {}
+    exec(compile(python, "README.md", "exec"), namespace)
+    assert namespace["batch"]["input_ids"].shape == (8, 64)
+    assert namespace["remote_web"].source.cached_bytes <= 64 << 20

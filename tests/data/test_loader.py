@@ -18,6 +18,7 @@ from tikmix_loader import (
     StateError,
 )
 from tikmix_loader.data.sources.memmap import write_memmap
+from tikmix_loader.data.stream import DomainStream
 
 SIZES = {"code": 60, "web": 150, "math": 30}
 
@@ -39,7 +40,8 @@ def _same_batch(a, b):
 def test_batches_have_the_documented_layout(domains):
     loader = _loader(domains)
     batch = loader.next_batch()
-    assert set(batch) == {"input_ids", "labels", "domain"}
+    assert set(batch) == {"input_ids", "labels", "label_shift", "domain"}
+    assert batch["label_shift"].tolist() == [1] * 8  # the default "shifted" convention, recorded per row
     assert batch["input_ids"].shape == batch["labels"].shape == (8, 16)
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["domain"].dtype == torch.long
     # Labels are the inputs shifted by one within each packed window.
@@ -153,6 +155,78 @@ def test_ranks_are_disjoint_and_cover_the_global_batch(domains):
         whole = single.next_batch()
         parts = [loader.next_batch() for loader in ranks]
         assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+
+
+@pytest.fixture
+def tokens_read(monkeypatch):
+    """Counts the tokens every ``DomainStream`` hands out (a spy on ``read_at``, which ``read`` also uses)."""
+    counter = {"tokens": 0}
+    original = DomainStream.read_at
+
+    def counting(self, indices):
+        tokens, valid = original(self, indices)
+        counter["tokens"] += tokens.size
+        return tokens, valid
+
+    monkeypatch.setattr(DomainStream, "read_at", counting)
+    return counter
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 8])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_rank_reads_only_its_share_and_the_ranks_form_the_global_batch(
+    domains, tokens_read, world_size, num_workers
+):
+    batches, per_rank = 12, 24 // world_size
+    single = _loader(domains, batch_size=24)
+    whole = [single.next_batch() for _ in range(batches)]
+    parts, reads = [], []
+    for rank in range(world_size):
+        loader = _loader(
+            domains,
+            batch_size=per_rank,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            prefetch=4,
+        )
+        tokens_read["tokens"] = 0
+        parts.append([loader.next_batch() for _ in range(batches)])
+        loader.close()
+        reads.append(tokens_read["tokens"])
+    for step in range(batches):
+        for key in whole[step]:
+            assert torch.equal(torch.cat([part[step][key] for part in parts]), whole[step][key])
+    share = batches * per_rank * (16 + 1)
+    lookahead = -(-4 * len(domains) // per_rank) * per_rank * (16 + 1)  # rows planned ahead, at most
+    for read in reads:
+        assert share <= read <= share + (lookahead if num_workers else 0), (read, share)
+
+
+def test_plan_next_and_read_batch_give_the_stream_of_next_batch(domains):
+    reference = _loader(domains, batch_size=3, rank=1, world_size=4)
+    loader = _loader(domains, batch_size=3, rank=1, world_size=4)
+    for step in range(15):
+        if step == 6:
+            for each in (reference, loader):
+                each.set_weights([0.0, 0.3, 0.7])
+        plan = loader.plan_next()
+        assert plan.index == step and loader.batches_seen == step + 1
+        assert _same_batch(loader.read_batch(plan), reference.next_batch())
+
+
+def test_weight_changes_with_threads_read_ahead_give_the_on_demand_stream(domains):
+    threaded = _loader(domains, batch_size=2, rank=3, world_size=4, num_workers=2, prefetch=6)
+    on_demand = _loader(domains, batch_size=2, rank=3, world_size=4)
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        if step % 7 == 3:
+            weights = rng.dirichlet(np.ones(3)) * (rng.random(3) > 0.3)
+            weights = weights if weights.sum() > 0 else np.ones(3)
+            for loader in (threaded, on_demand):
+                loader.set_weights(weights.tolist())
+        assert _same_batch(threaded.next_batch(), on_demand.next_batch()), step
+    threaded.close()
 
 
 def test_exhaustion_repeat_reshuffles_each_epoch(tmp_path):
@@ -322,3 +396,129 @@ def test_loading_state_of_other_domains_fails(domains):
         other.load_state_dict(loader.state_dict())
     with pytest.raises(StateError, match="seed=7"):
         _loader(domains, seed=8).load_state_dict(loader.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed", "match"),
+    [
+        ({"seq_len": 16}, {"seq_len": 8}, r"seq_len=16 in the state but seq_len=8 in this loader"),
+        ({"block_docs": 256}, {"block_docs": 16}, r"block_docs=256 in the state but block_docs=16"),
+        (
+            {"shuffle_window": 256},
+            {"shuffle_window": 32},
+            r"shuffle_window=256 in the state but shuffle_window=32",
+        ),
+        ({"batch_size": 8}, {"batch_size": 4}, r"global_batch_size=8 in the state but global_batch_size=4"),
+        (
+            {"batch_size": 4, "world_size": 2},
+            {"batch_size": 4},
+            r"global_batch_size=8 .* global_batch_size=4",
+        ),
+        (
+            {"seq_len": 16, "block_docs": 256},
+            {"seq_len": 12, "block_docs": 64},
+            r"seq_len=16 in the state but seq_len=12.*block_docs=256 in the state but block_docs=64",
+        ),
+    ],
+)
+def test_a_state_saved_under_other_settings_is_refused_naming_each_change(domains, saved, resumed, match):
+    # Each of these used to load silently and then duplicate or skip data (e.g. seq_len 64 -> 32).
+    source = _loader(domains, **saved)
+    source.next_batch()
+    target = _loader(domains, **resumed)
+    before = target.state_dict()
+    with pytest.raises(StateError, match=match):
+        target.load_state_dict(json.loads(json.dumps(source.state_dict())))
+    assert target.state_dict() == before
+
+
+def test_a_state_saved_with_another_eos_or_mode_is_refused(domains, tmp_path):
+    state = _loader(domains).state_dict()
+    other_eos = [Domain(d.name, d.path, eos_id=3) for d in domains]
+    with pytest.raises(StateError, match=r"eos_ids=\[256, 256, 256\] in the state but eos_ids=\[3, 3, 3\]"):
+        _loader(other_eos).load_state_dict(state)
+    documents = [Domain(d.name, d.path, mode="document") for d in domains]
+    with pytest.raises(StateError, match=r"modes=\['packed', 'packed', 'packed'\] in the state"):
+        _loader(documents).load_state_dict(state)
+
+
+def _edited(state, **changes):
+    state = json.loads(json.dumps(state))
+    for key, value in changes.items():
+        if value is _DELETE:
+            del state[key]
+        else:
+            state[key] = value
+    return state
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"carry": _DELETE}, r"missing key 'carry'"),
+        ({"consumed": [1, 2]}, r"key 'consumed' must be a list of 3 ints >= 0.*got \[1, 2\]"),
+        ({"consumed": ["a", 1, 2]}, r"key 'consumed' must be a list of 3 ints"),
+        ({"batch_index": "7"}, r"key 'batch_index' must be an int >= 0, got '7'"),
+        ({"carry": [0.0, None, 0.0]}, r"key 'carry' must be a list of 3 finite numbers"),
+        ({"active": [1, 1, 1]}, r"key 'active' must be a list of 3 booleans"),
+        ({"finished": "no"}, r"key 'finished' must be true or false"),
+        ({"weight_history": [[0, [1.0]]]}, r"key 'weight_history' must be a list of \[batch, weights\]"),
+        ({"events": None}, r"key 'events' must be a list of event dicts"),
+        ({"domains": _DELETE}, r"missing key 'domains'"),
+        ({"seq_len": _DELETE}, r"missing key\(s\) \['seq_len'\]"),
+        ({"version": 99}, r"version 99 is not 2"),
+    ],
+)
+def test_a_malformed_state_is_a_state_error_naming_the_key(domains, changes, match):
+    loader = _loader(domains)
+    loader.next_batch()
+    state = loader.state_dict()
+    with pytest.raises(StateError, match=match):
+        _loader(domains).load_state_dict(_edited(state, **changes))
+    with pytest.raises(StateError, match="must be a dict"):
+        _loader(domains).load_state_dict(None)
+
+
+def test_a_version_1_state_loads_with_a_warning_for_the_settings_it_lacks(domains, caplog):
+    loader = _loader(domains)
+    for _ in range(3):
+        loader.next_batch()
+    state = loader.state_dict()
+    legacy = {key: value for key, value in state.items() if key not in loader._planner.settings}
+    legacy.update(version=1, domains=state["domains"], seed=7, global_batch_size=8)
+    resumed = _loader(domains)
+    resumed.load_state_dict(legacy)
+    assert "does not record" in caplog.text and "seq_len" in caplog.text
+    assert _same_batch(resumed.next_batch(), loader.next_batch())
+    with pytest.raises(StateError, match="global_batch_size=8 in the state but global_batch_size=4"):
+        _loader(domains, batch_size=4).load_state_dict(legacy)
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ({"code": 1, "web": 1}, r"no weight for domain\(s\) \['math'\].*missing=\"zero\""),
+        ({"code": "0.5", "web": 1, "math": 1}, r"domain 'code' must be a number, got '0.5'"),
+        ({"code": None, "web": 1, "math": 1}, r"domain 'code' must be a number, got None"),
+        ([1, True, 1], r"domain 'web' must be a number, got True"),
+        ([1, [2], 1], r"domain 'web' must be a number"),
+    ],
+)
+def test_partial_and_non_numeric_weights_are_rejected_naming_the_domain(domains, weights, match):
+    loader = _loader(domains)
+    with pytest.raises(MixtureWeightError, match=match):
+        loader.set_weights(weights)
+    with pytest.raises(MixtureWeightError, match=match):
+        _loader(domains, weights=weights)
+
+
+def test_missing_zero_gives_left_out_domains_no_weight(domains):
+    loader = _loader(domains)
+    loader.set_weights({"math": 2.0}, missing="zero")
+    assert loader.weights == {"code": 0.0, "web": 0.0, "math": 1.0}
+    assert (loader.next_batch()["domain"] == 2).all()
+    with pytest.raises(ConfigError, match="`missing` must be one of"):
+        loader.set_weights({"math": 1.0}, missing="ignore")

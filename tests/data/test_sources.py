@@ -17,7 +17,8 @@ from tikmix_loader import ConfigError, Domain, DomainError, ShardError
 from tikmix_loader.data.sources import detect_format, open_source
 from tikmix_loader.data.sources._tokens import cast_tokens
 from tikmix_loader.data.sources.mds import MDSSource, write_mds
-from tikmix_loader.data.sources.parquet import ParquetSource
+from tikmix_loader.data.sources.memmap import write_memmap
+from tikmix_loader.data.sources.parquet import ParquetSource, write_parquet
 
 
 def assert_docs_equal(actual, expected):
@@ -25,6 +26,8 @@ def assert_docs_equal(actual, expected):
     for got, want in zip(actual, expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
+
+BYTE_IDS = {"eos_id": 256, "pad_id": 257, "vocab_size": 258}
 
 # Small shards / row groups / files so reads cross their boundaries.
 SPLIT_OPTIONS = {
@@ -74,10 +77,24 @@ def test_sources_pickle_for_spawned_workers(tmp_path, fmt):
     assert_docs_equal(clone.read_docs(0, 9), docs)
 
 
+def without_index(path, fmt):
+    """Make a converted MDS/Parquet dataset look written by others: no length index, no embedded ids."""
+    if fmt == "mds":
+        index = json.loads((path / "index.json").read_text())
+        del index["tikmix"]
+        (path / "index.json").write_text(json.dumps(index))
+        (path / "tikmix-lengths.npy").unlink()
+    else:
+        for file in path.glob("*.parquet"):
+            table = pq.read_table(file).drop_columns(["num_tokens"])
+            pq.write_table(table.replace_schema_metadata(None), file, row_group_size=7)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["mds", "parquet"])
 def test_lengths_are_cached_and_never_stale(tmp_path, fmt, monkeypatch):
     cls = {"mds": MDSSource, "parquet": ParquetSource}[fmt]
-    path = make_domain_files(tmp_path, fmt, random_docs(12, seed=3))
+    path = without_index(make_domain_files(tmp_path, fmt, random_docs(12, seed=3)), fmt)
     first = open_source(path)
     scans = []
     original = cls._scan_lengths
@@ -88,7 +105,7 @@ def test_lengths_are_cached_and_never_stale(tmp_path, fmt, monkeypatch):
     # Rewriting the data changes sizes/mtimes, so the old entry must not be used.
     new_docs = random_docs(15, seed=4)
     shutil.rmtree(path)
-    path = make_domain_files(tmp_path, fmt, new_docs)
+    path = without_index(make_domain_files(tmp_path, fmt, new_docs), fmt)
     fresh = open_source(path)
     assert scans == [1]
     np.testing.assert_array_equal(fresh.doc_lengths(), [len(doc) for doc in new_docs])
@@ -127,8 +144,10 @@ def test_mds_written_by_plain_mdswriter(tmp_path):
     with MDSWriter(out=str(tmp_path / "raw"), columns={"ids": "ndarray:int32", "url": "str"}) as writer:
         for index, doc in enumerate(docs):
             writer.write({"ids": doc.astype(np.int32), "url": f"doc{index}"})
-    domain = Domain("raw", tmp_path / "raw", column="ids")
-    assert domain.metadata is None and domain.eos_id == 256
+    with pytest.raises(DomainError, match=r"Domain 'raw' at .*raw: its data records no eos_id or vocab_size"):
+        Domain("raw", tmp_path / "raw", column="ids")
+    domain = Domain("raw", tmp_path / "raw", column="ids", eos_id=7, vocab_size=300)
+    assert domain.metadata is None and (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (7, 7, 300)
     assert_docs_equal(domain.read_docs(0, 10), docs)
 
 
@@ -136,24 +155,290 @@ def test_mds_zstd_shards_are_decompressed_into_the_cache(tmp_path):
     docs = random_docs(30, seed=8)
     path = make_domain_files(tmp_path, "mds", docs, compression="zstd", size_limit=1 << 9)
     before = sorted(os.listdir(path))
-    assert all(name.endswith((".zstd", ".json")) for name in before)
+    assert all(name.endswith((".zstd", ".json", ".npy")) for name in before)
     assert_docs_equal(Domain("z", path).read_docs(0, 30), docs)
     assert_docs_equal(Domain("z", path).read_docs(0, 30), docs)  # reopen reuses decompressed shards
     assert sorted(os.listdir(path)) == before  # the dataset folder is left untouched
 
 
-def test_mds_remote_downloads_into_local_cache(tmp_path):
-    docs = random_docs(25, seed=9)
-    remote = make_domain_files(tmp_path, "mds", docs, compression="zstd", size_limit=1 << 9, metadata=False)
+def remote_dataset(tmp_path, docs, **options):
+    """An MDS dataset of small shards, written as ``tikmix convert`` does, to serve as a remote."""
+    return make_domain_files(
+        tmp_path, "mds", docs, size_limit=1 << 9, metadata=False, token_info=BYTE_IDS, **options
+    )
+
+
+def shard_files(directory):
+    return sorted(path.name for path in directory.glob("shard.*"))
+
+
+def bytes_on_disk(directory):
+    """Bytes of shard files (and downloads in flight) in ``directory``; files may vanish while listed."""
+    total = 0
+    for path in directory.glob("shard.*"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def wait_for_prefetches(source):
+    for future in list(source._remote._pending.values()):
+        future.result()
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_remote_shards_are_fetched_lazily_and_read_like_local(tmp_path, compression):
+    docs = random_docs(60, seed=30, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs, compression=compression)
+    num_shards = len(json.loads((remote / "index.json").read_text())["shards"])
+    assert num_shards >= 8
     local = tmp_path / "local"
-    domain = Domain("r", local, remote=str(remote))
-    assert_docs_equal(domain.read_docs(0, 25), docs)
-    assert (local / "index.json").is_file() and any(name.endswith(".zstd") for name in os.listdir(local))
+    domain = Domain("r", local, remote=f"file://{remote}", prefetch_shards=0)
+    assert shard_files(local) == []  # opening fetched index.json and the length index only
+    assert_docs_equal(domain.read_docs(0, 2), docs[:2])
+    assert shard_files(local) == ["shard.00000.mds"]  # the first batch needed one shard of many
+    assert_docs_equal(domain.read_docs(0, 60), docs)
+    assert_docs_equal(domain.read_docs(0, 60), Domain("l", remote).read_docs(0, 60))
+    assert len(shard_files(local)) == num_shards  # raw shards only: compressed copies were dropped
+
+
+def test_first_loader_batch_of_a_remote_domain_needs_few_shards(tmp_path):
+    from tikmix_loader import MixtureLoader
+
+    docs = random_docs(400, seed=36, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs)
+    num_shards = len(json.loads((remote / "index.json").read_text())["shards"])
+    domain = Domain("r", tmp_path / "local", remote=f"file://{remote}", prefetch_shards=0)
+    loader = MixtureLoader(
+        [domain], batch_size=2, seq_len=16, num_workers=0, prefetch=2, block_docs=4, shuffle_window=4, seed=0
+    )
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (2, 16)
+    assert 1 <= len(shard_files(tmp_path / "local")) <= 4 < num_shards
+
+
+def test_remote_prefetches_ahead_of_the_read_position(tmp_path):
+    remote = remote_dataset(tmp_path, random_docs(60, seed=31, min_len=20, max_len=40))
+    source = MDSSource(tmp_path / "local", remote=str(remote), prefetch_shards=2)
+    source.read_docs(0, 1)
+    wait_for_prefetches(source)
+    assert shard_files(tmp_path / "local") == ["shard.00000.mds", "shard.00001.mds", "shard.00002.mds"]
+
+
+def test_remote_cache_stays_under_its_limit_and_refetches_evicted_shards(tmp_path, monkeypatch):
+    from streaming.base.stream import Stream
+
+    docs = random_docs(60, seed=32, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs, compression="zstd")
+    shards = json.loads((remote / "index.json").read_text())["shards"]
+    limit = 3 * max(shard["raw_data"]["bytes"] + shard["zip_data"]["bytes"] for shard in shards)
+    local = tmp_path / "local"
+    fetched, peak = [], [0]
+    original = Stream.prepare_shard
+
+    def spy(self, reader):
+        fetched.append(reader.raw_data.basename)
+        delta = original(self, reader)
+        peak[0] = max(peak[0], bytes_on_disk(local))
+        return delta
+
+    monkeypatch.setattr(Stream, "prepare_shard", spy)
+    source = MDSSource(local, remote=str(remote), cache_limit=limit, prefetch_shards=1)
+    for _ in range(2):  # two passes: the second refetches what the first evicted
+        for index in range(60):
+            assert_docs_equal(source.read_docs(index, index + 1), docs[index : index + 1])
+            assert bytes_on_disk(local) <= limit and source.cached_bytes <= limit
+    wait_for_prefetches(source)
+    assert peak[0] <= limit
+    assert fetched.count("shard.00000.mds") == 2 and len(shard_files(local)) < len(shards)
+
+
+def test_remote_reads_from_several_threads_under_a_cache_limit(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    docs = random_docs(40, seed=37, min_len=20, max_len=40)
+    remote = remote_dataset(tmp_path, docs)
+    shards = json.loads((remote / "index.json").read_text())["shards"]
+    limit = 4 * max(shard["raw_data"]["bytes"] for shard in shards)
+    source = MDSSource(tmp_path / "local", remote=str(remote), cache_limit=limit, prefetch_shards=1)
+
+    def read_in_order(seed):
+        order = np.random.default_rng(seed).permutation(40)
+        return all(np.array_equal(source.read_docs(i, i + 1)[0], docs[i]) for i in order)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(read_in_order, range(3)))
+    wait_for_prefetches(source)
+    assert source.cached_bytes <= limit and bytes_on_disk(tmp_path / "local") <= limit
+
+
+def test_remote_cache_limit_smaller_than_a_shard(tmp_path):
+    remote = remote_dataset(tmp_path, random_docs(20, seed=33, min_len=20))
+    with pytest.raises(
+        ConfigError, match=r"`cache_limit`=100 bytes cannot hold the largest shard .*at least"
+    ):
+        MDSSource(tmp_path / "local", remote=str(remote), cache_limit=100)
+
+
+def test_remote_corrupt_shard_is_named(tmp_path):
+    remote = remote_dataset(tmp_path, random_docs(20, seed=34, min_len=20))
+    _flip_byte(remote / "shard.00001.mds")
+    source = MDSSource(tmp_path / "local", remote=str(remote), prefetch_shards=0)
+    source.read_docs(0, 1)
+    with pytest.raises(ShardError, match=r"shard.00001.mds: checksum failure after download from"):
+        source.read_docs(0, source.num_docs)
+
+
+def test_remote_source_pickles_for_spawned_workers(tmp_path):
+    docs = random_docs(30, seed=35, min_len=20)
+    source = MDSSource(tmp_path / "local", remote=str(remote_dataset(tmp_path, docs)), cache_limit=1 << 12)
+    source.read_docs(0, 3)
+    wait_for_prefetches(source)
+    clone = pickle.loads(pickle.dumps(source))
+    assert_docs_equal(clone.read_docs(0, 30), docs)
 
 
 def test_mds_remote_that_does_not_exist(tmp_path):
     with pytest.raises(ShardError, match=r"nowhere/index.json: cannot download"):
         MDSSource(tmp_path / "local", remote=str(tmp_path / "nowhere"))
+
+
+# ------------------------------------------------------------------- index and ids written at conversion
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_opening_a_converted_domain_reads_no_sample(tmp_path, fmt, monkeypatch):
+    docs = random_docs(30, seed=20)
+    path = make_domain_files(tmp_path, fmt, docs, **SPLIT_OPTIONS[fmt])
+    spied = {"mds": (MDSSource, "_decode"), "parquet": (ParquetSource, "_read_group")}[fmt]
+    original = getattr(*spied)
+    reads = []
+    monkeypatch.setattr(*spied, lambda self, *args: reads.append(args) or original(self, *args))
+    domain = Domain("d", path)
+    assert reads == []  # lengths came from the index
+    np.testing.assert_array_equal(domain.doc_lengths, [len(doc) for doc in docs])
+    assert domain.num_tokens == sum(len(doc) for doc in docs)
+    assert_docs_equal(domain.read_docs(0, 30), docs)
+    assert reads  # reading documents goes through the spied reader
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_domains_written_by_others_fall_back_to_a_scan(tmp_path, fmt, monkeypatch):
+    docs = random_docs(30, seed=21)
+    path = without_index(make_domain_files(tmp_path, fmt, docs, **SPLIT_OPTIONS[fmt]), fmt)
+    cls = {"mds": MDSSource, "parquet": ParquetSource}[fmt]
+    scans = []
+    original = cls._scan_lengths
+    monkeypatch.setattr(cls, "_scan_lengths", lambda self: scans.append(1) or original(self))
+    domain = Domain("d", path)  # tikmix.json still gives the ids
+    assert scans == [1]
+    np.testing.assert_array_equal(domain.doc_lengths, [len(doc) for doc in docs])
+
+
+@pytest.mark.parametrize("fmt", ["mds", "parquet"])
+def test_stale_length_index_is_caught_on_read(tmp_path, fmt):
+    path = make_domain_files(tmp_path, fmt, [[1, 2, 3], [4]], metadata=False, token_info=BYTE_IDS)
+    if fmt == "mds":
+        np.save(path / "tikmix-lengths.npy", np.array([2, 2], dtype=np.int64))
+        pattern = r"document 0 now holds 3 tokens but held 2"
+    else:
+        file = next(path.glob("*.parquet"))
+        table = pq.read_table(file)
+        table = table.set_column(1, "num_tokens", pa.array([2, 2], type=pa.int64()))
+        pq.write_table(table, file)
+        pattern = r"documents 0..1 do not hold the token counts recorded .*'num_tokens' column is wrong"
+    with pytest.raises(ShardError, match=pattern):
+        Domain("d", path).read_docs(0, 2)
+
+
+def test_mds_length_index_that_does_not_match(tmp_path):
+    path = make_domain_files(tmp_path, "mds", [[1, 2, 3], [4]], token_info=BYTE_IDS)
+    np.save(path / "tikmix-lengths.npy", np.array([3], dtype=np.int64))
+    with pytest.raises(
+        ShardError, match=r"tikmix-lengths.npy: holds int64 \(1,\) values but .*lists 2 documents"
+    ):
+        Domain("d", path)
+    np.save(path / "tikmix-lengths.npy", np.array([3, 1], dtype=np.int32))
+    with pytest.raises(ShardError, match=r"tikmix-lengths.npy: holds int32 lengths, not int64"):
+        Domain("d", path)
+    (path / "tikmix-lengths.npy").unlink()
+    with pytest.raises(ShardError, match=r"tikmix-lengths.npy: cannot read this per-document array"):
+        Domain("d", path)
+
+
+def test_per_document_values_are_read_without_decoding_documents(tmp_path, monkeypatch):
+    docs = random_docs(25, seed=22)
+    mds = make_domain_files(tmp_path, "mds", docs, name="m", **SPLIT_OPTIONS["mds"])
+    np.save(mds / "scores.npy", np.arange(25, dtype=np.float32))
+    parquet = make_domain_files(tmp_path, "parquet", docs, name="p", **SPLIT_OPTIONS["parquet"])
+    monkeypatch.setattr(MDSSource, "_decode", lambda *args: pytest.fail("decoded a document"))
+    monkeypatch.setattr(ParquetSource, "_read_group", lambda *args: pytest.fail("decoded a document"))
+    np.testing.assert_array_equal(MDSSource(mds).read_doc_array("scores.npy"), np.arange(25))
+    np.testing.assert_array_equal(ParquetSource(parquet).read_doc_column("num_tokens"), list(map(len, docs)))
+    with pytest.raises(
+        ShardError, match=r"part-00000.parquet \(row group 0\): cannot read the per-document column 'q'"
+    ):
+        ParquetSource(parquet).read_doc_column("q")
+
+
+IDS = {"eos_id": 5, "pad_id": 6, "vocab_size": 40}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ids_come_from_the_data_without_tikmix_json(tmp_path, fmt):
+    if fmt == "memmap":
+        path = write_memmap(tmp_path / "tokens.bin", [np.array([1, 2]), np.array([3])], **IDS)
+    else:
+        path = make_domain_files(tmp_path, fmt, [[1, 2], [3]], metadata=False, token_info=IDS)
+    domain = Domain("d", path)
+    assert domain.metadata is None
+    assert (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (5, 6, 40)
+    explicit = Domain("d", path, eos_id=7, pad_id=8, vocab_size=50)
+    assert (explicit.eos_id, explicit.pad_id, explicit.source.vocab_size) == (7, 8, 50)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_no_recorded_ids_is_a_named_error(tmp_path, fmt):
+    if fmt == "memmap":
+        path = make_domain_files(tmp_path, fmt, [[1, 2]], metadata=False, vocab_size=None)
+    else:
+        path = without_index(make_domain_files(tmp_path, fmt, [[1, 2]], metadata=False), fmt)
+    fix = r"Pass `eos_id=` and `vocab_size=` from the tokenizer .* or re-convert with `tikmix convert`"
+    with pytest.raises(
+        DomainError, match=rf"Domain 'd' at .*domain: its data records no eos_id or vocab_size.*{fix}"
+    ):
+        Domain("d", path)
+    with pytest.raises(DomainError, match=r"records no vocab_size .*Pass `vocab_size=`"):
+        Domain("d", path, eos_id=0)
+    domain = Domain("d", path, eos_id=0, vocab_size=3)
+    assert (domain.eos_id, domain.pad_id) == (0, 0)  # padding defaults to EOS: it is loss-masked anyway
+
+
+def test_old_byte_memmap_sidecar_keeps_the_byte_ids(tmp_path):
+    path = make_domain_files(tmp_path, "memmap", [[1, 2]], metadata=False, vocab_size=258)
+    domain = Domain("d", path)
+    assert (domain.eos_id, domain.pad_id) == (256, 257)
+
+
+def test_remote_mds_carries_its_ids(tmp_path):
+    remote = make_domain_files(tmp_path, "mds", [[1, 2], [3]], metadata=False, token_info=IDS)
+    domain = Domain("r", tmp_path / "local", remote=f"file://{remote}")
+    assert (domain.eos_id, domain.pad_id, domain.source.vocab_size) == (5, 6, 40)
+    with pytest.raises(DomainError, match=r"Domain 'r' at .*local2: its data records no eos_id"):
+        Domain("r", tmp_path / "local2", remote=str(without_index(remote, "mds")), vocab_size=40)
+
+
+def test_embedded_ids_that_are_malformed(tmp_path):
+    path = make_domain_files(tmp_path, "mds", [[1]], metadata=False, token_info={"eos_id": -1})
+    with pytest.raises(
+        ShardError, match=r"index.json: tikmix.eos_id must be an int >= 0, got -1; re-convert"
+    ):
+        Domain("d", path)
+    write_parquet(tmp_path / "p", [np.array([1])], token_info={"vocab_size": "big"})
+    with pytest.raises(ShardError, match=r"part-00000.parquet: tikmix.vocab_size must be an int >= 1"):
+        Domain("d", tmp_path / "p")
 
 
 def test_memmap_directory_with_one_bin(tmp_path):
@@ -191,14 +476,14 @@ def test_token_ids_outside_vocabulary(tmp_path, fmt):
     with pytest.raises(
         ShardError, match=r"token ids span \[\d, 300\], outside the declared vocabulary \[0, 258\)"
     ):
-        Domain("v", path, vocab_size=258).read_docs(0, 2)
+        Domain("v", path, vocab_size=258, eos_id=256).read_docs(0, 2)
 
 
 @pytest.mark.parametrize("fmt", ["mds", "parquet"])
 def test_out_of_vocabulary_after_a_cached_open(tmp_path, fmt):
     path = make_domain_files(tmp_path, fmt, [[1, 2], [3, 300]], dtype="int32", metadata=False)
-    Domain("v", path)  # no vocabulary: lengths are scanned and cached
-    domain = Domain("v", path, vocab_size=258)  # cached open: ids are still checked on read
+    open_source(path)  # no vocabulary: ids are not checked at open
+    domain = Domain("v", path, vocab_size=258, eos_id=256)  # a later open: ids are still checked on read
     with pytest.raises(ShardError, match=r"\[\d, 300\], outside the declared vocabulary \[0, 258\)"):
         domain.read_docs(0, 2)
 
@@ -207,7 +492,7 @@ def test_out_of_vocabulary_after_a_cached_open(tmp_path, fmt):
 def test_negative_token_ids(tmp_path, fmt):
     path = make_domain_files(tmp_path, fmt, [[1, -4]], dtype="int32", metadata=False)
     with pytest.raises(ShardError, match=r"token ids span \[-4, 1\]"):
-        Domain("n", path).read_docs(0, 1)
+        Domain("n", path, eos_id=0, pad_id=0, vocab_size=10).read_docs(0, 1)
 
 
 def test_ids_that_do_not_fit_the_storage_dtype(tmp_path):
@@ -222,7 +507,7 @@ def test_ids_that_do_not_fit_the_storage_dtype(tmp_path):
 def test_eos_outside_vocabulary(tmp_path):
     path = make_domain_files(tmp_path, "memmap", [[1, 2]], vocab_size=256, metadata=False)
     with pytest.raises(ConfigError, match=r"`eos_id`=256 is outside the vocabulary \[0, 256\)"):
-        Domain("d", path)
+        Domain("d", path, eos_id=256)
 
 
 def test_metadata_disagreeing_with_files(tmp_path):
@@ -308,12 +593,28 @@ def test_mds_corrupt_shard_fails_its_checksum(mds_dir):
     _flip_byte(shard)
     with pytest.raises(ShardError, match=rf"{shard.name}: xxh64 checksum failure"):
         Domain("d", mds_dir)
-    assert len(MDSSource(mds_dir, validate_hash=False).read_docs(0, 1)) == 1  # opt-out reads on
+    assert len(MDSSource(mds_dir, verify_hashes="never").read_docs(0, 1)) == 1  # opt-out reads on
+
+
+def test_bit_rot_after_the_first_open_is_caught_by_every_open(mds_dir):
+    Domain("d", mds_dir)  # the first open hashes every shard and records it
+    shard = _shards(mds_dir)[1]
+    before = shard.stat()
+    _flip_byte(shard)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # rot leaves size and mtime alone
+    Domain("d", mds_dir)  # "first_open": this exact file was verified already
+    with pytest.raises(ShardError, match=rf"{shard}: xxh64 checksum failure .*the shard is corrupt"):
+        Domain("d", mds_dir, verify_hashes="every_open")
+    Domain("d", mds_dir, verify_hashes="never")
+    with pytest.raises(
+        ConfigError, match=r"`verify_hashes` must be one of \('first_open', 'every_open', 'never'\)"
+    ):
+        Domain("d", mds_dir, verify_hashes="always")
 
 
 def test_mds_checksum_algorithm_not_in_index(mds_dir):
-    with pytest.raises(ShardError, match=r"`validate_hash='sha1'` but index.json records only \['xxh64'\]"):
-        MDSSource(mds_dir, validate_hash="sha1")
+    with pytest.raises(ShardError, match=r"`hash_algorithm='sha1'` but index.json records only \['xxh64'\]"):
+        MDSSource(mds_dir, hash_algorithm="sha1")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # streaming's offset arithmetic
@@ -324,7 +625,7 @@ def test_mds_corrupt_shard_without_hashes(tmp_path):
     data[8:12] = (10**6).to_bytes(4, "little")  # the first sample's end offset now points past the file
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=rf"{shard.name} \(sample \d\): cannot decode"):
-        Domain("d", path)
+        Domain("d", path).read_docs(0, 5)
 
 
 def test_mds_corrupt_compressed_shard(tmp_path):

@@ -81,3 +81,33 @@ def test_document_mode_truncates_pads_and_appends_eos(tmp_path, seq_len):
         sample[: len(content)] = content
         expected.add((tuple(sample), len(content)))
     assert {(tuple(row), int(count)) for row, count in zip(tokens, valid)} == expected
+
+
+@pytest.mark.parametrize(("mode", "seq_len"), [("packed", 8), ("packed", 70), ("document", 8)])
+def test_read_at_gives_the_rows_read_gives_in_any_order_across_epochs(tmp_path, mode, seq_len):
+    # Scattered picks take the sparse path (only the documents under a window are read); with seq_len 70 a
+    # window spans several documents and blocks. Both must give exactly what the dense path gives.
+    (domain,) = write_domains(tmp_path, {"d": 90}, mode=mode, max_len=40)
+    options = {"seq_len": seq_len, "seed": 2, "block_docs": 16, "shuffle_window": 10}
+    stream = DomainStream(domain, **options)
+    span = 3 * stream.samples_per_epoch  # three epochs, so indices cross epoch boundaries
+    tokens, valid = stream.read(0, span)
+    picks = np.random.default_rng(0).choice(span, size=50, replace=False)
+    for indices in (np.sort(picks), picks):
+        got_tokens, got_valid = DomainStream(domain, **options).read_at(indices)
+        assert np.array_equal(got_tokens, tokens[indices]) and np.array_equal(got_valid, valid[indices])
+    empty_tokens, empty_valid = stream.read_at(np.array([], dtype=np.int64))
+    assert empty_tokens.shape == (0, seq_len + 1) and empty_valid.shape == (0,)
+
+
+def test_a_single_window_reads_only_the_documents_under_it(tmp_path, monkeypatch):
+    (domain,) = write_domains(tmp_path, {"d": 400}, max_len=60)
+    stream = DomainStream(domain, seq_len=16, seed=2, block_docs=64, shuffle_window=64)
+    decoded = []
+    original = domain.read_docs
+    monkeypatch.setattr(domain, "read_docs", lambda a, b: decoded.append(b - a) or original(a, b))
+    stream.read_at(np.array([100]))
+    assert 1 <= sum(decoded) <= 17  # a window of 17 tokens covers at most 17 documents (not the block's 64)
+    decoded.clear()
+    stream.read(0, 64)
+    assert sum(decoded) >= 64  # a whole chunk reads whole blocks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tikmix_loader.losses import IGNORE_INDEX, mark_labels
 from tikmix_loader.models import TinyGPT, per_token_loss
 
 KINDS = ("alpha", "digits", "random")
@@ -34,27 +35,26 @@ def sequences(kind: str, rows: int, length: int, *, seed: int) -> torch.Tensor:
 def batches(
     kind: str, n: int, *, batch_size: int = 4, seq_len: int = 32, seed: int = 0, domain: int = 0
 ) -> list[dict]:
-    """``n`` loader-style batches (``input_ids``, shifted ``labels``, ``domain``) of one kind."""
+    """``n`` loader-style batches (``input_ids``, shifted ``labels``, ``label_shift``, ``domain``)."""
     out = []
     for i in range(n):
         tokens = sequences(kind, batch_size, seq_len + 1, seed=seed * 1000 + i)
-        out.append(
-            {
-                "input_ids": tokens[:, :-1],
-                "labels": tokens[:, 1:].clone(),
-                "domain": torch.full((batch_size,), domain, dtype=torch.long),
-            }
-        )
+        batch = {
+            "input_ids": tokens[:, :-1],
+            "labels": tokens[:, 1:].clone(),
+            "domain": torch.full((batch_size,), domain, dtype=torch.long),
+        }
+        out.append(mark_labels(batch, "shifted"))
     return out
 
 
 def with_masks(batch: dict) -> dict:
     """A copy with a loss-masked prefix on row 0, right padding on row 1 and a fully masked last row."""
     batch = {key: value.clone() for key, value in batch.items()}
-    batch["labels"][0, :3] = -100
-    batch["labels"][1, -7:] = -100
+    batch["labels"][0, :3] = IGNORE_INDEX
+    batch["labels"][1, -7:] = IGNORE_INDEX
     batch["input_ids"][1, -6:] = 257
-    batch["labels"][-1, :] = -100
+    batch["labels"][-1, :] = IGNORE_INDEX
     return batch
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from influence_cases import batches
 
-from tikmix_loader.errors import ConfigError, DomainError, StateError
+from tikmix_loader.errors import ConfigError, DomainError, StateError, TrackingError
 from tikmix_loader.influence import (
     PRECONDITIONERS,
     GroupInfluence,
@@ -73,15 +73,19 @@ def test_layer_selection_defaults_to_every_linear_and_clamps_k(micro):
 
 def test_layer_patterns_that_match_nothing_raise(micro):
     with pytest.raises(
-        ConfigError, match=r"`layers` pattern 'decoder\.\*' matches no nn.Linear; Linear layers: \["
+        TrackingError,
+        match=r"`layers` pattern 'decoder\.\*' matches no trackable module; trackable modules: \[",
     ):
         GroupInfluence(micro, layers=["decoder.*"])
-    with pytest.raises(ConfigError, match=r"`exclude` pattern 'nothing' matches no nn.Linear"):
+    with pytest.raises(TrackingError, match=r"`exclude` pattern 'nothing' matches no trackable module"):
         GroupInfluence(micro, exclude="nothing")
-    with pytest.raises(ConfigError, match=r"leaves no layer"):
+    with pytest.raises(TrackingError, match=r"leaves no layer"):
         GroupInfluence(micro, layers=["lm_head"], exclude=["lm_*"])
-    with pytest.raises(ConfigError, match=r"has no nn.Linear layer"):
+    with pytest.raises(
+        TrackingError, match=r"the model \(Sequential\) has no trackable module \(nn.Linear or transformers"
+    ):
         GroupInfluence(torch.nn.Sequential(torch.nn.ReLU()))
+    assert issubclass(TrackingError, ConfigError)  # code catching the old ConfigError still does
 
 
 def test_compute_argument_errors(micro):

@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,18 @@ class ComposerTinyGPT(ComposerModel):
 class RecordBatches(Callback):
     def __init__(self):
         self.batches = []
+        self.contexts = []  # the MixingContext of every decision
 
     def after_dataloader(self, state, logger):
         self.batches.append(state.batch["input_ids"].clone())
+
+
+def _recording(propose, recorder):
+    def recorded(context):
+        recorder.contexts.append(context)
+        return propose(context)
+
+    return recorded
 
 
 def _trainer(domains, tmp_path, ledger_name, **options):
@@ -57,7 +67,7 @@ def _trainer(domains, tmp_path, ledger_name, **options):
         schedule=every(3),
         ledger=MixtureLedger(tmp_path / ledger_name),
     )
-    recorder = RecordBatches()
+    controller.mixer.propose = _recording(controller.mixer.propose, recorder := RecordBatches())
     trainer = Trainer(
         model=model,
         train_dataloader=loader.as_dataloader(),
@@ -87,6 +97,11 @@ def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
     history = straight_loader.state_dict()["weight_history"]
     assert len(history) >= 3 and straight_loader.weights != initial  # decisions after batches 3, 6 and 9
     assert (tmp_path / "straight" / "checkpoints" / "ba5.pt").exists()
+    # The callback records training losses: the first decision sees each domain's mean training loss since
+    # the start (ODM's input), not NaN.
+    assert len(straight_batches.contexts) == 3
+    losses = np.asarray(straight_batches.contexts[0].domain_losses)
+    assert np.isfinite(losses).all() and (losses > 2).all()
     straight.close()
 
     # A crashed run left its ledger with every decision, also those after the checkpoint written at batch 5.

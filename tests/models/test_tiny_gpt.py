@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tikmix_loader.errors import ConfigError
+from tikmix_loader.losses import mark_labels
 from tikmix_loader.models import (
     PRESETS,
     GPTConfig,
@@ -53,7 +54,7 @@ def test_per_token_loss_zeroes_masked_positions_and_matches_cross_entropy():
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(ids, -1, dims=1)
     labels[0, 4:] = -100
-    loss = per_token_loss(model, {"input_ids": ids, "labels": labels})
+    loss = per_token_loss(model, mark_labels({"input_ids": ids, "labels": labels}, "shifted"))
     assert loss.shape == (3, 10) and loss.dtype == torch.float32
     assert torch.all(loss[0, 4:] == 0)
     mean = torch.nn.functional.cross_entropy(

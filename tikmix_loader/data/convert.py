@@ -2,8 +2,14 @@
 
 Every input document becomes one stored document (one MDS sample, one Parquet row, one memmap span). The
 dataset is written into a temporary directory beside ``output`` and renamed into place only when complete,
-so an interrupted or failed conversion leaves no partial dataset. A ``tikmix.json`` (``DatasetMeta``) beside
-the data records the tokenizer, ids, sizes and every input file with its sha256.
+so an interrupted or failed conversion leaves no partial dataset; it gets the mode ``mkdir`` would give it
+under the umask. A ``tikmix.json`` (``DatasetMeta``) beside the data records the tokenizer, ids, sizes and
+every input file with its sha256. The MDS and Parquet writers also store each document's token count and
+the ids' EOS/PAD/vocabulary in the data itself, so opening the dataset reads no document and a copy without
+``tikmix.json`` (or a remote MDS dataset) still names its ids.
+
+``--max-doc-tokens N`` splits longer documents into consecutive pieces of at most N tokens. ``--workers N``
+tokenizes on N processes; documents keep their input order, so the output is the same for any N.
 
 Inputs by file name: ``*.jsonl`` holds one JSON object per line with a text field; ``*.parquet`` holds a
 string column; anything else is one UTF-8 text document. A ``.gz`` suffix is decompressed first.
@@ -14,9 +20,11 @@ out.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tikmix_loader.data.metadata import DatasetMeta
+from tikmix_loader.data.sources._token_info import token_info_of
 from tikmix_loader.data.sources.mds import write_mds
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.sources.parquet import write_parquet
@@ -37,6 +46,9 @@ from tikmix_loader.errors import ConfigError, ConversionError
 FORMATS = ("mds", "parquet", "memmap")
 MEMMAP_FILE = "tokens.bin"
 ENCODING_ERRORS = ("strict", "replace")
+# Texts sent to a worker process at a time: large enough to amortise the transfer, small enough to keep
+# every worker busy on modest inputs.
+BATCH_BYTES = 1 << 20
 PARQUET_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 
 
@@ -47,7 +59,13 @@ def _write_mds_dataset(directory: Path, documents: Iterable[np.ndarray], tokeniz
         raise ConfigError(
             f"`compression` {compression!r} is not one of streaming's {sorted(get_compressions())}."
         )
-    write_mds(directory, documents, dtype=tokenizer.dtype, compression=compression)
+    write_mds(
+        directory,
+        documents,
+        dtype=tokenizer.dtype,
+        compression=compression,
+        token_info=token_info_of(tokenizer),
+    )
 
 
 def _write_parquet_dataset(
@@ -60,7 +78,13 @@ def _write_parquet_dataset(
         raise ConfigError(
             f"`compression` {compression!r} is not an available Parquet codec {PARQUET_CODECS}."
         )
-    write_parquet(directory, documents, dtype=tokenizer.dtype, compression=codec)
+    write_parquet(
+        directory,
+        documents,
+        dtype=tokenizer.dtype,
+        compression=codec,
+        token_info=token_info_of(tokenizer),
+    )
 
 
 def _write_memmap_dataset(
@@ -68,7 +92,14 @@ def _write_memmap_dataset(
 ):
     if compression:
         raise ConfigError(f"`compression` {compression!r} applies to mds and parquet only, not memmap.")
-    write_memmap(directory / MEMMAP_FILE, documents, dtype=tokenizer.dtype, vocab_size=tokenizer.vocab_size)
+    write_memmap(
+        directory / MEMMAP_FILE,
+        documents,
+        dtype=tokenizer.dtype,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
 
 
 WRITERS: dict[str, Callable] = {
@@ -92,6 +123,8 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
     temp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         yield temp
+        # mkdtemp makes the directory 0700 whatever the umask; give it the mode mkdir would have.
+        temp.chmod(0o777 & ~_current_umask())
         if output.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
             os.replace(output, retired / output.name)
@@ -104,6 +137,12 @@ def atomic_directory(output: str | os.PathLike, *, overwrite: bool = False) -> I
         raise
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read the umask is to set it, so put it straight back
+    os.umask(mask)
+    return mask
+
+
 def write_dataset(
     output: str | os.PathLike,
     documents: Iterable[np.ndarray],
@@ -114,6 +153,7 @@ def write_dataset(
     sources: Sequence[dict] = (),
     compression: str | None = None,
     overwrite: bool = False,
+    max_doc_tokens: int | None = None,
 ) -> DatasetMeta:
     """Write already-tokenized ``documents`` as a dataset with its ``tikmix.json``, atomically.
 
@@ -127,23 +167,29 @@ def write_dataset(
         sources (Sequence[dict]): Input files (``path``, ``bytes``, ``sha256``) to record. Default: ``()``.
         compression (str, optional): Shard compression, e.g. ``"zstd"`` (MDS and Parquet). Default: ``None``.
         overwrite (bool): Replace an existing ``output``. Default: ``False``.
+        max_doc_tokens (int, optional): Split longer documents into consecutive pieces of at most this many
+            tokens. Default: ``None`` (no limit).
 
     Returns:
         DatasetMeta: What was written (also in ``output/tikmix.json``).
     """
     if format not in WRITERS:
         raise ConfigError(f"`format` {format!r} is not one of {sorted(WRITERS)}.")
+    if max_doc_tokens is not None and max_doc_tokens < 1:
+        raise ConfigError(f"`max_doc_tokens` must be >= 1 or None, got {max_doc_tokens!r}.")
     tokenizer = load_tokenizer(tokenizer)
-    counts = {"docs": 0, "tokens": 0, "empty": 0}
+    counts = {"docs": 0, "tokens": 0, "empty": 0, "split": 0}
 
     def non_empty() -> Iterator[np.ndarray]:
         for document in documents:
             if len(document) == 0:
                 counts["empty"] += 1
                 continue
-            counts["docs"] += 1
+            pieces = split_document(document, max_doc_tokens)
+            counts["split"] += len(pieces) > 1
+            counts["docs"] += len(pieces)
             counts["tokens"] += len(document)
-            yield document
+            yield from pieces
 
     with atomic_directory(output, overwrite=overwrite) as temp:
         WRITERS[format](temp, non_empty(), tokenizer, compression)
@@ -164,10 +210,19 @@ def write_dataset(
             num_docs=counts["docs"],
             num_tokens=counts["tokens"],
             empty_docs_dropped=counts["empty"],
+            max_doc_tokens=max_doc_tokens,
+            docs_split=counts["split"],
             sources=tuple(sources),
         )
         meta.write(temp)
     return meta
+
+
+def split_document(document: np.ndarray, max_doc_tokens: int | None) -> list[np.ndarray]:
+    """``document`` cut into consecutive pieces of at most ``max_doc_tokens`` tokens (whole when ``None``)."""
+    if max_doc_tokens is None or len(document) <= max_doc_tokens:
+        return [document]
+    return [document[start : start + max_doc_tokens] for start in range(0, len(document), max_doc_tokens)]
 
 
 def convert(
@@ -182,6 +237,8 @@ def convert(
     compression: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    max_doc_tokens: int | None = None,
+    workers: int = 1,
 ) -> DatasetMeta:
     """Tokenize the documents of ``inputs`` into a new dataset at ``output`` (see the module docstring).
 
@@ -198,12 +255,18 @@ def convert(
         compression (str, optional): Shard compression such as ``"zstd"``. Default: ``None``.
         overwrite (bool): Replace an existing ``output``. Default: ``False``.
         progress (bool): Show a tqdm bar over input bytes. Default: ``True``.
+        max_doc_tokens (int, optional): Split longer documents into pieces of at most this many tokens.
+            Default: ``None`` (no limit).
+        workers (int): Processes that tokenize; the output does not depend on it. Default: ``1`` (in this
+            process).
 
     Returns:
         DatasetMeta: What was written.
     """
     if encoding_errors not in ENCODING_ERRORS:
         raise ConfigError(f"`encoding_errors` must be one of {ENCODING_ERRORS}, got {encoding_errors!r}.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"`workers` must be an int >= 1, got {workers!r}.")
     tokenizer = load_tokenizer(tokenizer)
     files = expand_inputs(inputs)
     # Filled while the files are read; write_dataset records it only after the last document.
@@ -216,7 +279,7 @@ def convert(
         disable=not progress,
     )
 
-    def documents() -> Iterator[np.ndarray]:
+    def texts() -> Iterator[str]:
         for file in files:
             sources.append(
                 {"path": str(file.resolve()), "bytes": file.stat().st_size, "sha256": sha256_file(file)}
@@ -224,19 +287,70 @@ def convert(
             for text, consumed in read_texts(file, text_column=text_column, encoding_errors=encoding_errors):
                 bar.update(consumed)
                 if text is not None:
-                    yield tokenizer.encode(text)
+                    yield text
 
-    with bar:
+    with bar, _encoder(tokenizer, workers) as encode:
         return write_dataset(
             output,
-            documents(),
+            encode(texts()),
             name=name,
             format=format,
             tokenizer=tokenizer,
             sources=sources,
             compression=compression,
             overwrite=overwrite,
+            max_doc_tokens=max_doc_tokens,
         )
+
+
+@contextmanager
+def _encoder(tokenizer: Tokenizer, workers: int) -> Iterator[Callable[[Iterable[str]], Iterator[np.ndarray]]]:
+    """A function from texts to their token arrays, in order, tokenizing on ``workers`` processes."""
+    if workers == 1:
+        yield lambda texts: map(tokenizer.encode, texts)
+        return
+    # The platform's default start method (fork on Linux): spawn would re-import the caller's __main__,
+    # which fails for `python -` and interactive sessions.
+    with multiprocessing.get_context().Pool(
+        workers, initializer=_start_worker, initargs=(tokenizer,)
+    ) as pool:
+
+        def encode(texts: Iterable[str]) -> Iterator[np.ndarray]:
+            # apply_async over a bounded window rather than Pool.imap, whose feeder thread would read every
+            # input into memory ahead of the workers.
+            pending: collections.deque = collections.deque()
+            for batch in _batches(texts):
+                pending.append(pool.apply_async(_encode_batch, (batch,)))
+                if len(pending) > 2 * workers:
+                    yield from pending.popleft().get()
+            while pending:
+                yield from pending.popleft().get()
+
+        yield encode
+
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    return [_worker_tokenizer.encode(text) for text in texts]
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -378,6 +492,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what to do with text that is not UTF-8 (default: strict, i.e. fail)",
     )
     parser.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default: none)")
+    parser.add_argument(
+        "--max-doc-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split documents longer than N tokens into pieces of at most N (default: no limit)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tokenize on N processes; the output is the same for any N (default: 1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run)
@@ -395,10 +523,12 @@ def _run(args: argparse.Namespace) -> int:
         compression=args.compression,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        max_doc_tokens=args.max_doc_tokens,
+        workers=args.workers,
     )
     print(
         f"wrote {args.output}: {meta.num_docs} documents, {meta.num_tokens} tokens ({meta.format}, "
         f"{meta.dtype}, tokenizer {meta.tokenizer}, vocab {meta.vocab_size}); "
-        f"{meta.empty_docs_dropped} empty documents dropped."
+        f"{meta.empty_docs_dropped} empty documents dropped, {meta.docs_split} split."
     )
     return 0

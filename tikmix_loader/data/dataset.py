@@ -1,138 +1,175 @@
-"""The ``torch.utils.data`` face of ``MixtureLoader``: an ``IterableDataset`` and a DataLoader built on it.
+"""The ``torch.utils.data`` face of ``MixtureLoader``: a resumable DataLoader whose main process plans.
 
-``MixtureDataset`` yields whole batches (use ``batch_size=None``) and implements the dataset-state protocol
-Composer uses for resumption without spinning through batches: ``state_dict(num_samples, from_beginning)``
-and ``load_state_dict(state)``.
+``as_dataloader(loader, **kwargs)`` builds a ``MixtureDataLoader``: a ``DataLoader`` (or torchdata's
+``StatefulDataLoader``) over ``MixtureDataset`` with ``PlanSampler`` as its sampler and ``batch_size=None``.
+The sampler runs in the main process and yields a ``BatchPlan`` per global batch (which samples of which
+domain, from counts alone); the dataset turns a plan into this rank's batch. The design follows the
+sampler/dataset split of ``torch.utils.data``: workers only read what the main process planned, so the
+batch order, the weights and the state never depend on worker timing.
 
-With ``num_workers=0`` (recommended: the loader already prefetches with its own threads) the dataset
-drives the loader directly. With DataLoader worker processes, worker ``w`` of ``W`` plans every global
-batch from the same state (planning is cheap and deterministic) but reads and yields only batches
-``w, w + W, ...``, which the DataLoader returns in order. Weight changes reach the workers through a
-shared-memory schedule: a change made after ``m`` batches were delivered takes effect at batch
-``m + W * prefetch_factor + 1``, the first one no worker can have started, so the batch stream stays
-deterministic and the main process's copy of the plan (which ``state_dict`` reports) stays exact.
+Without worker processes (``num_workers=0``, recommended: the loader already prefetches with its own
+threads) the sampler plans on the loader itself, so ``set_weights`` applies from the next batch, exactly as
+when iterating the loader.
+
+With ``W`` worker processes and ``prefetch_factor`` ``F`` the DataLoader has always asked for ``P = W * F``
+batches more than it delivered (``torch.utils.data`` keeps that many in flight, in order). Those are
+planned by a copy of the loader's planner running ``P`` batches ahead, so ``set_weights`` called after
+``m`` delivered batches applies from batch ``m + P``, the first one not yet planned. ``loader.weights`` and
+``state_dict()`` show the change at once: it is stored as a change scheduled at batch ``m + P``, so a
+resume reproduces it. The main process replays each delivered batch's plan (counts only) on the loader, so
+``state_dict()`` is always the state after the last delivered batch, and a new iterator (also with
+``persistent_workers=True``) continues from there; batches in flight from an abandoned iterator are dropped.
+
+State: ``dataloader.state_dict()`` / ``load_state_dict()`` (Lightning 2.x and ``StatefulDataLoader`` look
+for these) and ``dataloader.dataset.state_dict(num_samples, from_beginning)`` / ``load_state_dict`` (the
+dataset-state protocol Composer uses to resume without spinning through batches) all carry the loader's
+``state_dict()``.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from collections.abc import Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from tikmix_loader.data.planner import normalize_weights
-from tikmix_loader.errors import StateError
-
-MAX_SCHEDULED_CHANGES = 4096
+from tikmix_loader.data.planner import BatchPlan
+from tikmix_loader.errors import ConfigError, MissingExtraError
 
 
-class MixtureDataset(IterableDataset):
-    """Batches of a ``MixtureLoader`` as an ``IterableDataset`` (use with ``batch_size=None``)."""
+class MixtureDataset(Dataset):
+    """Batches of a ``MixtureLoader`` indexed by the ``BatchPlan`` that ``PlanSampler`` yields.
+
+    Args:
+        loader (MixtureLoader): The loader whose domains are read.
+    """
 
     def __init__(self, loader):
         super().__init__()
         self.loader = loader
-        self.schedule: torch.Tensor | None = None  # [MAX_SCHEDULED_CHANGES + 1, 1 + domains], row 0 = count
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker = get_worker_info()
-        if worker is None:
-            yield from self.loader
-            return
-        yield from self._worker_batches(worker.id, worker.num_workers)
+    def __getitem__(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        if get_worker_info() is None:  # main process: the plan is the loader's next; its threads prefetch
+            return self.loader.take_batch(plan)
+        return self.loader.read_batch(plan)
 
     def state_dict(self, num_samples: int | None = None, from_beginning: bool = True) -> dict:
-        """The loader's state at the last delivered batch (``num_samples`` is implied by it and unused)."""
+        """The loader's state after the last delivered batch (``num_samples`` is implied by it and unused)."""
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the loader at ``state``; no batches are replayed."""
         self.loader.load_state_dict(state)
 
-    # -- DataLoader worker processes --------------------------------------------------------------
 
-    def share_schedule(self) -> None:
-        """Allocate the shared weight schedule before worker processes start."""
-        columns = 1 + len(self.loader.domain_names)
-        self.schedule = torch.zeros(MAX_SCHEDULED_CHANGES + 1, columns, dtype=torch.float64).share_memory_()
+class PlanSampler(Sampler):
+    """Yields the plan of every global batch, in order, from the main process.
 
-    def schedule_weights(self, at_batch: int, weights: np.ndarray) -> None:
-        """Publish ``weights`` to take effect at global batch ``at_batch`` in every worker."""
-        count = int(self.schedule[0, 0])
-        if count >= MAX_SCHEDULED_CHANGES:
-            raise StateError(
-                f"More than {MAX_SCHEDULED_CHANGES} weight changes in one DataLoader iteration with worker "
-                f"processes; re-create the iterator (e.g. each epoch) or use num_workers=0."
-            )
-        self.schedule[count + 1, 0] = at_batch
-        self.schedule[count + 1, 1:] = torch.from_numpy(np.asarray(weights, dtype=np.float64))
-        self.schedule[0, 0] = count + 1  # published last, so workers never see a half-written row
+    Args:
+        loader (MixtureLoader): The loader that owns the plan.
+        ahead (bool): Plan on a copy running ahead of the loader (``loader.plan_ahead``), for worker
+            processes; else plan on the loader itself.
+    """
 
-    def apply_schedule(self, planner, applied: int) -> int:
-        """Apply scheduled changes due at ``planner.batch_index``; returns how many are applied in total."""
-        if self.schedule is None:
-            return applied
-        count = int(self.schedule[0, 0])
-        while applied < count and int(self.schedule[applied + 1, 0]) <= planner.batch_index:
-            planner.set_weights(self.schedule[applied + 1, 1:].numpy().copy())
-            applied += 1
-        return applied
+    def __init__(self, loader, *, ahead: bool):
+        self.loader = loader
+        self.ahead = ahead
+        self.planner = None  # the copy planning for the current iterator, when ``ahead``
 
-    def _worker_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
-        loader = self.loader
-        loader.close()  # threads do not survive into worker processes; this worker reads on demand
-        planner, streams, applied = loader._planner, loader._streams, 0
-        while True:
-            applied = self.apply_schedule(planner, applied)
-            plan = planner.plan()
-            if plan is None:
-                return
-            if plan.index % num_workers != worker:
-                continue
-            pieces = [
-                streams[d].read(int(start), int(count))
-                for d, (start, count) in enumerate(zip(plan.starts, plan.quota))
-            ]
-            yield loader._assemble(plan, pieces)
+    def __iter__(self) -> Iterator[BatchPlan]:
+        if not self.ahead:
+            while (plan := self.loader.plan_next()) is not None:
+                yield plan
+            return
+        self.planner = planner = self.loader.plan_ahead()
+        while (plan := planner.plan()) is not None:
+            yield plan
 
 
-class MixtureDataLoader(DataLoader):
-    """A ``DataLoader`` over ``MixtureDataset`` that keeps the loader's state exact with worker processes."""
+class _MixtureDataLoaderMixin:
+    """Iteration and state shared by the plain and the torchdata DataLoader (see the module docstring).
 
-    def __init__(
-        self, dataset: MixtureDataset, *, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs
-    ):
-        if num_workers > 0:
-            prefetch_factor = prefetch_factor or 2
-            dataset.share_schedule()
-        super().__init__(
-            dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch_factor, **kwargs
-        )
+    ``held_batches`` (default 0) is for trainers that fetch batches before they train on them (Lightning's
+    fetcher holds one): ``state_dict()`` then reports the state after the last batch not held, so a resume
+    starts with the first held batch. Weight changes made since are kept, scheduled where they applied.
+    """
+
+    held_batches = 0
+    _MAX_HELD = 8
 
     def __iter__(self):
-        if self.num_workers == 0:
-            yield from super().__iter__()
-            return
-        loader, dataset = self.dataset.loader, self.dataset
-        planner, applied = loader._planner, 0
-        dataset.schedule[0, 0] = 0
-        margin = self.num_workers * self.prefetch_factor + 1
-
-        def schedule_change(weights):
-            dataset.schedule_weights(planner.batch_index + margin, normalize_weights(weights, planner.names))
-
-        loader._set_weights_hook = schedule_change
+        loader = self.dataset.loader
+        self._recent_states = collections.deque([loader.state_dict()], maxlen=self._MAX_HELD + 1)
+        batches = super().__iter__()  # starts the sampler, which may start planning ahead
+        ahead = self.sampler.planner if self.num_workers > 0 else None
         try:
-            for batch in super().__iter__():
-                # Replay the plan in this process (counts only) so state_dict() matches what was delivered.
-                applied = dataset.apply_schedule(planner, applied)
-                planner.plan()
+            for batch in batches:
+                if ahead is not None:
+                    loader.plan_next()  # the delivered batch's plan, replayed so the loader's state is exact
+                self._recent_states.append(loader.state_dict())
                 yield batch
         finally:
-            loader._set_weights_hook = None
+            if ahead is not None:
+                loader.stop_planning_ahead(ahead)
+
+    def state_dict(self) -> dict:
+        """The loader's state after the last delivered batch (less ``held_batches``)."""
+        state = self.dataset.loader.state_dict()
+        recent = getattr(self, "_recent_states", None)
+        if not self.held_batches or not recent:
+            return state
+        if self.held_batches > self._MAX_HELD:
+            raise ConfigError(f"`held_batches` must be at most {self._MAX_HELD}, got {self.held_batches}.")
+        before = recent[max(len(recent) - 1 - self.held_batches, 0)]
+        return {**before, "weight_history": state["weight_history"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``: the next iterator starts with the batch after the saved one."""
+        self._recent_states = None
+        self.dataset.loader.load_state_dict(state)
 
 
-def as_dataloader(loader, **kwargs) -> MixtureDataLoader:
-    """A ``MixtureDataLoader`` yielding ``loader``'s batches; ``kwargs`` go to ``DataLoader``."""
-    return MixtureDataLoader(MixtureDataset(loader), **kwargs)
+class MixtureDataLoader(_MixtureDataLoaderMixin, DataLoader):
+    """A ``DataLoader`` yielding a ``MixtureLoader``'s batches, exact with worker processes, resumable."""
+
+
+def as_dataloader(loader, *, stateful: bool = False, **kwargs) -> DataLoader:
+    """A DataLoader yielding ``loader``'s batches (see the module docstring for the semantics).
+
+    Args:
+        loader (MixtureLoader): The loader.
+        stateful (bool): Build on torchdata's ``StatefulDataLoader`` (needs the ``torchdata`` extra) instead
+            of ``torch.utils.data.DataLoader``. Default: ``False``.
+        **kwargs: Passed to the DataLoader (``num_workers``, ``prefetch_factor``, ``persistent_workers``,
+            ``multiprocessing_context``, ``pin_memory``, ...). Batching and sampling are the loader's.
+    """
+    taken = sorted({"batch_size", "sampler", "batch_sampler", "shuffle", "drop_last"} & set(kwargs))
+    if taken:
+        raise ConfigError(
+            f"as_dataloader(): {taken} are set by the MixtureLoader (batch_size={loader.batch_size}, its own "
+            f"mixture sampling); remove them from the call."
+        )
+    cls = _stateful_dataloader_class() if stateful else MixtureDataLoader
+    return cls(
+        MixtureDataset(loader),
+        batch_size=None,
+        sampler=PlanSampler(loader, ahead=kwargs.get("num_workers", 0) > 0),
+        **kwargs,
+    )
+
+
+@functools.cache
+def _stateful_dataloader_class() -> type:
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError as error:
+        raise MissingExtraError(
+            'as_dataloader(stateful=True) needs torchdata; install it with `pip install -e ".[torchdata]"`.'
+        ) from error
+
+    class MixtureStatefulDataLoader(_MixtureDataLoaderMixin, StatefulDataLoader):
+        """``MixtureDataLoader`` on torchdata's ``StatefulDataLoader``."""
+
+    return MixtureStatefulDataLoader

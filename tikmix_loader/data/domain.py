@@ -9,7 +9,6 @@ import numpy as np
 
 from tikmix_loader.data.metadata import DatasetMeta, read_dataset_meta
 from tikmix_loader.data.sources import TokenSource, open_source
-from tikmix_loader.data.tokenizer import ByteTokenizer
 from tikmix_loader.errors import ConfigError, DomainError, ShardError
 
 MODES = ("packed", "document")
@@ -28,12 +27,15 @@ class Domain:
             ``"document"`` makes one sample per document: truncated to ``seq_len + 1`` tokens, padded with
             ``pad_id`` and loss-masked. Default: ``"packed"``.
         eos_id (int, optional): Separator appended to every document in packed mode. Default: ``None``, which
-            takes the dataset's ``tikmix.json`` (written by ``tikmix convert``), else the byte tokenizer's
-            256.
+            takes the dataset's ``tikmix.json``, else what the data's own metadata records (``tikmix convert``
+            writes it into the MDS ``index.json``, the Parquet schema and the memmap sidecar, so remote MDS
+            domains carry it too). A domain that records none needs it passed: a ``DomainError`` says so
+            rather than guess an EOS the model never saw.
         pad_id (int, optional): Padding id in document mode. Default: ``None``, which takes ``tikmix.json``,
-            else the byte tokenizer's 257.
-        **source_options: Passed to the format's reader (e.g. ``token_column`` for Parquet, ``remote`` for
-            MDS, ``vocab_size``, which defaults to ``tikmix.json``'s).
+            else the data's own metadata, else ``eos_id`` (padding is always loss-masked).
+        **source_options: Passed to the format's reader (e.g. ``token_column`` for Parquet; ``remote``,
+            ``cache_limit`` and ``verify_hashes`` for MDS; ``vocab_size``, which is resolved like
+            ``eos_id`` and required the same way).
 
     Attributes:
         metadata (DatasetMeta | None): The dataset's ``tikmix.json``, when it has one. When ``path`` is the
@@ -61,13 +63,26 @@ class Domain:
         self.mode = mode
         self.metadata: DatasetMeta | None = None if source_options.get("remote") else read_dataset_meta(path)
         meta = self.metadata
-        self.eos_id = int(eos_id if eos_id is not None else meta.eos_id if meta else ByteTokenizer.eos_id)
-        self.pad_id = int(pad_id if pad_id is not None else meta.pad_id if meta else ByteTokenizer.pad_id)
         if meta is not None:
             source_options.setdefault("vocab_size", meta.vocab_size)
         self.source: TokenSource = open_source(path, format, **source_options)
-        self._check_metadata()
+        recorded = dict(self.source.token_info)
+        if meta is not None:
+            recorded.update(eos_id=meta.eos_id, pad_id=meta.pad_id)
+        eos_id = eos_id if eos_id is not None else recorded.get("eos_id")
         vocab_size = self.source.vocab_size
+        missing = [arg for arg, value in (("eos_id", eos_id), ("vocab_size", vocab_size)) if value is None]
+        if missing:
+            arguments = " and ".join(f"`{arg}=`" for arg in missing)
+            raise DomainError(
+                f"Domain {name!r} at {self.path}: its data records no {' or '.join(missing)} (no "
+                f"tikmix.json, and the shard metadata names none), and a guessed EOS or vocabulary would be "
+                f"silently wrong. Pass {arguments} from the tokenizer that made the ids, or re-convert with "
+                f"`tikmix convert`, which records them."
+            )
+        self.eos_id = int(eos_id)
+        self.pad_id = int(pad_id if pad_id is not None else recorded.get("pad_id", eos_id))
+        self._check_metadata()
         for argument, value in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
             if value < 0 or (vocab_size is not None and value >= vocab_size):
                 raise ConfigError(

@@ -2,12 +2,14 @@
 
 Three parts cooperate: ``MixturePlanner`` decides, from counts alone, which samples of which domain form
 each global batch; one ``DomainStream`` per domain turns a stream index into tokens; ``DomainPrefetcher``
-threads keep per-domain queues full. The main thread assembles each batch from the queues, so a weight
-change applies from the very next batch, and the state needed to resume exactly is a handful of counters.
+threads read ahead the samples planned for this rank. Each rank reads only the samples of its own slice of
+a global batch, a weight change applies from the very next batch, and the state needed to resume exactly
+is a handful of counters.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,10 +23,9 @@ from tikmix_loader.data.prefetch import DomainPrefetcher
 from tikmix_loader.data.shuffle import OBSERVATION, rng_for, stable_key
 from tikmix_loader.data.stream import DomainStream
 from tikmix_loader.errors import ConfigError, DomainError
+from tikmix_loader.losses import IGNORE_INDEX, LABEL_SHIFT_KEY, check_convention
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class MixtureLoader:
@@ -34,21 +35,35 @@ class MixtureLoader:
     current weights plus the rounding error carried from earlier batches, so cumulative counts track the
     weights to within one sample. Every domain is read in its own shuffled order, fixed by
     ``(seed, domain name, epoch)`` and independent of weights and ranks. Rank ``r`` yields its slice of every
-    global batch, so ranks see disjoint samples that together form the global stream.
+    global batch, so ranks see disjoint samples that together form the global stream, and it reads only
+    the samples of its slice (``batch_size`` per batch, whatever the world size).
 
-    Batches are dicts: ``input_ids`` and ``labels`` (LongTensor ``[batch_size, seq_len]``; labels are the
-    next tokens, ``-100`` where masked), ``domain`` (LongTensor ``[batch_size]``, an index into
-    ``domain_names``) and, when a domain is in document mode, ``attention_mask``.
+    Batches are dicts: ``input_ids`` and ``labels`` (LongTensor ``[batch_size, seq_len]``; labels follow
+    ``label_convention``, ``IGNORE_INDEX`` where masked), ``label_shift`` (LongTensor ``[batch_size]``,
+    the convention: 1 = shifted, 0 = hf; see ``tikmix_loader.losses``), ``domain`` (LongTensor
+    ``[batch_size]``, an index into ``domain_names``) and, when a domain is in document mode,
+    ``attention_mask``.
+
+    Planning interface (for code that reads batches itself, e.g. DataLoader worker processes): ``plan_next()``
+    plans the next global batch and moves the position past it (``state_dict()`` then counts it), and
+    ``read_batch(plan)`` reads this rank's slice of a plan; ``next_batch()`` is the two together, with the
+    background threads reading ahead. Plans are planned in order; ``read_batch`` may be called for any
+    plan, in any process that holds a copy of the loader.
+
+    ``state_dict()`` records the settings the stream depends on (domains, seed, global batch size,
+    ``seq_len``, ``block_docs``, ``shuffle_window``, each domain's mode, EOS and pad ids), and
+    ``load_state_dict`` refuses a state saved under other values, naming each.
 
     Args:
         domains (Sequence[Domain]): The domains, with unique names.
         batch_size (int): Samples per batch on this rank.
         seq_len (int): Tokens per sample (inputs); each sample reads ``seq_len + 1`` tokens.
         weights (Mapping[str, float] | Sequence[float], optional): Initial mixture; ``None`` means the
-            natural token shares. Normalised to sum to 1. Default: ``None``.
+            natural token shares. Normalised to sum to 1; a dict must name every domain. Default: ``None``.
         seed (int): Seeds every shuffle. Default: 0.
         num_workers (int): Background threads filling the per-domain queues; 0 reads on demand. Default: 2.
-        prefetch (int): Samples buffered per domain. Default: 64.
+        prefetch (int): Samples of this rank read ahead per domain: the loader plans
+            ``ceil(prefetch * num_domains / batch_size)`` batches ahead. Default: 64.
         exhaustion (str): What happens when a domain has been read ``max_epochs`` times: ``"repeat"``
             (default ``max_epochs`` unlimited; when a limit is given, the domain is then dropped), ``"drop"``
             (remove the domain and renormalise the others) or ``"stop"`` (end iteration). With ``"drop"``
@@ -58,6 +73,9 @@ class MixtureLoader:
         world_size (int, optional): Number of ranks; default from ``torch.distributed``, else 1.
         block_docs (int): Documents per shuffle block. Default: 256.
         shuffle_window (int): Packed windows shuffled together. Default: 256.
+        label_convention (str): ``"shifted"``: ``labels`` are the next tokens (nanoGPT, torchtitan, TinyGPT);
+            ``"hf"``: ``labels`` are aligned with ``input_ids`` and the model shifts them (Hugging Face causal
+            LMs). Default: ``"shifted"`` (what the loader has always produced).
     """
 
     def __init__(
@@ -76,6 +94,7 @@ class MixtureLoader:
         world_size: int | None = None,
         block_docs: int = 256,
         shuffle_window: int = 256,
+        label_convention: str = "shifted",
     ):
         domains = list(domains)
         _check_positive_int("batch_size", batch_size)
@@ -98,6 +117,8 @@ class MixtureLoader:
                     f"sample of seq_len + 1 = {seq_len + 1} tokens; lower `seq_len` or add data."
                 )
         self.rank, self.world_size = _resolve_rank(rank, world_size)
+        check_convention(label_convention)
+        self.label_convention = label_convention
         self.domains = domains
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -115,13 +136,25 @@ class MixtureLoader:
             names=names,
             samples_per_epoch=[stream.samples_per_epoch for stream in self._streams],
             global_batch_size=batch_size * self.world_size,
-            weights=self._natural_weights() if weights is None else normalize_weights(weights, names),
+            weights=self._natural_weights()
+            if weights is None
+            else normalize_weights(weights, names, missing="error"),
             seed=seed,
             exhaustion=exhaustion,
             max_epochs=_resolve_max_epochs(max_epochs, exhaustion, names),
+            settings={
+                "seq_len": seq_len,
+                "block_docs": block_docs,
+                "shuffle_window": shuffle_window,
+                "modes": [domain.mode for domain in domains],
+                "eos_ids": [domain.eos_id for domain in domains],
+                "pad_ids": [domain.pad_id for domain in domains],
+            },
         )
+        self._lookahead = -(-prefetch * len(domains) // batch_size)
         self._prefetcher: DomainPrefetcher | None = None
-        self._set_weights_hook = None
+        self._scout: MixturePlanner | None = None  # a fork of the planner that plans ahead for the prefetcher
+        self._ahead: MixturePlanner | None = None  # planning ahead for DataLoader worker processes
         self._needs_mask = any(domain.mode == "document" for domain in domains)
 
     # -- mixture ----------------------------------------------------------------------------------
@@ -133,19 +166,36 @@ class MixtureLoader:
 
     @property
     def weights(self) -> dict[str, float]:
-        """The current mixture by domain name (as set; exhausted domains keep their entry)."""
-        return dict(zip(self._planner.names, self._planner.weights.tolist()))
+        """The mixture by domain name as last set, also when the change is scheduled for a later batch
+        (see ``set_weights``); exhausted domains keep their entry."""
+        return dict(zip(self._planner.names, self._planner.latest_weights.tolist()))
 
-    def set_weights(self, weights: Mapping[str, float] | Sequence[float]) -> None:
+    def set_weights(self, weights: Mapping[str, float] | Sequence[float], *, missing: str = "error") -> None:
         """Use ``weights`` (dict by name or one value per domain; normalised) from the next batch on.
 
         Every rank must call this with the same weights at the same step (the controller broadcasts them).
+        While a DataLoader with worker processes iterates (``as_dataloader(num_workers=W)``), the batches it
+        has already handed to workers keep their weights and the change applies from the first batch not
+        yet planned (see ``tikmix_loader.data.dataset``); ``weights`` and ``state_dict()`` show it at once.
+
+        Args:
+            weights (Mapping[str, float] | Sequence[float]): The new mixture.
+            missing (str): ``"error"`` (a dict must name every domain) or ``"zero"`` (domains a dict leaves
+                out get weight 0). Default: ``"error"``.
+
+        Raises:
+            MixtureWeightError: A weight is not a number, NaN, infinite or negative, all are zero, a dict
+                names an unknown domain or leaves one out (unless ``missing="zero"``), or a sequence has
+                the wrong length.
         """
-        if self._set_weights_hook is not None:  # iterating through DataLoader worker processes
-            self._set_weights_hook(weights)
-            return
-        self._planner.set_weights(normalize_weights(weights, self._planner.names))
-        logger.info("batch %d: weights set to %s", self._planner.batch_index, self.weights)
+        values = normalize_weights(weights, self._planner.names, missing=missing)
+        at_batch = None
+        if self._ahead is not None:
+            at_batch = self._ahead.batch_index
+            self._ahead.set_weights(values)
+        self._planner.set_weights(values, at_batch=at_batch)
+        self._scout = None  # what it planned ahead assumed the old weights
+        logger.info("weights set to %s from batch %d", self.weights, self._planner.weight_history[-1][0])
 
     def natural_weights(self) -> dict[str, float]:
         """Each domain's share of all tokens."""
@@ -167,34 +217,91 @@ class MixtureLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         """The next batch of this rank, or ``None`` once the mixture is exhausted."""
+        plan = self.plan_next()
+        if plan is None:
+            return None
+        return self.take_batch(plan)
+
+    def plan_next(self) -> BatchPlan | None:
+        """Plan the next global batch and move past it (``state_dict()`` counts it); ``None`` once exhausted.
+
+        Reads nothing: pass the plan to ``take_batch`` (this process, prefetched) or ``read_batch``
+        (on demand, e.g. in a DataLoader worker process).
+        """
         plan = self._planner.plan()
         if plan is None:
             self.close()
-            return None
-        if self._prefetcher is None:
-            self._prefetcher = DomainPrefetcher(
-                self._streams,
-                self._planner.consumed - plan.quota,
-                num_workers=self.num_workers,
-                prefetch=self.prefetch,
-            )
-        pieces = [self._prefetcher.take(domain, int(count)) for domain, count in enumerate(plan.quota)]
-        return self._assemble(plan, pieces)
+        return plan
 
-    def _assemble(
-        self, plan: BatchPlan, pieces: list[tuple[np.ndarray, np.ndarray]]
-    ) -> dict[str, torch.Tensor]:
-        tokens = np.concatenate([piece[0] for piece in pieces])
-        valid = np.concatenate([piece[1] for piece in pieces])
-        domain_ids = np.repeat(np.arange(len(pieces)), plan.quota)
-        mine = plan.order[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return samples_to_batch(tokens[mine], valid[mine], domain_ids[mine], self._needs_mask)
+    def plan_ahead(self) -> MixturePlanner:
+        """A copy of the planner that runs ahead of this loader: ``set_weights`` also reaches it and is
+        scheduled in this loader at the copy's position, until ``stop_planning_ahead``. The DataLoader's
+        plan sampler uses it to plan batches that worker processes read before they are delivered."""
+        self._ahead = copy.deepcopy(self._planner)
+        return self._ahead
+
+    def stop_planning_ahead(self, ahead: MixturePlanner) -> None:
+        """End ``plan_ahead`` (no-op when a newer copy has replaced ``ahead``)."""
+        if self._ahead is ahead:
+            self._ahead = None
+
+    def take_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """This rank's batch of the plan ``plan_next`` just returned, through the prefetch threads."""
+        if self.num_workers > 0:
+            self._read_ahead()
+        return self._rank_batch(plan, self._prefetcher)
+
+    def read_batch(self, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """This rank's batch of ``plan``, read on demand (no threads: safe in DataLoader worker processes)."""
+        return self._rank_batch(plan, None)
+
+    def _rank_batch(self, plan: BatchPlan, prefetcher: DomainPrefetcher | None) -> dict[str, torch.Tensor]:
+        """Read only the samples of this rank's slice of the global batch ``plan``."""
+        first = self.rank * self.batch_size
+        domains, indices = plan.samples(first, first + self.batch_size)
+        tokens = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        valid = np.empty(self.batch_size, dtype=np.int64)
+        for domain in np.unique(domains):
+            rows = np.flatnonzero(domains == domain)
+            rows = rows[np.argsort(indices[rows], kind="stable")]  # ascending stream order reads fastest
+            if prefetcher is None:
+                tokens[rows], valid[rows] = self._streams[int(domain)].read_at(indices[rows])
+            else:
+                tokens[rows], valid[rows] = prefetcher.take(int(domain), indices[rows])
+        if prefetcher is not None:
+            for domain, start in enumerate(plan.starts.tolist()):
+                prefetcher.release_below(domain, start)
+        return samples_to_batch(
+            tokens, valid, domains, self._needs_mask, label_convention=self.label_convention
+        )
+
+    def _read_ahead(self) -> None:
+        """Plan up to ``self._lookahead`` batches ahead on a fork and request this rank's samples of them."""
+        if self._prefetcher is None:
+            self._prefetcher = DomainPrefetcher(self._streams, num_workers=self.num_workers)
+        if self._scout is None or self._scout.batch_index < self._planner.batch_index:
+            self._scout = self._planner.fork()
+        first = self.rank * self.batch_size
+        while self._scout.batch_index < self._planner.batch_index + self._lookahead:
+            plan = self._scout.plan()
+            if plan is None:
+                return
+            domains, indices = plan.samples(first, first + self.batch_size)
+            for domain in np.unique(domains):
+                self._prefetcher.request(int(domain), np.sort(indices[domains == domain]))
 
     def close(self) -> None:
         """Stop the background threads (iteration restarts them)."""
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
+        self._scout = None
+
+    def __getstate__(self) -> dict:
+        # Pickled into spawned DataLoader workers, which only call read_batch: no threads, no planner copy.
+        state = self.__dict__.copy()
+        state["_prefetcher"], state["_ahead"] = None, None
+        return state
 
     def __del__(self):
         if getattr(self, "_prefetcher", None) is not None:  # may run on a half-constructed loader
@@ -224,7 +331,13 @@ class MixtureLoader:
         rows = [stream.read(int(pick), 1) for pick in picks]
         tokens = np.concatenate([row[0] for row in rows])
         valid = np.concatenate([row[1] for row in rows])
-        return samples_to_batch(tokens, valid, np.full(num_samples, index), self._needs_mask)
+        return samples_to_batch(
+            tokens,
+            valid,
+            np.full(num_samples, index),
+            self._needs_mask,
+            label_convention=self.label_convention,
+        )
 
     def sample_batches(
         self, name: str, num_samples: int, *, batch_size: int, seed: int | None = None
@@ -268,13 +381,22 @@ class MixtureLoader:
         return dict(zip(planner.names, np.where(planner.active, left, 0.0).tolist()))
 
     def state_dict(self) -> dict:
-        """Flat JSON-able state: weight history, per-domain cursors, carried quota error, seed."""
+        """Flat JSON-able state: the settings it depends on, weight history, per-domain cursors, carried
+        quota error."""
         return self._planner.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where ``state`` was taken (also under another world size, same global batch)."""
-        self.close()
+        """Continue exactly where ``state`` was taken (also under another world size, same global batch).
+
+        Raises:
+            StateError: ``state`` was saved under other settings (other domains, seed, global batch size,
+                ``seq_len``, ``block_docs``, ``shuffle_window``, domain modes, EOS or pad ids; each changed
+                one is named with both values), or a key is missing or malformed. The loader is unchanged.
+                A version-1 state (saved before the settings were recorded) loads with a warning that the
+                settings it lacks are assumed to match.
+        """
         self._planner.load_state_dict(state)
+        self.close()
 
     def as_dataloader(self, **kwargs):
         """A ``torch.utils.data.DataLoader`` over ``dataset`` that yields this loader's batches."""
@@ -284,14 +406,27 @@ class MixtureLoader:
 
 
 def samples_to_batch(
-    tokens: np.ndarray, valid: np.ndarray, domain_ids: np.ndarray, needs_mask: bool
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    domain_ids: np.ndarray,
+    needs_mask: bool,
+    *,
+    label_convention: str,
 ) -> dict[str, torch.Tensor]:
-    """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and shifted labels."""
+    """Samples of ``seq_len + 1`` tokens (``valid`` real ones each) as model inputs and labels.
+
+    ``"shifted"``: ``labels[t] = tokens[t + 1]`` while ``t + 1 < valid``. ``"hf"``: ``labels[t] = tokens[t]``
+    for ``1 <= t < valid`` (position 0 is never a target, so it is masked and ``labels != IGNORE_INDEX``
+    counts the loss tokens); the window's last token then only serves the ``"shifted"`` convention.
+    """
+    shift = check_convention(label_convention)
     positions = np.arange(tokens.shape[1] - 1)
-    labels = np.where(positions[None, :] < (valid[:, None] - 1), tokens[:, 1:], IGNORE_INDEX)
+    targets = tokens[:, shift : shift + len(positions)]
+    counted = (positions[None, :] + shift < valid[:, None]) & (positions[None, :] + shift >= 1)
     batch = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(labels),
+        "labels": torch.from_numpy(np.where(counted, targets, IGNORE_INDEX)),
+        LABEL_SHIFT_KEY: torch.full((len(tokens),), shift, dtype=torch.long),
         "domain": torch.from_numpy(domain_ids.astype(np.int64)),
     }
     if needs_mask:

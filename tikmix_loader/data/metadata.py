@@ -36,12 +36,16 @@ class DatasetMeta:
     empty_docs_dropped: int = field(
         default=0, metadata={"help": "Input documents with no tokens, not stored."}
     )
+    max_doc_tokens: int | None = field(
+        default=None, metadata={"help": "Longer input documents were split into pieces of at most this."}
+    )
+    docs_split: int = field(default=0, metadata={"help": "Input documents split by max_doc_tokens."})
     sources: tuple[dict, ...] = field(
         default=(), metadata={"help": "Input files as {'path', 'bytes', 'sha256'}, in reading order."}
     )
 
     def __post_init__(self):
-        for name in ("eos_id", "pad_id", "num_docs", "num_tokens", "empty_docs_dropped"):
+        for name in ("eos_id", "pad_id", "num_docs", "num_tokens", "empty_docs_dropped", "docs_split"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"DatasetMeta `{name}` must be >= 0, got {getattr(self, name)}.")
         if self.vocab_size < 1:

@@ -1,60 +1,47 @@
-"""Background threads that keep a bounded queue of upcoming samples full for every domain.
+"""Background threads that read, ahead of use, the samples this rank was planned to take from each domain.
 
 Threads rather than processes: a sample is a slice of an already-read token block, so the work is I/O and
 numpy copies that release the GIL, and threads share the block caches and need no pickling. (The loader
-benchmark measures the result against mosaicml-streaming with process workers.) Each domain's samples are
-produced strictly in stream order from a start index, so a queue's content is fully determined by
-that index, and restarting from a checkpoint just means restarting the queues at the saved indices.
+benchmark measures the result against mosaicml-streaming with process workers.)
+
+The loader plans batches ahead and requests, per domain, the stream indices of this rank's samples; a rank
+of many needs a sparse subset of each domain's stream, so the queues hold requested indices rather than a
+contiguous run. A sample depends only on its stream index, so a request planned under weights that change
+before it is used is never wrong, only possibly unused: what is still needed is taken, and what falls
+behind a domain's read position is dropped.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
+from collections import deque
 
 import numpy as np
 
 from tikmix_loader.data.stream import DomainStream
 from tikmix_loader.errors import TikmixError
 
-_POLL_SECONDS = 0.05
-
-
-class _ProducerError:
-    """Carries an exception from a producer thread to the consumer, which re-raises it."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
 
 class DomainPrefetcher:
-    """Per-domain bounded queues of samples, filled by ``num_workers`` threads (0 = read on demand).
+    """Per-domain stores of requested samples, filled by ``num_workers`` threads.
+
+    Each domain is read by one thread only (domains are shared among threads round-robin), since a
+    ``DomainStream``'s block caches are not safe to share between threads.
 
     Args:
         streams (list[DomainStream]): One stream per domain.
-        starts (np.ndarray): Stream index of the first sample each queue must produce.
-        num_workers (int): Producer threads; domains are shared among them round-robin.
-        prefetch (int): Samples buffered per domain.
-        group (int): Samples read per call (amortises Python overhead).
+        num_workers (int): Producer threads, at least 1.
     """
 
-    def __init__(
-        self,
-        streams: list[DomainStream],
-        starts: np.ndarray,
-        *,
-        num_workers: int,
-        prefetch: int,
-        group: int = 8,
-    ):
+    def __init__(self, streams: list[DomainStream], *, num_workers: int):
         self.streams = streams
-        self.group = max(1, min(group, prefetch))
-        self.next_index = [int(start) for start in starts]  # next index the consumer will take
-        self.buffers: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in streams]
-        self.num_workers = num_workers
-        self._stop = threading.Event()
-        self._space = threading.Event()
-        self._queues = [queue.Queue(maxsize=max(1, prefetch // self.group)) for _ in streams]
+        self._rows: list[dict[int, tuple[np.ndarray, np.ndarray]]] = [{} for _ in streams]
+        self._wanted: list[set[int]] = [set() for _ in streams]  # requested, not yet taken
+        self._todo: list[deque[np.ndarray]] = [deque() for _ in streams]  # requests not yet read
+        self._floor = [0] * len(streams)  # indices below are never needed again
+        self._failed: list[tuple[set[int], BaseException] | None] = [None] * len(streams)
+        self._condition = threading.Condition()
+        self._stop = False
         self._threads = [
             threading.Thread(
                 target=self._produce,
@@ -67,71 +54,93 @@ class DomainPrefetcher:
         for thread in self._threads:
             thread.start()
 
-    def take(self, domain: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next ``count`` samples of ``domain`` as ``(tokens, valid)``."""
-        if count == 0:
-            width = self.streams[domain].seq_len + 1
-            return np.empty((0, width), np.int64), np.empty(0, np.int64)
-        if not self._threads:
-            result = self.streams[domain].read(self.next_index[domain], count)
-            self.next_index[domain] += count
-            return result
-        pieces_tokens, pieces_valid, have = [], [], 0
-        buffer = self.buffers[domain]
-        while have < count:
-            if not buffer:
-                item = self._queues[domain].get()
-                self._space.set()
-                if isinstance(item, _ProducerError):
-                    raise item.error
-                buffer.append(item)
-            tokens, valid = buffer[0]
-            need = count - have
-            pieces_tokens.append(tokens[:need])
-            pieces_valid.append(valid[:need])
-            have += min(need, len(tokens))
-            if need >= len(tokens):
-                buffer.pop(0)
-            else:
-                buffer[0] = (tokens[need:], valid[need:])
-        self.next_index[domain] += count
-        return np.concatenate(pieces_tokens), np.concatenate(pieces_valid)
+    def request(self, domain: int, indices: np.ndarray) -> None:
+        """Read samples ``indices`` of ``domain`` in the background (those already requested are skipped)."""
+        with self._condition:
+            wanted = self._wanted[domain]
+            fresh = [
+                index for index in map(int, indices) if index >= self._floor[domain] and index not in wanted
+            ]
+            if fresh:
+                wanted.update(fresh)
+                self._todo[domain].append(np.asarray(fresh, dtype=np.int64))
+                self._condition.notify_all()
+
+    def take(self, domain: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` of ``domain`` as ``(tokens, valid)``; waits for them requesting any missing."""
+        self.request(domain, indices)
+        keys = [int(index) for index in indices]
+        rows = self._rows[domain]
+        with self._condition:
+            while not all(key in rows for key in keys):
+                failed = self._failed[domain]
+                if failed is not None and not failed[0].isdisjoint(keys):
+                    raise failed[1]
+                self._condition.wait()
+            picked = [rows.pop(key) for key in keys]
+            self._wanted[domain].difference_update(keys)
+        return np.stack([row[0] for row in picked]), np.array([row[1] for row in picked], dtype=np.int64)
+
+    def release_below(self, domain: int, start: int) -> None:
+        """Forget samples of ``domain`` before stream index ``start``: no later batch needs them."""
+        with self._condition:
+            if start <= self._floor[domain]:
+                return
+            self._floor[domain] = start
+            rows, wanted = self._rows[domain], self._wanted[domain]
+            for key in [key for key in rows if key < start]:
+                del rows[key]
+            wanted.difference_update([key for key in wanted if key < start])
 
     def close(self) -> None:
         """Stop the producer threads and drop everything buffered."""
-        self._stop.set()
+        with self._condition:
+            self._stop = True
+            self._condition.notify_all()
         for thread in self._threads:
             thread.join()
         self._threads = []
 
     def _produce(self, domains: list[int]) -> None:
-        cursors = {domain: self.next_index[domain] for domain in domains}
-        pending: dict[int, object] = {}
-        while domains and not self._stop.is_set():
-            progressed = False
-            for domain in list(domains):
-                if domain not in pending:
-                    pending[domain] = self._read_group(domain, cursors[domain])
-                    cursors[domain] += self.group
-                try:
-                    self._queues[domain].put_nowait(pending[domain])
-                except queue.Full:
-                    continue
-                progressed = True
-                if isinstance(pending.pop(domain), _ProducerError):
-                    domains.remove(domain)  # the consumer will raise; nothing after it is valid
-            if not progressed:
-                # Every queue is full: sleep until the consumer takes something (or a short timeout).
-                self._space.wait(_POLL_SECONDS)
-                self._space.clear()
+        turn = 0
+        while True:
+            with self._condition:
+                while not self._stop and not any(self._todo[domain] for domain in domains):
+                    self._condition.wait()
+                if self._stop:
+                    return
+                # Round-robin over this thread's domains, so one busy domain cannot starve the others.
+                domain = next(
+                    domains[(turn + step) % len(domains)]
+                    for step in range(len(domains))
+                    if self._todo[domains[(turn + step) % len(domains)]]
+                )
+                turn = domains.index(domain) + 1
+                indices = self._todo[domain].popleft()
+                indices = indices[indices >= self._floor[domain]]
+            if len(indices) == 0:
+                continue
+            result = self._read(domain, indices)
+            with self._condition:
+                if isinstance(result, BaseException):
+                    self._failed[domain] = (set(indices.tolist()), result)
+                else:
+                    tokens, valid = result
+                    floor, wanted, rows = self._floor[domain], self._wanted[domain], self._rows[domain]
+                    for row, index in enumerate(indices.tolist()):
+                        if index >= floor and index in wanted:
+                            rows[index] = (tokens[row], int(valid[row]))
+                self._condition.notify_all()
 
-    def _read_group(self, domain: int, start: int):
+    def _read(self, domain: int, indices: np.ndarray):
         try:
-            return self.streams[domain].read(start, self.group)
+            return self.streams[domain].read_at(indices)
         except TikmixError as error:
-            return _ProducerError(error)
+            return error
         except Exception as error:  # surfaced in the consumer with the domain named
             name = self.streams[domain].domain.name
-            wrapped = RuntimeError(f"reading domain {name!r} at sample {start} failed: {error}")
+            wrapped = RuntimeError(
+                f"reading domain {name!r} at samples {indices[0]}..{indices[-1]} failed: {error}"
+            )
             wrapped.__cause__ = error
-            return _ProducerError(wrapped)
+            return wrapped

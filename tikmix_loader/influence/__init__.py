@@ -4,6 +4,16 @@ from tikmix_loader.influence.config import InfluenceConfig
 from tikmix_loader.influence.group_influence import GroupInfluence
 from tikmix_loader.influence.matrix import InfluenceMatrix
 from tikmix_loader.influence.preconditioners import PRECONDITIONERS, get_preconditioner
+from tikmix_loader.influence.task import CausalLMTask, HFCausalLMTask, Task
 
-__all__ = ["GroupInfluence", "InfluenceConfig", "InfluenceMatrix", "PRECONDITIONERS", "get_preconditioner"]
+__all__ = [
+    "CausalLMTask",
+    "GroupInfluence",
+    "HFCausalLMTask",
+    "InfluenceConfig",
+    "InfluenceMatrix",
+    "PRECONDITIONERS",
+    "Task",
+    "get_preconditioner",
+]
 assert __all__ == sorted(__all__), "keep __all__ sorted"

@@ -1,6 +1,12 @@
-"""Which Linear layers are tracked, their projections, and the hooks that hand each layer's (x, g) to a sink.
+"""Which layers are tracked, their projections, and the hooks that hand each layer's (x, g) to a sink.
 
-A forward hook on every tracked ``nn.Linear`` registers a gradient hook on that call's output, closing over
+The task (``influence.task``) lists the trackable modules: ``nn.Linear`` and Hugging Face ``Conv1D``. Both
+compute ``y = x W' + b`` from an input ``x`` [..., d_in]; Conv1D only stores its weight transposed, ``[d_in,
+d_out]`` instead of ``[d_out, d_in]``. The hooks see the same ``x`` and ``g`` for both, and every statistic is
+kept in the Linear orientation ``g^T x`` [d_out, d_in] (a Conv1D weight's gradient is its transpose), so the
+kernels need no change.
+
+A forward hook on every tracked module registers a gradient hook on that call's output, closing over
 the call's (detached) input, so when backward reaches the output the sink receives ``x`` [..., d_in] and ``g =
 dLoss/dy`` [..., d_out]: exactly the two factors of the weight gradient ``sum_t g_t x_t^T``. Hooks exist only
 inside ``capture(...)``; outside it the model runs untouched. Biases are not tracked (the kernels are
@@ -18,16 +24,17 @@ import torch
 from torch import nn
 
 from tikmix_loader import ops
-from tikmix_loader.errors import ConfigError
+from tikmix_loader.errors import TrackingError
 from tikmix_loader.influence.config import InfluenceConfig
+from tikmix_loader.influence.task import Task, is_conv1d
 
 
 @dataclass(frozen=True)
 class TrackedLayer:
-    """One tracked Linear: its name, module, widths and projected widths (k == d means not projected)."""
+    """One tracked layer: its name, module, widths and projected widths (k == d means not projected)."""
 
     name: str
-    module: nn.Linear
+    module: nn.Module
     d_in: int
     d_out: int
     k_in: int
@@ -44,32 +51,40 @@ class TrackedLayer:
         return self.k_out < self.d_out
 
 
-def select_layers(model: nn.Module, config: InfluenceConfig) -> list[TrackedLayer]:
-    """The tracked Linears of ``model`` in module order, per ``config.layers`` and ``config.exclude``.
+def weight_widths(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a trackable module (Conv1D stores ``[d_in, d_out]``, Linear the reverse)."""
+    d_first, d_second = module.weight.shape
+    return (d_first, d_second) if is_conv1d(module) else (d_second, d_first)
+
+
+def select_layers(model: nn.Module, config: InfluenceConfig, task: Task) -> list[TrackedLayer]:
+    """The tracked layers of ``model`` in module order: ``task``'s modules per ``config.layers``/``exclude``.
 
     Raises:
-        ConfigError: a pattern matches no Linear, or nothing is left; the message lists the Linear names.
+        TrackingError: the model has no trackable module, a pattern matches none, or nothing is left; the
+            message lists the trackable module names.
     """
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    names = [name for name, _ in linears]
-    if not linears:
-        raise ConfigError(
-            f"GroupInfluence: the model ({type(model).__name__}) has no nn.Linear layer to track"
+    candidates = task.tracked_modules(model)
+    names = [name for name, _ in candidates]
+    if not candidates:
+        raise TrackingError(
+            f"GroupInfluence: the model ({type(model).__name__}) has no trackable module (nn.Linear or "
+            f"transformers Conv1D) for {type(task).__name__}; influence needs at least one"
         )
     for key in ("layers", "exclude"):
         for pattern in getattr(config, key) or ():
             if not fnmatch.filter(names, pattern):
-                raise ConfigError(
-                    f"GroupInfluence: `{key}` pattern {pattern!r} matches no nn.Linear; "
-                    f"Linear layers: {names}"
+                raise TrackingError(
+                    f"GroupInfluence: `{key}` pattern {pattern!r} matches no trackable module; "
+                    f"trackable modules: {names}"
                 )
     k_in, k_out = config.k_pair
     tracked = []
-    for name, module in linears:
+    for name, module in candidates:
         included = config.layers is None or any(fnmatch.fnmatchcase(name, p) for p in config.layers)
         if not included or any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             continue
-        d_in, d_out = module.in_features, module.out_features
+        d_in, d_out = weight_widths(module)
         tracked.append(
             TrackedLayer(
                 name=name,
@@ -81,9 +96,9 @@ def select_layers(model: nn.Module, config: InfluenceConfig) -> list[TrackedLaye
             )
         )
     if not tracked:
-        raise ConfigError(
+        raise TrackingError(
             f"GroupInfluence: `layers`={config.layers} with `exclude`={config.exclude} leaves no layer; "
-            f"Linear layers: {names}"
+            f"trackable modules: {names}"
         )
     return tracked
 

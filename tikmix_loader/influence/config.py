@@ -23,13 +23,14 @@ class InfluenceConfig:
         k (int | tuple[int, int] | None): Projection width: one int for both sides, a ``(k_in, k_out)`` pair,
             or None for no projection (exact gradients; for tests and small models). A side whose k is at
             least the layer's width is not projected (the identity is exact and no wider). Default: 64.
-        preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"`` (methods.md §3). Default: ``"kfac"``.
+        preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"`` (docs/methods.md §3). Default:
+        ``"kfac"``.
         damping (float): Damping relative to the unprojected layer's mean eigenvalue: K-FAC adds ``damping *
             trace(A) / d_in`` to A and ``damping * trace(B) / d_out`` to B; EK-FAC adds ``damping *
             sum(Lambda) / (d_out d_in)`` to Lambda (traces survive projection, so the shift is the same for
             every k). Default: 0.1.
         layers (tuple[str, ...] | None): fnmatch patterns over module names selecting the tracked
-            ``nn.Linear`` layers; None tracks every ``nn.Linear``. Default: None.
+            layers (``nn.Linear`` or HF ``Conv1D``); None tracks every one the task lists. Default: None.
         exclude (tuple[str, ...]): fnmatch patterns of layers to drop from the selection. Default: ().
         seed (int): Seed of the random projections. Default: 0.
         backend (str): Kernel backend passed to ``tikmix_loader.ops`` (``"auto"``, ``"torch"``, ...).
@@ -46,9 +47,9 @@ class InfluenceConfig:
         default=0.1, metadata={"help": "damping relative to the unprojected mean eigenvalue"}
     )
     layers: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "fnmatch patterns of tracked Linears"}
+        default=None, metadata={"help": "fnmatch patterns of tracked layers"}
     )
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "fnmatch patterns of Linears to skip"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "fnmatch patterns of layers to skip"})
     seed: int = field(default=0, metadata={"help": "seed of the random projections"})
     backend: str = field(default="auto", metadata={"help": "kernel backend (auto, torch, cpu, triton, cuda)"})
     half_life: float | None = field(
@@ -89,7 +90,7 @@ class InfluenceConfig:
                 )
             object.__setattr__(self, name, value)
         if self.layers == ():
-            raise ConfigError("InfluenceConfig: `layers` is empty; pass None to track every nn.Linear")
+            raise ConfigError("InfluenceConfig: `layers` is empty; pass None to track every trackable layer")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
             raise ConfigError(f"InfluenceConfig: `seed` must be an int, got {self.seed!r}")
         if not isinstance(self.backend, str):

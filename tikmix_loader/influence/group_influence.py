@@ -1,9 +1,9 @@
 """``GroupInfluence``: how much each data domain helps each target set, from projected per-domain gradients.
 
-``S[b, d] = psi_b^T H^-1 phi_d`` (methods.md §3), positive = helpful, where ``phi_d`` is the gradient of
+``S[b, d] = psi_b^T H^-1 phi_d`` (docs/methods.md §3), positive = helpful, where ``phi_d`` is the gradient of
 domain d's mean per-token loss and ``psi_b`` that of target b's mean loss, over the weights of the tracked
-Linear layers, Kronecker-projected to ``k_out x k_in`` per layer (LoGra-style; ``k=None`` is exact). Two ways
-to get ``phi``:
+layers (``nn.Linear`` and HF ``Conv1D``, as the ``Task`` lists them), Kronecker-projected to ``k_out x k_in``
+per layer (LoGra-style; ``k=None`` is exact). Two ways to get ``phi``:
 
 - **Observation mode**, ``compute(domains=..., targets=...)``: extra forward and backward passes over a sample
   of every domain, then over the targets. The curvature factors are estimated on the domain tokens.
@@ -24,8 +24,9 @@ scale goes into the curvature factors (``B`` picks up its square).
 Segments (ours). A token is observed (segment id = its row's group) when it or a later token of its row counts
 in the loss: under causal attention only those tokens can carry gradient, and a loss-masked token *before* a
 counted one still does (later tokens attend to it), so dropping it would make ``phi`` inexact. Padding and
-masked tails get -1 and stay out of the curvature factors. Loss tokens (the divisor) are the positions with
-``labels != -100``; a ``loss_fn`` returning one loss per row ([B]) makes rows the unit instead.
+masked tails get -1 and stay out of the curvature factors. Loss tokens (the divisor) are the positions the
+task's ``loss_mask`` marks (the batch's labels under its recorded label convention); a ``loss_fn`` returning
+one loss per row ([B]) makes rows the unit instead.
 
 Passes never touch parameters' ``.grad`` or the optimizer: observation passes use
 ``torch.autograd.grad(loss, layer outputs)``, run in ``eval()`` mode and give the tracked weights
@@ -40,6 +41,7 @@ exactly.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,7 +63,9 @@ from tikmix_loader.influence.preconditioners import (
     IdentityPreconditioner,
     KFACPreconditioner,
 )
-from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
+from tikmix_loader.influence.task import CausalLMTask, Task
+
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
@@ -113,6 +117,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _tracked_fraction(model: nn.Module, layers) -> float:
+    """Share of ``model``'s parameters (each shared tensor once) held by the tracked layers' weights."""
+    total = sum(param.numel() for param in model.parameters())
+    weights = {id(layer.module.weight): layer.module.weight for layer in layers}
+    tracked = sum(weight.numel() for weight in weights.values())
+    return tracked / total if total else 0.0
+
+
 def _names(groups: Mapping, what: str) -> tuple[str, ...]:
     if not isinstance(groups, Mapping) or not groups:
         raise ConfigError(
@@ -127,31 +139,40 @@ def _names(groups: Mapping, what: str) -> tuple[str, ...]:
 
 
 class GroupInfluence:
-    """Group Influence of domains on targets over a model's Linear layers (methods.md §2-3, §6).
+    """Group Influence of domains on targets over a model's Linear and Conv1D layers (docs/methods.md §2-3,
+    §6).
 
     Args:
         model (nn.Module): The model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        task (Task | None): How to run the model: its per-token loss, loss mask and trackable modules.
+            ``HFCausalLMTask()`` for Hugging Face causal LMs. Default: None (``CausalLMTask()``:
+            ``model(input_ids)`` returning logits or an output with ``.logits``, e.g. TinyGPT).
         k (int | tuple[int, int] | None): Projection width, ``(k_in, k_out)``, or None (exact). Default: 64.
         preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"``. Default: ``"kfac"``.
         damping (float): Damping relative to the mean eigenvalue (see ``InfluenceConfig``). Default: 0.1.
-        layers (Sequence[str] | None): fnmatch patterns of tracked Linear names; None = every ``nn.Linear``.
-            Default: None.
-        exclude (Sequence[str]): fnmatch patterns of Linears to skip. Default: ().
+        layers (Sequence[str] | None): fnmatch patterns of tracked layer names; None = every layer the task
+            lists. Default: None.
+        exclude (Sequence[str]): fnmatch patterns of layers to skip. Default: ().
         seed (int): Seed of the projections. Default: 0.
         backend (str): Kernel backend for ``tikmix_loader.ops``. Default: ``"auto"``.
         half_life (float | None): Online EMA half-life in ``observe`` steps; None = plain sum. Default: None.
         domains (Sequence[str] | None): Online mode: domain names, indexed by the batches' ``domain`` column
             (e.g. ``loader.domain_names``). Default: None.
 
-    Only the tracked layers' weights count (biases are left out: the kernels are weights-only). Under
-    torch.distributed every rank must call ``compute``/``influence`` with the same group names.
+    Only the tracked layers' weights count (biases are left out: the kernels are weights-only);
+    ``layer_names`` lists them and ``tracked_fraction`` is their share of the model's parameters (logged).
+    Under torch.distributed every rank must call ``compute``/``influence`` with the same group names.
+
+    Raises:
+        TrackingError: the model has no ``nn.Linear``/``Conv1D`` the task can track, or ``layers``/``exclude``
+            select none.
 
     Example (online)::
 
         gi = GroupInfluence(model, k=64, domains=loader.domain_names, half_life=200)
         for batch in loader:
             with gi.observe(batch):
-                loss = per_token_loss(model, batch).sum() / (batch["labels"] != -100).sum()
+                loss = per_token_loss(model, batch).sum() / loss_mask(batch).sum()
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -162,6 +183,7 @@ class GroupInfluence:
         self,
         model: nn.Module,
         *,
+        task: Task | None = None,
         k: int | tuple[int, int] | None = 64,
         preconditioner: str = "kfac",
         damping: float = 0.1,
@@ -183,7 +205,16 @@ class GroupInfluence:
             half_life=half_life,
         )
         self.model = _unwrap(model)
-        self.layers = select_layers(self.model, self.config)
+        self.task = CausalLMTask() if task is None else task
+        self.layers = select_layers(self.model, self.config, self.task)
+        self.tracked_fraction = _tracked_fraction(self.model, self.layers)
+        logger.info(
+            "GroupInfluence tracks %d layers (%.1f%% of %s's parameters): %s",
+            len(self.layers),
+            100 * self.tracked_fraction,
+            type(self.model).__name__,
+            self.layer_names,
+        )
         # Unprojected (d_in, d_out) per layer: damping is relative to the unprojected mean eigenvalue.
         self._widths = [(layer.d_in, layer.d_out) for layer in self.layers]
         self._projections = Projections(self.layers, self.config.seed)
@@ -198,14 +229,14 @@ class GroupInfluence:
 
     @property
     def layer_names(self) -> list[str]:
-        """Names of the tracked Linear layers, in module order."""
+        """Names of the tracked layers, in module order."""
         return [layer.name for layer in self.layers]
 
     def compute(
         self,
         domains: Mapping[str, Iterable[dict]],
         targets: Mapping[str, Iterable[dict]],
-        loss_fn: LossFn = per_token_loss,
+        loss_fn: LossFn | None = None,
         *,
         progress: bool = False,
     ) -> InfluenceMatrix:
@@ -218,8 +249,8 @@ class GroupInfluence:
         Args:
             domains (Mapping[str, Iterable[dict]]): Domain name -> batches (``input_ids``, ``labels`` [B, T]).
             targets (Mapping[str, Iterable[dict]]): Target name -> batches.
-            loss_fn (LossFn): ``loss_fn(model, batch)`` -> per-token loss [B, T] (masked entries 0) or per-row
-                loss [B], reduction none. Default: ``per_token_loss``.
+            loss_fn (LossFn | None): ``loss_fn(model, batch)`` -> per-token loss [B, T] (masked entries 0) or
+                per-row loss [B], reduction none. Default: None (the task's ``per_token_loss``).
             progress (bool): Show a tqdm bar per group. Default: False.
 
         Returns:
@@ -267,12 +298,12 @@ class GroupInfluence:
         micro-batches.
 
         Args:
-            batch (dict): The training batch: ``labels`` [B, T] (-100 = masked) and ``domain`` [B] (an index
-                into ``domains``).
+            batch (dict): The training batch: ``labels`` [B, T] with its ``label_shift`` (the label
+                convention) and ``domain`` [B] (an index into ``domains``).
             loss_scale (float | None): The factor your backpropagated loss applies to the *sum* of per-token
-                losses. Default None means the mean over the batch's loss tokens (``labels != -100``), i.e.
-                ``1 / count``. With gradient accumulation over n micro-batches pass ``1 / (count * n)``; with
-                an AMP ``GradScaler`` multiply by ``scaler.get_scale()``.
+                losses. Default None means the mean over the batch's loss tokens (the task's
+                ``loss_mask``), i.e. ``1 / count``. With gradient accumulation over n micro-batches pass
+                ``1 / (count * n)``; with an AMP ``GradScaler`` multiply by ``scaler.get_scale()``.
 
         Raises:
             ConfigError: ``domains`` was not given, or the batch lacks ``labels``/``domain``.
@@ -335,7 +366,7 @@ class GroupInfluence:
     def influence(
         self,
         targets: Mapping[str, Iterable[dict]],
-        loss_fn: LossFn = per_token_loss,
+        loss_fn: LossFn | None = None,
         *,
         progress: bool = False,
     ) -> InfluenceMatrix:
@@ -349,7 +380,7 @@ class GroupInfluence:
 
         Args:
             targets (Mapping[str, Iterable[dict]]): Target name -> batches.
-            loss_fn (LossFn): Per-token [B, T] or per-row [B] loss. Default: ``per_token_loss``.
+            loss_fn (LossFn | None): Per-token [B, T] or per-row [B] loss. Default: None (the task's).
             progress (bool): Show a tqdm bar per target. Default: False.
 
         Raises:
@@ -483,7 +514,7 @@ class GroupInfluence:
             mask = torch.ones(reference.shape[0], device=device)
             units = torch.ones(reference.shape[0], dtype=torch.float64, device=device)
         else:
-            counted = labels.to(device) != IGNORE_INDEX if labels is not None else attention
+            counted = self.task.loss_mask(batch).to(device) if labels is not None else attention
             if counted is None:
                 counted = torch.ones(reference.shape, dtype=torch.bool, device=device)
             # Live = this or a later token of the row counts (a reverse running "any").
@@ -531,7 +562,7 @@ class GroupInfluence:
         """Forward and backward one batch, summing its statistics into ``step`` (as ``group``)."""
         outputs: list[torch.Tensor] = []
         with capture(self.layers, self._sink, outputs):
-            loss = loss_fn(self.model, batch)
+            loss = (loss_fn or self.task.per_token_loss)(self.model, batch)
             if not isinstance(loss, torch.Tensor) or loss.dim() not in (1, 2):
                 raise ConfigError(
                     "GroupInfluence: `loss_fn` must return a per-token [B, T] or per-row [B] loss tensor "
@@ -638,8 +669,8 @@ class GroupInfluence:
         empty = [name for name, count in zip(names, tokens.tolist(), strict=True) if count <= 0]
         if empty:
             raise DomainError(
-                f"GroupInfluence: {what}s {empty} have no loss tokens (no batches, or every label is -100 on "
-                "every rank); give each at least one batch with a counted label"
+                f"GroupInfluence: {what}s {empty} have no loss tokens (no batches, or every label is masked "
+                "on every rank); give each at least one batch with a counted label"
             )
 
     def _matrix(

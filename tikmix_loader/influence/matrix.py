@@ -14,7 +14,7 @@ class InfluenceMatrix:
     """``values[b, d] = psi_b^T H^-1 phi_d``: the effect of domain d on target b; positive means helpful.
 
     ``phi_d`` is the gradient of domain d's mean per-token loss and ``psi_b`` that of target b's mean loss
-    (methods.md §3), both over the tracked layers' weights (projected unless ``k`` is None).
+    (docs/methods.md §3), both over the tracked layers' weights (projected unless ``k`` is None).
 
     Args:
         values (np.ndarray): float64 [n_targets, n_domains].

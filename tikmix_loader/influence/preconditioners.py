@@ -1,4 +1,5 @@
-"""Per-layer inverse-curvature preconditioners in projected space: identity, K-FAC and EK-FAC (methods.md §3).
+"""Per-layer inverse-curvature preconditioners in projected space: identity, K-FAC and EK-FAC
+(docs/methods.md §3).
 
 Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_out, k_in] to ``H^-1 M``:
 

@@ -5,8 +5,10 @@ Nothing here is projected, fused or hooked into the kernels. Weight gradients co
 the K-FAC factors come from the layers' inputs and from output gradients taken with ``torch.autograd.grad``;
 the preconditioners are written out with dense ``torch.linalg`` calls. It follows the conventions documented
 in ``tikmix_loader.influence.group_influence`` and ``.preconditioners`` (summed-loss scale, live tokens, A per
-token, B per example, relative damping), restated here so a slip in either place shows up as a mismatch. Cost
-grows with d_out * d_in per example: use it on small models only.
+token, B per example, relative damping), restated here so a slip in either place shows up as a mismatch.
+Gradients of Hugging Face ``Conv1D`` weights (stored ``[d_in, d_out]``) are transposed to the Linear layout
+``[d_out, d_in]`` the factors are written in. Cost grows with d_out * d_in per example: use it on small models
+only.
 """
 
 from __future__ import annotations
@@ -17,24 +19,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from tikmix_loader.models.tiny_gpt import IGNORE_INDEX, per_token_loss
+from tikmix_loader.influence.task import is_conv1d
+from tikmix_loader.losses import loss_mask, per_token_loss
 
 
 def _mask_and_live(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    counted = batch["labels"].to(device) != IGNORE_INDEX
+    counted = loss_mask(batch).to(device)
     live = torch.zeros_like(counted)
     for t in range(counted.shape[1]):  # live: this or any later position of the row counts
         live[:, t] = counted[:, t:].any(1)
     return counted.double(), live
 
 
-def _summed_gradients(model, weights, batches, loss_fn) -> tuple[list[torch.Tensor], float]:
-    total = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+def _weight_gradients(loss: torch.Tensor, modules, **options) -> list[torch.Tensor]:
+    """d loss / d weight of every module, in the Linear layout [d_out, d_in]."""
+    grads = torch.autograd.grad(loss, [m.weight for m in modules], **options)
+    return [g.T if is_conv1d(m) else g for m, g in zip(modules, grads, strict=True)]
+
+
+def _summed_gradients(model, modules, batches, loss_fn) -> tuple[list[torch.Tensor], float]:
+    total = [0.0] * len(modules)
     tokens = 0.0
     for batch in batches:
         loss = loss_fn(model, batch)
         mask, _ = _mask_and_live(batch, loss.device)
-        grads = torch.autograd.grad((loss.double() * mask).sum(), weights)
+        grads = _weight_gradients((loss.double() * mask).sum(), modules)
         total = [t + g.double() for t, g in zip(total, grads, strict=True)]
         tokens += float(mask.sum())
     return total, tokens
@@ -68,13 +77,13 @@ def _factors(model, modules, batches, loss_fn) -> list[tuple[torch.Tensor, torch
     return [(a / live_tokens, b / live_rows) for a, b in zip(sums_a, sums_b, strict=True)]
 
 
-def _per_example_gradients(model, weights, batches, loss_fn):
+def _per_example_gradients(model, modules, batches, loss_fn):
     for batch in batches:
         loss = loss_fn(model, batch)
         mask, live = _mask_and_live(batch, loss.device)
         for row in range(loss.shape[0]):
             if live[row].any():
-                yield torch.autograd.grad((loss[row].double() * mask[row]).sum(), weights, retain_graph=True)
+                yield _weight_gradients((loss[row].double() * mask[row]).sum(), modules, retain_graph=True)
 
 
 def _damped(factor: torch.Tensor, damping: float) -> torch.Tensor:
@@ -98,7 +107,7 @@ def exact_influence(
         model (nn.Module): The model (run in eval mode; its ``.grad`` is not touched).
         domains (Mapping[str, Iterable[dict]]): Domain name -> batches (re-iterable: read several times).
         targets (Mapping[str, Iterable[dict]]): Target name -> batches.
-        layers (list[str]): Names of the ``nn.Linear`` modules whose weights count.
+        layers (list[str]): Names of the ``nn.Linear``/``Conv1D`` modules whose weights count.
         loss_fn: Per-token loss [B, T]. Default: ``per_token_loss``.
         preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"``. Default: ``"identity"``.
         damping (float): Relative damping, as in ``InfluenceConfig``. Default: 0.1.
@@ -106,12 +115,11 @@ def exact_influence(
     training = model.training
     model.eval()
     modules = [model.get_submodule(name) for name in layers]
-    weights = [m.weight for m in modules]
     try:
         phis, psis = [], []
         for groups, out in ((domains, phis), (targets, psis)):
             for batches in groups.values():
-                total, tokens = _summed_gradients(model, weights, batches, loss_fn)
+                total, tokens = _summed_gradients(model, modules, batches, loss_fn)
                 out.append([t / tokens for t in total])
         all_domain_batches = [batch for batches in domains.values() for batch in batches]
         if preconditioner == "identity":
@@ -127,7 +135,7 @@ def exact_influence(
                 bases = [(torch.linalg.eigh(a)[1], torch.linalg.eigh(b)[1]) for a, b in factors]
                 lambdas = [0.0] * len(modules)
                 count = 0
-                for grads in _per_example_gradients(model, weights, all_domain_batches, loss_fn):
+                for grads in _per_example_gradients(model, modules, all_domain_batches, loss_fn):
                     count += 1
                     for i, ((q_a, q_b), grad) in enumerate(zip(bases, grads, strict=True)):
                         lambdas[i] = lambdas[i] + (q_b.T @ grad.double() @ q_a) ** 2

@@ -9,9 +9,11 @@ the loader through the dataset-state protocol, without spinning through batches)
                       callbacks=[TikMixCallback(controller)], max_duration="10000ba", ...)
 
 Events: each microbatch's forward and backward run inside ``controller.observe`` (``BEFORE_FORWARD`` to
-``AFTER_BACKWARD``), so online influence reads the training backward itself. The decision happens at
-``BATCH_END``, before ``BATCH_CHECKPOINT``, so a checkpoint written at that batch already holds the new
-weights. Rank 0 solves and ``composer.utils.dist`` broadcasts the weights.
+``AFTER_BACKWARD``), so online influence reads the training backward itself. At ``AFTER_FORWARD`` the
+per-token loss of the model's logits goes to ``controller.record_losses`` (mixers that use training losses,
+such as ODM, read it); the model must return logits (a tensor, or an output with ``.logits``). The
+decision happens at ``BATCH_END``, before ``BATCH_CHECKPOINT``, so a checkpoint written at that batch
+already holds the new weights. Rank 0 solves and ``composer.utils.dist`` broadcasts the weights.
 
 Loss scale (ours): the callback assumes the model's loss is the mean over the microbatch's loss tokens, and
 Composer multiplies each microbatch loss by ``microbatch_size / batch_size``; the product is passed to the
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+
+from tikmix_loader.losses import logits_of, loss_mask, token_cross_entropy
 
 
 class TikMixCallback(Callback):
@@ -47,10 +52,15 @@ class TikMixCallback(Callback):
         if not self.controller.online:
             return
         batch = state.batch
-        tokens = int((batch["labels"] != -100).sum())
+        tokens = int(loss_mask(batch).sum())
         scale = len(batch["input_ids"]) / max(self._batch_size, 1) / max(tokens, 1)
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
+
+    def after_forward(self, state: State, logger: Logger) -> None:
+        with torch.no_grad():
+            losses = token_cross_entropy(logits_of(state.outputs), state.batch)
+        self.controller.record_losses(state.batch, losses)
 
     def after_backward(self, state: State, logger: Logger) -> None:
         if self._observing is not None:

@@ -119,7 +119,8 @@ class MixingContext:
         w_prior (array | dict): Current mixture (a sequence in domain order or ``{name: weight}``); validated
             and normalised to sum 1. NaN, negative, all-zero or unknown names raise ``MixtureWeightError``.
         influence (ndarray | InfluenceMatrix | None): Group Influence ``S`` ``[n_targets, n_domains]``
-            (positive = helpful, methods.md §3). An object with ``.values``, ``.targets`` and ``.domains``
+            (positive = helpful, docs/methods.md §3). An object with ``.values``, ``.targets`` and
+            ``.domains``
             (the influence engine's ``InfluenceMatrix``) is accepted and its columns are reordered to
             ``domains``. Default: None.
         targets (tuple[str, ...]): Target names for the rows of ``influence``. Default: taken from the

@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 from tikmix_loader.errors import ConfigError
-
-IGNORE_INDEX = -100  # the label of a position that carries no loss, as in torch's cross-entropy
+from tikmix_loader.losses import loss_mask, per_token_loss
 
 
 class LookAheadLabel:
-    """TiKMiX-M label (a): the drop in mean target loss after a short look-ahead.
+    """TiKMiX-M label (docs/methods.md §5, label a): the drop in mean target loss after a short look-ahead.
 
     For each candidate ``w``, from a snapshot of the model and optimizer, take ``steps`` optimizer steps on
     the loss ``sum_d w_d * mean loss of domain d`` over a fresh sample of every domain, which is the expected
@@ -28,8 +27,8 @@ class LookAheadLabel:
         model (nn.Module): The model being trained.
         loader (MixtureLoader): The training loader (``sample_domain`` leaves its stream untouched).
         targets (Mapping[str, list[dict]]): Target batches whose mean loss is measured.
-        loss_fn (callable): ``loss_fn(model, batch)`` -> per-token loss [B, T] with masked positions 0
-            (e.g. ``tikmix_loader.models.per_token_loss``).
+        loss_fn (callable): ``loss_fn(model, batch)`` -> per-token loss [B, T] with masked positions 0.
+            Default: ``tikmix_loader.losses.per_token_loss``.
         steps (int): Optimiser steps per candidate. Default: 1.
         samples (int): Samples of every domain in the look-ahead batch. Default: 4.
     """
@@ -40,7 +39,7 @@ class LookAheadLabel:
         loader,
         targets: Mapping[str, list[dict]],
         *,
-        loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+        loss_fn: Callable[[nn.Module, dict], torch.Tensor] = per_token_loss,
         steps: int = 1,
         samples: int = 4,
     ):
@@ -62,7 +61,7 @@ class LookAheadLabel:
                 total, count = 0.0, 0
                 for batch in batches:
                     total += float(self.loss_fn(self.model, batch).double().sum())
-                    count += int((batch["labels"] != IGNORE_INDEX).sum())
+                    count += int(loss_mask(batch).sum())
                     self.eval_tokens += batch["input_ids"].numel()
                 means.append(total / max(count, 1))
         return float(np.mean(means))
@@ -86,7 +85,7 @@ class LookAheadLabel:
             row_weights = torch.as_tensor(w, dtype=torch.float32, device=rows.device)[rows]
             for _ in range(self.steps):
                 per_token = self.loss_fn(self.model, batch)
-                mask = (batch["labels"] != IGNORE_INDEX).to(per_token.device).float()
+                mask = loss_mask(batch).to(per_token.device).float()
                 per_row = per_token.sum(1) / mask.sum(1).clamp(min=1)
                 # Every domain has `samples` rows, so sum / samples is sum_d w_d * (mean loss of d).
                 loss = (row_weights * per_row).sum() / self.samples

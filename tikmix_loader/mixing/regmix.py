@@ -1,10 +1,11 @@
-"""RegMix: pick a static mixture by regressing proxy loss on the mixture (methods.md §7, arXiv 2407.01492).
+"""RegMix: pick a static mixture by regressing proxy loss on the mixture (docs/methods.md §7, arXiv
+2407.01492).
 
 1. :func:`sample_regmix_mixtures` draws mixtures from ``Dirichlet(s * p**0.5)`` with ``p`` the natural token
    shares and ``s`` drawn from 15 log-spaced values in ``[0.1, 5]``; small weights (< 2e-4) are zeroed and the
    rest renormalised, then any mixture with ``w_d > 15 p_d`` (the epoch cap) is rejected. Ours: the cap is
    checked *after* renormalising, so every returned mixture honours it. ``p**0.5`` is used as written (not
-   renormalised), as in methods.md.
+   renormalised), as in docs/methods.md.
 2. :func:`run_regmix_sweep` trains one proxy per mixture with a user-supplied ``train_fn`` and counts the
    FLOPs spent deciding the mixture.
 3. :func:`fit_regmix` fits LightGBM (learning rate 0.01, 1000 rounds, early stopping) or the ridge baseline

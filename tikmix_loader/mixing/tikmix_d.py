@@ -1,4 +1,5 @@
-"""TiKMiX-D: choose the mixture maximising normalised Group Influence by direct optimisation (methods.md §4).
+"""TiKMiX-D: choose the mixture maximising normalised Group Influence by direct optimisation (docs/methods.md
+§4).
 
 Problem (paper, with the project's additions marked "ours")::
 
@@ -52,7 +53,7 @@ from tikmix_loader.errors import ConfigError, MixtureWeightError
 from tikmix_loader.mixing._threads import blas_threads
 from tikmix_loader.mixing.base import Mixer, MixerConfig, MixingContext, MixtureSolution, option
 
-SCALE_EPS = 1e-8  # methods.md §4: Phat_b = P_b / (max_d S[b, d] + 1e-8)
+SCALE_EPS = 1e-8  # docs/methods.md §4: Phat_b = P_b / (max_d S[b, d] + 1e-8)
 LOG_FLOOR = 1e-300  # w is clipped here inside log so the entropy and its gradient stay finite at w_d = 0
 FEASIBILITY_TOL = 1e-9  # allowed Pareto / simplex violation, in units of the target's best-domain influence
 RANK_ONE_RTOL = 1e-9  # S is rank one when its second singular value is below this times the first
@@ -446,7 +447,7 @@ def solve_tikmix_d(
     tol: float = 1e-10,
     max_iter: int = 1000,
 ) -> MixtureSolution:
-    """Solve TiKMiX-D (methods.md §4) for one influence matrix.
+    """Solve TiKMiX-D (docs/methods.md §4) for one influence matrix.
 
     Args:
         S (array): Group Influence ``[n_targets, n_domains]``, positive = helpful.

@@ -1,4 +1,4 @@
-"""TiKMiX-M: refine the TiKMiX-D mixture with a LightGBM surrogate of a measured label (methods.md §5).
+"""TiKMiX-M: refine the TiKMiX-D mixture with a LightGBM surrogate of a measured label (docs/methods.md §5).
 
 Steps (paper, with the project's choices marked "ours"):
 
@@ -124,7 +124,7 @@ def check_measured_labels(candidates: np.ndarray, labels: np.ndarray, S: np.ndar
                 f"TiKMiX-M labels are an affine function of {name} (or constant); a surrogate of such a "
                 "label "
                 "is pointless. Label each mixture with a measured quality (a short look-ahead or "
-                "CurvatureLabel), never with S w (methods.md §5)."
+                "CurvatureLabel), never with S w (docs/methods.md §5)."
             )
 
 
@@ -133,7 +133,7 @@ class CurvatureLabel:
 
     With K-FAC factors mixed linearly, ``A_l(w) = sum_d w_d A_ld`` and ``B_l(w) = sum_d w_d B_ld``, and the
     mixed gradient ``phi_l(w) = sum_d w_d phi_ld``, this is the Group Influence of the whole mixture under the
-    curvature that mixture would induce: non-linear in w (methods.md §5, label b). Higher is better.
+    curvature that mixture would induce: non-linear in w (docs/methods.md §5, label b). Higher is better.
 
     Args:
         psi (array | Sequence[array]): Target gradients per layer, ``[n_targets, k_out, k_in]``.

@@ -1,4 +1,4 @@
-"""Reference models for demos, tests and benchmarks: the byte-level ``TinyGPT``, its loss and FLOPs."""
+"""Reference models for demos, tests and benchmarks: the byte-level ``TinyGPT`` and its FLOPs."""
 
 from tikmix_loader.models.tiny_gpt import (
     PRESETS,

@@ -1,4 +1,4 @@
-"""A small byte-level GPT with its per-token loss and FLOPs estimate, shared by demos, tests and benchmarks.
+"""A small byte-level GPT and its FLOPs estimate, shared by demos, tests and benchmarks.
 
 The model is GPT-2 shaped (pre-LayerNorm blocks, causal self-attention with one fused ``qkv`` Linear, a GELU
 MLP) and small enough to train on a CPU. Every projection is an ``nn.Linear``, so ``GroupInfluence`` with
@@ -6,9 +6,10 @@ MLP) and small enough to train on a CPU. Every projection is an ``nn.Linear``, s
 ``tie_head=True`` (the default, as in GPT-2) the output head reuses the token embedding through ``F.linear``
 and is therefore not an ``nn.Linear``; with ``tie_head=False`` it is the Linear ``lm_head``.
 
-Batches follow the loader's convention: ``labels`` are already shifted (``labels[b, t]`` is the token that
-position ``t`` predicts) and ``-100`` marks a masked position. Padding sits on the right, so causal attention
-never lets a real token see it and ``attention_mask`` needs no special handling.
+The model returns logits only; its loss is the core ``tikmix_loader.losses.per_token_loss`` (re-exported here
+and from ``tikmix_loader.models``), which follows whichever label convention the batch records, so TinyGPT
+trains the same on ``"shifted"`` and ``"hf"`` batches. Padding sits on the right, so causal attention never
+lets a real token see it and ``attention_mask`` needs no special handling.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tikmix_loader.errors import ConfigError
-
-IGNORE_INDEX = -100
+from tikmix_loader.losses import per_token_loss as per_token_loss  # re-exported: demos import it from here
 
 
 @dataclass(frozen=True)
@@ -180,25 +180,6 @@ class TinyGPT(nn.Module):
             h = block(h)
         h = self.ln_f(h)
         return F.linear(h, self.wte.weight) if self.lm_head is None else self.lm_head(h)
-
-
-def per_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Cross-entropy of every position: [B, T] float32, 0 where ``labels`` is -100.
-
-    The default ``loss_fn`` of ``GroupInfluence``. ``batch`` holds ``input_ids`` and ``labels`` ([B, T] long,
-    already shifted); both are moved to the model's device.
-    """
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
-    labels = batch["labels"].to(device)
-    logits = model(input_ids)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return loss.view(labels.shape)
 
 
 def count_parameters(config: GPTConfig, *, embeddings: bool = False) -> int:

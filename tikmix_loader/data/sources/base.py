@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -20,10 +22,13 @@ class TokenSource(abc.ABC):
     Attributes:
         path (str): The file or directory the source reads, used in every error message.
         vocab_size (int | None): Token ids must be ``< vocab_size`` when it is known.
+        token_info (Mapping): ``eos_id`` / ``pad_id`` / ``vocab_size`` that the data's own metadata records
+            (MDS index, Parquet schema, memmap sidecar); empty when it records none.
     """
 
     path: str
     vocab_size: int | None
+    token_info: Mapping = MappingProxyType({})
 
     @property
     @abc.abstractmethod

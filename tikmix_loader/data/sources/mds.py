@@ -2,10 +2,15 @@
 
 Each sample is one document whose token ids sit in one column (default ``tokens``) of MDS type
 ``ndarray:uint16`` or ``ndarray:int32``. Shards are opened with ``streaming.base.format.reader_from_json``
-and samples decoded with ``MDSReader.get_item``, so the shard format is streaming's own. Compressed shards
-are decompressed with ``streaming.base.compression`` and checked with ``streaming.base.hashing`` whenever the
-index lists hashes. With ``remote=``, missing files are fetched by streaming's downloaders into ``path``,
-which then acts as the local cache.
+and samples decoded with ``MDSReader.get_item``, so the shard format is streaming's own. Compressed local
+shards are decompressed with ``streaming.base.compression`` into the tikmix cache; shards are checked with
+``streaming.base.hashing`` as ``verify_hashes`` says. With ``remote=``, shards are fetched lazily into
+``path`` by streaming's ``Stream`` (see ``_mds_remote``).
+
+``write_mds`` (used by ``tikmix convert``) also writes a length index, ``tikmix-lengths.npy`` (int64 token
+count per document), and records it with the ids' EOS/PAD/vocabulary under the key ``"tikmix"`` of
+``index.json``, which streaming ignores. Opening such a directory reads no sample; directories written by
+others are scanned once and their lengths cached (``_lengths_cache``).
 """
 
 from __future__ import annotations
@@ -13,17 +18,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+import urllib.parse
+from array import array
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from tikmix_loader.data.sources._hash_check import (
+    check_hash,
+    check_verify_mode,
+    pick_algorithm,
+    verify_file,
+)
 from tikmix_loader.data.sources._lengths_cache import cache_root, file_fingerprint, load_lengths, save_lengths
+from tikmix_loader.data.sources._token_info import EMBED_KEY, read_token_info
 from tikmix_loader.data.sources._tokens import cast_tokens
 from tikmix_loader.data.sources.base import TokenSource
 from tikmix_loader.errors import ShardError
 
 INDEX_FILE = "index.json"
+LENGTHS_FILE = "tikmix-lengths.npy"
 MDS_DTYPES = ("uint16", "int32")
 DEFAULT_HASHES = ("xxh64",)
 
@@ -41,21 +57,35 @@ class MDSSource(TokenSource):
     through shared memory and imposes its own epoch order, while the mixture loader needs plain random
     access to many domains at once. Streaming's per-shard readers give exactly that.
 
-    Opening checks every shard's size against ``index.json``. The first open of a given set of files also
-    validates shard hashes and scans every sample once for its length; the lengths are cached (see
-    ``_lengths_cache``) so later opens skip both.
+    Opening checks every local shard's size against ``index.json`` and its hash as ``verify_hashes`` says,
+    and reads the document lengths from the length index (or scans and caches them).
 
     Args:
         path (str | PathLike): The local directory holding ``index.json`` and the shards. With ``remote``,
-            the local cache that missing files are downloaded into.
-        remote (str, optional): A streaming remote (``s3://…``, ``gs://…``, another local directory, …) to
-            fetch ``index.json`` and shards from when they are not in ``path``. Default: ``None``.
+            the local cache that shards are downloaded into.
+        remote (str, optional): A streaming remote (``s3://…``, ``gs://…``, ``file://…``, another local
+            directory) to fetch ``index.json`` and shards from. Only ``index.json`` and the length index are
+            fetched at open; a shard is fetched when first read, and the next ``prefetch_shards`` after it
+            in the background. Default: ``None``.
+        cache_limit (int, optional): With ``remote``, bytes of shards kept in ``path``; the least recently
+            read shards are evicted to stay under it and fetched again when needed. Default: ``None``
+            (no limit).
+        prefetch_shards (int): With ``remote``, shards fetched ahead of the one being read. Default: ``2``.
         column (str): The sample column holding the token ids. Default: ``"tokens"``.
-        vocab_size (int, optional): Token ids must be ``< vocab_size``. Default: ``None`` (only ``>= 0``).
-        validate_hash (str | bool): ``"auto"`` checks each shard against the first hash algorithm its
-            index lists (no check when it lists none); an algorithm name (e.g. ``"sha1"``) requires that one;
-            ``False`` skips hash checks. Default: ``"auto"``.
+        vocab_size (int, optional): Token ids must be ``< vocab_size``. Default: ``None``, which takes the
+            vocabulary recorded in ``index.json`` by ``tikmix convert`` (else only ids ``>= 0`` are checked).
+        verify_hashes (str): When shard hashes listed in ``index.json`` are checked. ``"first_open"``: the
+            first time this machine opens each exact shard file (path, size, mtime, inode), which includes
+            every shard fetched from ``remote``; ``"every_open"``: on every open, which re-reads the whole
+            local dataset each time and catches bit rot that leaves the file's size and mtime unchanged;
+            ``"never"``. Default: ``"first_open"``: corruption in transfer or conversion is caught once per
+            machine, while a restart of a thousand ranks does not re-hash terabytes.
+        hash_algorithm (str): ``"auto"`` checks the first algorithm the index lists (no check when it lists
+            none); a name (e.g. ``"sha1"``) requires that one. Default: ``"auto"``.
         download_timeout (float): Seconds allowed per downloaded file. Default: ``60.0``.
+
+    Attributes:
+        token_info (dict): ``eos_id`` / ``pad_id`` / ``vocab_size`` recorded in ``index.json``, if any.
     """
 
     def __init__(
@@ -63,37 +93,71 @@ class MDSSource(TokenSource):
         path: str | os.PathLike,
         *,
         remote: str | None = None,
+        cache_limit: int | None = None,
+        prefetch_shards: int = 2,
         column: str = "tokens",
         vocab_size: int | None = None,
-        validate_hash: str | bool = "auto",
+        verify_hashes: str = "first_open",
+        hash_algorithm: str = "auto",
         download_timeout: float = 60.0,
     ):
         self.path = os.fspath(path)
-        self.remote = remote
+        # streaming 0.13 has no file:// downloader; it copies from a remote given as a plain local path.
+        self.remote = urllib.parse.urlparse(remote).path if str(remote).startswith("file://") else remote
         self.column = column
-        self.vocab_size = vocab_size
-        self.validate_hash = validate_hash
+        self.verify_hashes = check_verify_mode(verify_hashes)
+        self.hash_algorithm = hash_algorithm
         self.download_timeout = float(download_timeout)
         index_path = Path(self.path) / INDEX_FILE
-        if remote is not None:
-            self._fetch(INDEX_FILE)
-        self._readers = [self._make_reader(shard, index_path) for shard in _read_index(index_path)]
-        stored = [self._stored_file(reader) for reader in self._readers]
+        if self.remote is not None:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            if not index_path.is_file():
+                self._fetch(INDEX_FILE)
+        index = _read_index(index_path)
+        self._readers = [self._make_reader(shard, index_path) for shard in index["shards"]]
+        embedded = index.get(EMBED_KEY) or {}
+        self.token_info = read_token_info(embedded, str(index_path))
+        self.vocab_size = vocab_size if vocab_size is not None else self.token_info.get("vocab_size")
         samples = np.array([reader.samples for reader in self._readers], dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(samples)])
-        key = file_fingerprint([index_path, *stored], kind="mds", column=column, validate=validate_hash)
-        cached = load_lengths(key)
-        fresh = cached is None or len(cached) != self._shard_starts[-1]
-        for reader, stored_file in zip(self._readers, stored, strict=True):
-            self._prepare_raw(reader, stored_file, validate=fresh)
-        if fresh:
-            cached = self._scan_lengths()
-            save_lengths(key, cached)
-        self._lengths = cached
+        self._remote = None
+        if remote is None:
+            stored = [self._stored_file(reader) for reader in self._readers]
+            for reader, stored_file in zip(self._readers, stored, strict=True):
+                self._prepare_raw(reader, stored_file)
+        else:
+            from tikmix_loader.data.sources._mds_remote import RemoteShards
+
+            self._remote = RemoteShards(
+                remote=self.remote,
+                local=self.path,
+                readers=self._readers,
+                cache_limit=cache_limit,
+                prefetch_shards=prefetch_shards,
+                download_timeout=self.download_timeout,
+                validate_hash=self._download_algorithm(),
+            )
+            stored = []
+            for shard, reader in enumerate(self._readers):
+                if self._remote.is_resident(shard):
+                    self._check_raw(reader)
+        self._lengths = self._indexed_lengths(embedded, index_path)
+        if self._lengths is None:
+            key = file_fingerprint([index_path, *stored], kind="mds", column=column, remote=self.remote)
+            cached = load_lengths(key)
+            if cached is None or len(cached) != self.num_docs:
+                cached = self._scan_lengths()
+                save_lengths(key, cached)
+            self._lengths = cached
 
     @property
     def num_docs(self) -> int:
         return int(self._shard_starts[-1])
+
+    @property
+    def cached_bytes(self) -> int | None:
+        """With ``remote``, bytes of shards now in the local cache; ``None`` for a local dataset."""
+        return None if self._remote is None else self._remote.cached_bytes
 
     def doc_lengths(self) -> np.ndarray:
         return self._lengths
@@ -102,19 +166,71 @@ class MDSSource(TokenSource):
         if not 0 <= start <= stop <= self.num_docs:
             raise IndexError(f"{self.path}: document range [{start}, {stop}) outside [0, {self.num_docs}).")
         documents = []
-        shard = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
-        for index in range(start, stop):
-            while index >= self._shard_starts[shard + 1]:
-                shard += 1
-            document = self._decode(shard, index - int(self._shard_starts[shard]))
-            if len(document) != self._lengths[index]:
-                raise ShardError(
-                    f"{self._shard_file(self._readers[shard])}: document {index} now holds {len(document)} "
-                    f"tokens but held {self._lengths[index]} when the domain was opened; the shard changed "
-                    f"on disk. Re-open the domain."
-                )
-            documents.append(document)
+        index = start
+        while index < stop:
+            shard = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+            end = min(stop, int(self._shard_starts[shard + 1]))
+            with self._resident(shard):
+                for position in range(index, end):
+                    document = self._decode(shard, position - int(self._shard_starts[shard]))
+                    if len(document) != self._lengths[position]:
+                        raise ShardError(
+                            f"{self._shard_file(self._readers[shard])}: document {position} now holds "
+                            f"{len(document)} tokens but held {self._lengths[position]} when the domain was "
+                            f"opened; the shard changed on disk. Re-open the domain."
+                        )
+                    documents.append(document)
+            index = end
         return documents
+
+    def _resident(self, shard: int) -> AbstractContextManager:
+        """A block during which ``shard`` is on local disk (fetched and kept there with ``remote``)."""
+        return nullcontext() if self._remote is None else self._remote.reading(shard)
+
+    def _download_algorithm(self) -> str | None:
+        """The algorithm streaming checks downloaded files with (``None``: no check)."""
+        if self.verify_hashes == "never" or not self._readers:
+            return None
+        reader = self._readers[0]
+        listed = (reader.zip_data or reader.raw_data).hashes
+        return pick_algorithm(self.hash_algorithm, listed, Path(self.path) / INDEX_FILE)
+
+    def _indexed_lengths(self, embedded: Mapping, index_path: Path) -> np.ndarray | None:
+        """The converter's length index named in ``index.json``, or ``None`` when it names none."""
+        name = embedded.get("lengths")
+        if not name:
+            return None
+        lengths = self.read_doc_array(name)
+        if lengths.dtype != np.int64:
+            raise ShardError(
+                f"{Path(self.path) / name}: holds {lengths.dtype} lengths, not int64; re-run "
+                f"`tikmix convert`."
+            )
+        return lengths
+
+    def read_doc_array(self, name: str) -> np.ndarray:
+        """The per-document ``.npy`` array ``name`` beside ``index.json`` (fetched from ``remote``).
+
+        The length index is one; other per-document values (e.g. quality scores) can be stored and read
+        the same way, without decoding a document. Raises ``ShardError`` naming the file unless it holds one
+        value per document.
+        """
+        file = Path(self.path) / name
+        if self.remote is not None and not file.is_file():
+            self._fetch(name)
+        try:
+            values = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ShardError(
+                f"{file}: cannot read this per-document array named by {INDEX_FILE} ({exc}); restore it or "
+                f"re-run `tikmix convert`."
+            ) from exc
+        if values.shape != (self.num_docs,):
+            raise ShardError(
+                f"{file}: holds {values.dtype} {values.shape} values but {INDEX_FILE} lists {self.num_docs} "
+                f"documents; the index and the shards disagree. Re-run `tikmix convert`."
+            )
+        return values
 
     def _make_reader(self, shard: dict, index_path: Path):
         from streaming.base.format import reader_from_json
@@ -153,31 +269,29 @@ class MDSSource(TokenSource):
         return Path(reader.dirname) / reader.raw_data.basename
 
     def _stored_file(self, reader) -> Path:
-        """The file holding this shard in ``path`` (raw, else compressed), fetched from ``remote``."""
+        """The file holding this shard in ``path``: raw, else compressed."""
         local = Path(self.path)
         raw, packed = reader.raw_data, reader.zip_data
         if (local / raw.basename).is_file():
             return local / raw.basename
         if packed is not None and (local / packed.basename).is_file():
             return local / packed.basename
-        if self.remote is not None:
-            name = packed.basename if packed is not None else raw.basename
-            self._fetch(name)
-            return local / name
         listed = raw.basename if packed is None else f"{raw.basename} or {packed.basename}"
         raise ShardError(
             f"{local}: shard {listed} listed in {INDEX_FILE} is missing; restore it, re-download the "
             f"dataset or pass `remote=` to fetch it."
         )
 
-    def _prepare_raw(self, reader, stored: Path, *, validate: bool) -> None:
-        """Point ``reader`` at an uncompressed shard of the right size, decompressing it if needed."""
+    def _prepare_raw(self, reader, stored: Path) -> None:
+        """Point ``reader`` at an uncompressed, checked shard, decompressing it into the cache if needed."""
         if stored.name != reader.raw_data.basename:
-            raw_dir = Path(self.path) if self.remote is not None else _decompressed_dir(stored)
-            reader.dirname = str(raw_dir)
+            reader.dirname = str(_decompressed_dir(stored))
             if not self._shard_file(reader).is_file():
                 self._decompress(reader, stored)
-                validate = True
+        self._check_raw(reader)
+
+    def _check_raw(self, reader) -> None:
+        """Check the raw shard's size against ``index.json``, and its hash as ``verify_hashes`` says."""
         shard_file = self._shard_file(reader)
         size = shard_file.stat().st_size
         if size != reader.raw_data.bytes:
@@ -185,14 +299,18 @@ class MDSSource(TokenSource):
                 f"{shard_file}: holds {size} bytes but {INDEX_FILE} declares {reader.raw_data.bytes}; the "
                 f"shard is truncated or corrupt. Re-convert or re-download it."
             )
-        if validate:
-            self._check_hash(shard_file, reader.raw_data.hashes, shard_file.read_bytes())
+        hashes = reader.raw_data.hashes
+        algorithm = pick_algorithm(self.hash_algorithm, hashes, shard_file)
+        verify_file(shard_file, algorithm, hashes.get(algorithm), self.verify_hashes)
 
     def _decompress(self, reader, stored: Path) -> None:
         from streaming.base.compression import decompress
 
         data = stored.read_bytes()
-        self._check_hash(stored, reader.zip_data.hashes, data)
+        hashes = reader.zip_data.hashes
+        algorithm = pick_algorithm(self.hash_algorithm, hashes, stored)
+        if algorithm is not None and self.verify_hashes != "never":
+            check_hash(stored, algorithm, hashes[algorithm], data)
         try:
             raw = decompress(reader.compression, data)
         except Exception as exc:  # zstd/gzip/brotli/snappy each raise their own error type
@@ -206,24 +324,6 @@ class MDSSource(TokenSource):
         with os.fdopen(handle, "wb") as stream:
             stream.write(raw)
         os.replace(temp_name, target)
-
-    def _check_hash(self, file: Path, hashes: dict[str, str], data: bytes) -> None:
-        from streaming.base.hashing import get_hash
-
-        if self.validate_hash is False or (self.validate_hash == "auto" and not hashes):
-            return
-        algorithm = next(iter(hashes)) if self.validate_hash == "auto" else self.validate_hash
-        if algorithm not in hashes:
-            raise ShardError(
-                f"{file}: `validate_hash={algorithm!r}` but {INDEX_FILE} records only {sorted(hashes)} for "
-                f"this shard; pass one of those, 'auto' or False."
-            )
-        actual = get_hash(algorithm, data)
-        if actual != hashes[algorithm]:
-            raise ShardError(
-                f"{file}: {algorithm} checksum failure (index.json records {hashes[algorithm]}, the file "
-                f"hashes to {actual}); the shard is corrupt. Re-convert or re-download it."
-            )
 
     def _fetch(self, name: str) -> None:
         from streaming.base.storage import CloudDownloader
@@ -259,8 +359,9 @@ class MDSSource(TokenSource):
         lengths = np.empty(self.num_docs, dtype=np.int64)
         for shard, reader in enumerate(self._readers):
             offset = int(self._shard_starts[shard])
-            for local_index in range(reader.samples):
-                lengths[offset + local_index] = len(self._decode(shard, local_index))
+            with self._resident(shard):
+                for local_index in range(reader.samples):
+                    lengths[offset + local_index] = len(self._decode(shard, local_index))
         return lengths
 
 
@@ -273,8 +374,12 @@ def write_mds(
     compression: str | None = None,
     hashes: Iterable[str] = DEFAULT_HASHES,
     size_limit: int = 1 << 26,
+    token_info: Mapping | None = None,
 ) -> Path:
     """Write ``documents`` as an MDS dataset (one sample per document) with streaming's ``MDSWriter``.
+
+    Also writes the length index ``tikmix-lengths.npy`` and records it, with ``token_info``, under
+    ``"tikmix"`` in ``index.json`` (see the module docstring).
 
     Args:
         directory (str | PathLike): New or empty output directory.
@@ -284,6 +389,8 @@ def write_mds(
         compression (str, optional): A streaming compression such as ``"zstd"``. Default: ``None``.
         hashes (Iterable[str]): Streaming hash algorithms recorded per shard. Default: ``("xxh64",)``.
         size_limit (int): Shard size in bytes before a new shard starts. Default: 64 MiB.
+        token_info (Mapping, optional): ``eos_id`` / ``pad_id`` / ``vocab_size`` / ``tokenizer`` of the ids
+            (``_token_info.token_info_of``). Default: ``None``.
 
     Returns:
         Path: ``directory``.
@@ -292,6 +399,7 @@ def write_mds(
 
     if dtype not in MDS_DTYPES:
         raise ShardError(f"{directory}: MDS `dtype` must be one of {MDS_DTYPES}, got {dtype!r}.")
+    lengths = array("q")
     with MDSWriter(
         out=os.fspath(directory),
         columns={column: f"ndarray:{dtype}"},
@@ -300,11 +408,24 @@ def write_mds(
         size_limit=size_limit,
     ) as writer:
         for index, document in enumerate(documents):
-            writer.write({column: cast_tokens(document, dtype, f"{directory} (document {index})")})
-    return Path(directory)
+            tokens = cast_tokens(document, dtype, f"{directory} (document {index})")
+            writer.write({column: tokens})
+            lengths.append(len(tokens))
+    directory = Path(directory)
+    np.save(directory / LENGTHS_FILE, np.frombuffer(lengths, dtype=np.int64))
+    index_path = directory / INDEX_FILE
+    index = json.loads(index_path.read_text())
+    index[EMBED_KEY] = {
+        **(token_info or {}),
+        "lengths": LENGTHS_FILE,
+        "num_docs": len(lengths),
+        "num_tokens": int(sum(lengths)),
+    }
+    index_path.write_text(json.dumps(index, sort_keys=True))
+    return directory
 
 
-def _read_index(index_path: Path) -> list[dict]:
+def _read_index(index_path: Path) -> dict:
     try:
         text = index_path.read_text()
     except FileNotFoundError as exc:
@@ -323,7 +444,7 @@ def _read_index(index_path: Path) -> list[dict]:
             f"{index_path}: not a streaming version-2 index (expected {{'version': 2, 'shards': [...]}}); "
             f"re-write the dataset with mosaicml-streaming's MDSWriter."
         )
-    return index["shards"]
+    return index
 
 
 def _decompressed_dir(stored: Path) -> Path:

@@ -1,9 +1,10 @@
 """Flat token memmaps (nanoGPT style): ``NAME.bin`` of raw token ids plus a ``NAME.json`` sidecar.
 
 The sidecar is small: ``{"format": "tikmix-memmap", "version": 1, "dtype": "uint16", "vocab_size": 258,
-"num_tokens": N, "doc_offsets": "NAME.offsets.npy"}``. Document boundaries live in the int64 ``.npy`` it
-names (``num_docs + 1`` offsets into the token array, starting at 0 and ending at ``num_tokens``) rather
-than inline, so the sidecar stays small for billions of documents.
+"eos_id": 256, "pad_id": 257, "num_tokens": N, "doc_offsets": "NAME.offsets.npy"}`` (the ids are
+optional). Document boundaries live in the int64 ``.npy`` it names (``num_docs + 1`` offsets into the token
+array, starting at 0 and ending at ``num_tokens``) rather than inline, so the sidecar stays small for
+billions of documents.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tikmix_loader.data.sources._token_info import read_token_info
 from tikmix_loader.data.sources._tokens import WRITE_DTYPES, cast_tokens
 from tikmix_loader.data.sources.base import TokenSource
 from tikmix_loader.errors import ShardError
@@ -42,7 +44,17 @@ class MemmapSource(TokenSource):
         self.path = str(path)
         meta = _read_sidecar(path)
         self.dtype = np.dtype(meta["dtype"])
-        self.vocab_size = vocab_size if vocab_size is not None else meta.get("vocab_size")
+        from tikmix_loader.data.tokenizer import ByteTokenizer  # here: tokenizer.py imports this package
+
+        self.token_info = read_token_info(meta, str(sidecar_path(path)))
+        if ByteTokenizer.vocab_size == self.token_info.get("vocab_size") and "eos_id" not in self.token_info:
+            # Sidecars from before ids were recorded: 258 is the byte tokenizer's vocabulary, so its ids.
+            self.token_info = {
+                **self.token_info,
+                "eos_id": ByteTokenizer.eos_id,
+                "pad_id": ByteTokenizer.pad_id,
+            }
+        self.vocab_size = vocab_size if vocab_size is not None else self.token_info.get("vocab_size")
         expected_bytes = int(meta["num_tokens"]) * self.dtype.itemsize
         actual_bytes = os.path.getsize(path)
         if actual_bytes != expected_bytes:
@@ -107,10 +119,13 @@ def write_memmap(
     *,
     dtype: str = "uint16",
     vocab_size: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
 ) -> Path:
     """Write ``documents`` as a flat token file with its offsets ``.npy`` and JSON sidecar.
 
-    The token file is streamed, so documents need not fit in memory together. Returns the ``.bin`` path.
+    The token file is streamed, so documents need not fit in memory together. ``vocab_size``, ``eos_id``
+    and ``pad_id`` are recorded in the sidecar when given. Returns the ``.bin`` path.
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ShardError(f"{bin_path}: `dtype` must be one of {SUPPORTED_DTYPES}, got {dtype!r}.")
@@ -128,6 +143,7 @@ def write_memmap(
         "version": 1,
         "dtype": dtype,
         "vocab_size": vocab_size,
+        **{key: value for key, value in (("eos_id", eos_id), ("pad_id", pad_id)) if value is not None},
         "num_tokens": offsets[-1],
         "doc_offsets": offsets_name,
     }

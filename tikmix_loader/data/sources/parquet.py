@@ -1,14 +1,20 @@
 """Parquet files or directories, one document per row in a ``list<int>`` token column, read by row group.
 
 Only one row group of the token column is ever decoded at a time (``pq.ParquetFile.read_row_group``), and
-the last one decoded is kept, so reading consecutive documents touches each row group once. Document
-lengths come from one scan of the list lengths at first open, then from the on-disk lengths cache.
+the last one decoded is kept, so reading consecutive documents touches each row group once.
+
+``write_parquet`` (used by ``tikmix convert``) also stores each document's token count in an int64 column
+``num_tokens`` and, in the schema metadata under ``b"tikmix"``, the ids' EOS/PAD/vocabulary and the name of
+that column. Opening such files reads only that small column; files written by others are scanned once
+(the list lengths of the token column) and their lengths cached (``_lengths_cache``). Other per-document
+columns can be read the same way, without decoding documents.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tikmix_loader.data.sources._lengths_cache import file_fingerprint, load_lengths, save_lengths
+from tikmix_loader.data.sources._token_info import EMBED_KEY, read_token_info
 from tikmix_loader.data.sources._tokens import cast_tokens
 from tikmix_loader.data.sources.base import TokenSource
 from tikmix_loader.errors import ShardError
+
+LENGTHS_COLUMN = "num_tokens"
 
 
 class ParquetSource(TokenSource):
@@ -28,7 +37,11 @@ class ParquetSource(TokenSource):
     Args:
         path (str | PathLike): A ``.parquet`` file or a directory searched recursively for them.
         token_column (str): The ``list<int>`` column holding each document's token ids. Default: ``"tokens"``.
-        vocab_size (int, optional): Token ids must be ``< vocab_size``. Default: ``None`` (only ``>= 0``).
+        vocab_size (int, optional): Token ids must be ``< vocab_size``. Default: ``None``, which takes the
+            vocabulary in the schema metadata ``tikmix convert`` writes (else only ids ``>= 0`` are checked).
+
+    Attributes:
+        token_info (dict): ``eos_id`` / ``pad_id`` / ``vocab_size`` from the first file's schema metadata.
     """
 
     def __init__(
@@ -36,15 +49,15 @@ class ParquetSource(TokenSource):
     ):
         self.path = os.fspath(path)
         self.token_column = token_column
-        self.vocab_size = vocab_size
         root = Path(path)
         self._files = sorted(root.rglob("*.parquet")) if root.is_dir() else [root]
         if not self._files:
             raise ShardError(f"{root}: no *.parquet files in this directory; point `path` at Parquet data.")
         # One entry per row group, over all files: which file, which group, and its first document.
-        group_file, group_index, group_rows = [], [], []
+        group_file, group_index, group_rows, embedded = [], [], [], []
         for file_number, file in enumerate(self._files):
             metadata = self._metadata(file)
+            embedded.append(_embedded(metadata, file))
             for group in range(metadata.num_row_groups):
                 group_file.append(file_number)
                 group_index.append(group)
@@ -53,12 +66,18 @@ class ParquetSource(TokenSource):
         self._group_index = np.asarray(group_index, dtype=np.int64)
         self._group_starts = np.concatenate([[0], np.cumsum(group_rows, dtype=np.int64)])
         self._reset_handles()
-        key = file_fingerprint(self._files, kind="parquet", column=token_column)
-        lengths = load_lengths(key)
-        if lengths is None or len(lengths) != self.num_docs:
-            lengths = self._scan_lengths()
-            save_lengths(key, lengths)
-        self._lengths = lengths
+        self.token_info = read_token_info(embedded[0], str(self._files[0]))
+        self.vocab_size = vocab_size if vocab_size is not None else self.token_info.get("vocab_size")
+        lengths_columns = {entry.get("lengths_column") for entry in embedded}
+        if len(lengths_columns) == 1 and None not in lengths_columns:
+            self._lengths = self.read_doc_column(lengths_columns.pop()).astype(np.int64, copy=False)
+        else:
+            key = file_fingerprint(self._files, kind="parquet", column=token_column)
+            lengths = load_lengths(key)
+            if lengths is None or len(lengths) != self.num_docs:
+                lengths = self._scan_lengths()
+                save_lengths(key, lengths)
+            self._lengths = lengths
 
     @property
     def num_docs(self) -> int:
@@ -77,6 +96,13 @@ class ParquetSource(TokenSource):
             first = int(self._group_starts[group])
             last = min(stop, int(self._group_starts[group + 1]))
             bounds = offsets[start - first : last - first + 1]
+            if not np.array_equal(np.diff(bounds), self._lengths[start:last]):
+                raise ShardError(
+                    f"{self._files[self._group_file[group]]} (row group {self._group_index[group]}): "
+                    f"documents {start}..{last - 1} do not hold the token counts recorded when the domain "
+                    f"was opened; the file changed on disk or its {LENGTHS_COLUMN!r} column is wrong. "
+                    f"Re-open the domain or re-run `tikmix convert`."
+                )
             documents.extend(np.split(values[bounds[0] : bounds[-1]], bounds[1:-1] - bounds[0]))
             start, group = last, group + 1
         return documents
@@ -159,6 +185,30 @@ class ParquetSource(TokenSource):
             self._cached_group = group
         return self._cached
 
+    def read_doc_column(self, column: str) -> np.ndarray:
+        """One value per document from a scalar ``column``, read one row group at a time, no document decoded.
+
+        The length column is one; other per-document columns (e.g. quality scores) are read the same way.
+        Raises ``ShardError`` naming the file and row group when the column is missing or unreadable.
+        """
+        parts = []
+        for group in range(len(self._group_file)):
+            file = self._files[self._group_file[group]]
+            try:
+                table = self._file(int(self._group_file[group])).read_row_group(
+                    int(self._group_index[group]), columns=[column]
+                )
+                if table.num_columns != 1:  # pyarrow skips a column the file lacks
+                    raise KeyError("no such column")
+                values = table.column(0).to_numpy()
+            except (OSError, KeyError, pa.ArrowException) as exc:
+                raise ShardError(
+                    f"{file} (row group {self._group_index[group]}): cannot read the per-document column "
+                    f"{column!r} ({exc}); re-run `tikmix convert` or pass a column the files hold."
+                ) from exc
+            parts.append(values)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
     def _scan_lengths(self) -> np.ndarray:
         lengths = np.empty(self.num_docs, dtype=np.int64)
         for group in range(len(self._group_file)):
@@ -176,8 +226,12 @@ def write_parquet(
     rows_per_group: int = 1024,
     rows_per_file: int = 65536,
     compression: str = "snappy",
+    token_info: Mapping | None = None,
 ) -> Path:
     """Write ``documents`` as ``part-NNNNN.parquet`` files, one row per document in a ``list<dtype>`` column.
+
+    Each row also holds the document's token count (column ``num_tokens``), and the schema metadata records
+    ``token_info`` and that column (see the module docstring).
 
     Args:
         directory (str | PathLike): Output directory (created if missing).
@@ -188,13 +242,19 @@ def write_parquet(
         rows_per_file (int): A new part starts after the row group that reaches this many documents.
             Default: ``65536``.
         compression (str): Parquet codec (``"none"``, ``"snappy"``, ``"zstd"``, …). Default: ``"snappy"``.
+        token_info (Mapping, optional): ``eos_id`` / ``pad_id`` / ``vocab_size`` / ``tokenizer`` of the ids
+            (``_token_info.token_info_of``). Default: ``None``.
 
     Returns:
         Path: ``directory``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([(token_column, pa.list_(pa.from_numpy_dtype(np.dtype(dtype))))])
+    embedded = {**(token_info or {}), "lengths_column": LENGTHS_COLUMN}
+    schema = pa.schema(
+        [(token_column, pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))), (LENGTHS_COLUMN, pa.int64())],
+        metadata={EMBED_KEY.encode(): json.dumps(embedded, sort_keys=True).encode()},
+    )
     writer: pq.ParquetWriter | None = None
     batch: list[np.ndarray] = []
     rows_in_file = parts = 0
@@ -209,9 +269,11 @@ def write_parquet(
         if not batch:  # no documents at all: a file with the schema and no row groups
             return
         values = np.concatenate(batch)
-        offsets = np.concatenate([[0], np.cumsum([len(document) for document in batch])]).astype(np.int32)
+        lengths = np.array([len(document) for document in batch], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-        writer.write_table(pa.table({token_column: column}, schema=schema), row_group_size=len(batch))
+        table = pa.table({token_column: column, LENGTHS_COLUMN: lengths}, schema=schema)
+        writer.write_table(table, row_group_size=len(batch))
         rows_in_file += len(batch)
         batch.clear()
         if rows_in_file >= rows_per_file:
@@ -229,3 +291,19 @@ def write_parquet(
         if writer is not None:
             writer.close()
     return directory
+
+
+def _embedded(metadata: pq.FileMetaData, file: Path) -> dict:
+    """The ``b"tikmix"`` schema metadata of one file (``{}`` when absent)."""
+    raw = (metadata.schema.to_arrow_schema().metadata or {}).get(EMBED_KEY.encode())
+    if raw is None:
+        return {}
+    try:
+        entry = json.loads(raw)
+    except ValueError as exc:
+        raise ShardError(
+            f"{file}: its {EMBED_KEY!r} schema metadata is not JSON ({exc}); re-convert."
+        ) from exc
+    if not isinstance(entry, dict):
+        raise ShardError(f"{file}: its {EMBED_KEY!r} schema metadata must be an object; re-convert.")
+    return entry

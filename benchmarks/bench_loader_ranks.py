@@ -1,0 +1,161 @@
+"""Per-rank reads benchmark: what one rank reads, and how long it takes, per global batch at world size W.
+
+W ranks are simulated in one process: for each W, a sample of ranks (all of them up to 8) each get their
+own ``MixtureLoader(rank=r, world_size=W)`` over the same 4 memmap domains, with the global batch fixed
+(``--global-batch`` samples of ``--seq-len`` tokens), so each rank's batch is ``global_batch / W``. Loaders
+read on demand (``num_workers=0``) so the time is the rank's own work. Per rank and global batch we report:
+
+- tokens read: tokens handed out by ``DomainStream.read_at`` (the samples the rank reads), against the
+  named baseline ``global_batch_tokens / W`` (ratio column; the goal is within 1.1x);
+- documents' tokens decoded from storage (``Domain.read_docs``), the I/O under those samples;
+- seconds per rank per global batch (median, p20, p80 over all timed batches of all sampled ranks and
+  repeats), and the speedup against W = 1 measured in the same run (the goal is about W: the time falls
+  as 1/W). Before per-rank reads every rank did the W = 1 work.
+
+Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DOMAINS = {"web": 0.4, "code": 0.3, "math": 0.2, "books": 0.1}
+
+
+def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, seed: int = 0) -> list[Path]:
+    """One memmap of random byte-level documents per domain."""
+    from tikmix_loader.data.sources.memmap import write_memmap
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in DOMAINS:
+        lengths = rng.integers(doc_tokens // 2, doc_tokens * 3 // 2, size=docs_per_domain)
+        documents = [rng.integers(0, 256, size=int(n)).astype(np.uint16) for n in lengths]
+        paths.append(write_memmap(directory / f"{name}.bin", documents, vocab_size=258))
+    return paths
+
+
+class ReadCounter:
+    """Spies on ``DomainStream.read_at`` (sample tokens read) and ``Domain.read_docs`` (tokens decoded)."""
+
+    def __init__(self):
+        from tikmix_loader.data.domain import Domain
+        from tikmix_loader.data.stream import DomainStream
+
+        self.sample_tokens = 0
+        self.decoded_tokens = 0
+        read_at, read_docs = DomainStream.read_at, Domain.read_docs
+
+        def counting_read_at(stream, indices):
+            tokens, valid = read_at(stream, indices)
+            self.sample_tokens += tokens.size
+            return tokens, valid
+
+        def counting_read_docs(domain, start, stop):
+            documents = read_docs(domain, start, stop)
+            self.decoded_tokens += sum(len(document) for document in documents)
+            return documents
+
+        DomainStream.read_at, Domain.read_docs = counting_read_at, counting_read_docs
+
+    def reset(self) -> None:
+        self.sample_tokens = self.decoded_tokens = 0
+
+
+def sampled_ranks(world_size: int, count: int) -> list[int]:
+    """All ranks when there are at most ``count``, else ``count`` spread evenly, first and last included."""
+    if world_size <= count:
+        return list(range(world_size))
+    return sorted({int(round(r)) for r in np.linspace(0, world_size - 1, count)})
+
+
+def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
+    """Per-rank tokens read, tokens decoded and seconds per global batch, over the sampled ranks."""
+    from tikmix_loader import MixtureLoader
+
+    seconds, sample_tokens, decoded_tokens = [], [], []
+    for _ in range(args.repeats):
+        for rank in sampled_ranks(world_size, args.ranks):
+            loader = MixtureLoader(
+                domains,
+                batch_size=args.global_batch // world_size,
+                seq_len=args.seq_len,
+                weights=DOMAINS,
+                rank=rank,
+                world_size=world_size,
+                num_workers=0,
+                seed=0,
+            )
+            loader.next_batch()  # warm up: epoch layouts built, first blocks mapped
+            for _ in range(args.batches):
+                counter.reset()
+                start = time.perf_counter()
+                loader.next_batch()
+                seconds.append(time.perf_counter() - start)
+                sample_tokens.append(counter.sample_tokens)
+                decoded_tokens.append(counter.decoded_tokens)
+    return {
+        "seconds": seconds,
+        "sample_tokens": statistics.median(sample_tokens),
+        "decoded_tokens": statistics.median(decoded_tokens),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 8, 64, 1024])
+    parser.add_argument("--global-batch", type=int, default=2048, help="samples per global batch")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=5, help="timed global batches per rank and repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ranks", type=int, default=8, help="ranks timed per world size (a sample)")
+    parser.add_argument("--docs-per-domain", type=int, default=4000)
+    parser.add_argument("--doc-tokens", type=int, default=600)
+    args = parser.parse_args(argv)
+    for world_size in args.world_sizes:
+        if args.global_batch % world_size:
+            parser.error(f"--global-batch {args.global_batch} is not divisible by world size {world_size}")
+
+    from tikmix_loader import Domain
+
+    counter = ReadCounter()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_domains(Path(tmp), docs_per_domain=args.docs_per_domain, doc_tokens=args.doc_tokens)
+        domains = [Domain(name, path) for name, path in zip(DOMAINS, paths)]
+        results = {world_size: measure(domains, world_size, args, counter) for world_size in args.world_sizes}
+
+    global_tokens = args.global_batch * (args.seq_len + 1)  # a sample reads seq_len + 1 tokens
+    smallest = min(results)
+    base = statistics.median(results[smallest]["seconds"])
+    print(
+        f"machine: {platform.node() or 'unknown'} {platform.machine()}, global batch {args.global_batch} x "
+        f"(seq_len {args.seq_len} + 1) = {global_tokens:,} tokens; {args.batches} batches x {args.repeats} "
+        f"repeats, up to {args.ranks} sampled ranks per W"
+    )
+    header = (
+        f"{'W':>5} {'rank batch':>10} {'tokens read':>12} {'global/W':>10} {'ratio':>6} {'decoded':>10} "
+        f"{'decoded/(global/W)':>18} {'s/batch med':>12} {'p20':>9} {'p80':>9} "
+        f"{f'speedup vs W={smallest}':>15}"
+    )
+    print(header)
+    for world_size, result in results.items():
+        seconds = np.asarray(result["seconds"])
+        share = global_tokens / world_size
+        median = float(np.median(seconds))
+        print(
+            f"{world_size:>5} {args.global_batch // world_size:>10} {result['sample_tokens']:>12,.0f} "
+            f"{share:>10,.0f} {result['sample_tokens'] / share:>5.2f}x {result['decoded_tokens']:>10,.0f} "
+            f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
+            f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

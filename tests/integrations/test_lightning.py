@@ -1,0 +1,85 @@
+"""A real Lightning ``Trainer.fit``: weights change, and ``ckpt_path=`` resumes the same batch stream."""
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from testkit.domains import write_domains
+
+from tikmix_loader import MixtureLoader
+from tikmix_loader.controller import MixtureController, every
+from tikmix_loader.influence import GroupInfluence
+from tikmix_loader.integrations.lightning import TikMixLightningCallback
+from tikmix_loader.losses import loss_mask, token_cross_entropy
+from tikmix_loader.models.tiny_gpt import GPTConfig, TinyGPT
+
+SEQ_LEN = 16
+
+
+class TinyGPTModule(pl.LightningModule):
+    def __init__(self, loader):
+        super().__init__()
+        self.loader = loader
+        self.model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
+        self.batches, self.contexts = [], []
+
+    def train_dataloader(self):
+        return self.loader.as_dataloader()
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch["input_ids"].clone())
+        logits = self.model(batch["input_ids"])
+        loss = token_cross_entropy(logits, batch).sum() / loss_mask(batch).sum()
+        return {"loss": loss, "logits": logits.detach()}
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def _fit(domains, root, *, max_steps, ckpt_path=None):
+    loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, seed=2, num_workers=0)
+    module = TinyGPTModule(loader)
+    influence = GroupInfluence(module.model, k=8, domains=loader.domain_names, backend="torch")
+    targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
+    controller = MixtureController(
+        loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3)
+    )
+    propose = controller.mixer.propose
+    controller.mixer.propose = lambda context: module.contexts.append(context) or propose(context)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=4, save_top_k=-1)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[TikMixLightningCallback(controller), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, loader, controller
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp("data"), {"a": 30, "b": 40, "c": 25}, max_len=60)
+
+
+def test_fit_changes_weights_and_resumes_mid_epoch_from_a_checkpoint(domains, tmp_path):
+    straight, loader, controller = _fit(domains, tmp_path / "straight", max_steps=8)
+    history = loader.state_dict()["weight_history"]
+    assert controller.decisions == 2 and len(history) == 3
+    losses = np.asarray(straight.contexts[0].domain_losses)  # training losses reached the controller
+    assert np.isfinite(losses).all() and (losses > 2).all()
+    checkpoint = tmp_path / "straight" / "epoch=0-step=4.ckpt"
+    assert checkpoint.exists()
+
+    resumed, resumed_loader, resumed_controller = _fit(
+        domains, tmp_path / "resumed", max_steps=8, ckpt_path=str(checkpoint)
+    )
+    assert len(resumed.batches) == 4  # Lightning 2.x resumed at batch 4, not at batch 0 (issue 15)
+    for got, expected in zip(resumed.batches, straight.batches[4:], strict=True):
+        assert torch.equal(got, expected)
+    assert resumed_loader.state_dict()["weight_history"] == history
+    assert resumed_controller.decisions == 2

@@ -1,0 +1,147 @@
+"""``TikMixTrainer``: a Hugging Face ``transformers.Trainer`` fed and re-mixed by a ``MixtureController``.
+
+Use it in place of ``Trainer``; it takes the controller (whose loader must be built with
+``label_convention="hf"``, the convention HF causal LMs expect) and needs ``max_steps`` (the loader is
+endless)::
+
+    loader = MixtureLoader(domains, batch_size=8, seq_len=512, label_convention="hf")
+    influence = GroupInfluence(model, task=HFCausalLMTask(), domains=loader.domain_names)
+    controller = MixtureController(loader, "tikmix_d", influence=influence, targets=targets)
+    trainer = TikMixTrainer(model=model, args=TrainingArguments(..., max_steps=10_000), controller=controller)
+    trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
+
+What the subclass changes, and why (HF ``Trainer`` has no callback event around backward, and callbacks see
+neither the batch nor the outputs):
+
+- ``get_train_dataloader`` returns ``loader.as_dataloader()`` (``dataloader_num_workers`` and
+  ``dataloader_pin_memory`` are passed on). It is not passed through ``accelerator.prepare``: the loader
+  already gives each rank its own slice of every global batch.
+- ``training_step`` runs inside ``influence.observe`` (online influence reads the training backward) with
+  ``loss_scale = 1 / num_items_in_batch`` when the Trainer counts loss tokens over the accumulated batch
+  (models that take loss kwargs, such as GPT-2 and Llama), else the per-micro-batch mean over accumulation.
+- ``compute_loss`` also passes the per-token loss of the model's logits to ``controller.record_losses``.
+- ``TikMixCallback.on_step_end`` lets the controller decide after the optimizer step, so new weights apply
+  from the next step's batch, before the Trainer saves a checkpoint at that step; ``on_save`` writes the
+  loader and controller state to ``tikmix_state.pt`` in the checkpoint folder, and ``train`` loads it from
+  ``resume_from_checkpoint`` (a path, or ``True`` for the last checkpoint in ``output_dir``), so a resumed run
+  continues the same batch stream and weight history. The Trainer's own batch skipping on resume is turned
+  off (``ignore_data_skip``): the loader resumes from its state without reading the skipped batches. The
+  Trainer restores the checkpoint's RNG state only when it skips batches, so ``training_step`` restores it
+  (through the Trainer's ``_load_rng_state``) before the first resumed step; dropout then matches too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from tikmix_loader.errors import ConfigError, StateError
+from tikmix_loader.losses import logits_of, loss_mask, token_cross_entropy
+
+STATE_FILE = "tikmix_state.pt"
+
+
+class TikMixCallback(TrainerCallback):
+    """Decides after each optimizer step and saves the loader and controller state with each checkpoint.
+
+    Args:
+        controller (MixtureController): The controller; its loader must feed the trainer.
+    """
+
+    def __init__(self, controller):
+        self.controller = controller
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.controller.step(state.global_step - 1)  # the Trainer has already counted the finished step
+
+    def on_save(self, args, state, control, **kwargs):
+        controller_state = self.controller.state_dict()  # collective under torch.distributed: every rank
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            torch.save(
+                {"loader": self.controller.loader.state_dict(), "controller": controller_state},
+                os.path.join(folder, STATE_FILE),
+            )
+
+
+class TikMixTrainer(Trainer):
+    """A ``transformers.Trainer`` whose training data and mixture come from ``controller`` (see the module).
+
+    Args:
+        *args: Passed to ``Trainer`` (``model``, ``args``, ...). Leave ``train_dataset`` unset.
+        controller (MixtureController): Drives the weights of ``controller.loader``, which must have
+            ``label_convention="hf"``.
+        **kwargs: Passed to ``Trainer``.
+    """
+
+    def __init__(self, *args, controller, **kwargs):
+        convention = controller.loader.label_convention
+        if convention != "hf":
+            raise ConfigError(
+                f"TikMixTrainer: the loader has label_convention={convention!r}, but Hugging Face causal LMs "
+                f"shift labels themselves; build it with MixtureLoader(..., label_convention='hf')."
+            )
+        super().__init__(*args, **kwargs)
+        self.controller = controller
+        self.args.ignore_data_skip = True  # the loader resumes from its own state (see the module docstring)
+        self.add_callback(TikMixCallback(controller))
+        self._rng_checkpoint: str | None = None  # restore its RNG state before the first resumed step
+
+    def get_train_dataloader(self):
+        options = {
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+        }
+        if self.args.dataloader_num_workers > 0:
+            options["prefetch_factor"] = self.args.dataloader_prefetch_factor
+            options["persistent_workers"] = self.args.dataloader_persistent_workers
+        return self.controller.loader.as_dataloader(**options)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._rng_checkpoint is not None:
+            self._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
+        influence = self.controller.influence
+        if not self.controller.online:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            scale = 1.0 / max(float(num_items_in_batch), 1.0)  # the loss is a sum over those tokens
+        else:
+            tokens = max(int(loss_mask(inputs).sum()), 1)
+            scale = 1.0 / (tokens * self.args.gradient_accumulation_steps)
+        with influence.observe(inputs, loss_scale=scale):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        with torch.no_grad():
+            self.controller.record_losses(inputs, token_cross_entropy(logits_of(outputs), inputs))
+        return (loss, outputs) if return_outputs else loss
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; with ``resume_from_checkpoint`` the loader and controller resume too."""
+        if resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)
+                if folder is None:
+                    raise StateError(
+                        f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint folder; "
+                        f"pass a checkpoint path or resume_from_checkpoint=None."
+                    )
+            path = os.path.join(folder, STATE_FILE)
+            if not os.path.exists(path):
+                raise StateError(
+                    f"{path} is missing: checkpoint {folder} was not written by TikMixTrainer, so the loader "
+                    f"and controller cannot resume; resume from a TikMixTrainer checkpoint."
+                )
+            state = torch.load(path, weights_only=False)
+            self.controller.loader.load_state_dict(state["loader"])
+            self.controller.load_state_dict(state["controller"])
+            self._rng_checkpoint = folder
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

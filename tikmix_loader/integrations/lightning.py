@@ -1,0 +1,86 @@
+"""``TikMixLightningCallback``: drives a ``MixtureController`` inside a Lightning ``Trainer.fit``.
+
+Return the loader's DataLoader view from ``train_dataloader()`` (Lightning 2.x saves and restores it through
+its ``state_dict``/``load_state_dict``, so ``ckpt_path=`` resumes mid-epoch at the right batch) and add the
+callback::
+
+    class Module(L.LightningModule):
+        def train_dataloader(self):
+            return loader.as_dataloader()
+
+        def training_step(self, batch, batch_idx):
+            outputs = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+            return {"loss": outputs.loss, "logits": outputs.logits.detach()}
+
+    trainer = L.Trainer(max_steps=10_000, callbacks=[TikMixLightningCallback(controller)])
+    trainer.fit(Module(), ckpt_path="last")
+
+Hooks: the forward and backward of each batch run inside ``influence.observe`` (``on_train_batch_start`` to
+``on_after_backward``), with ``loss_scale`` for a loss that is the mean over the batch's loss tokens divided
+by ``accumulate_grad_batches`` (what Lightning backpropagates). When ``training_step`` returns a dict with
+``"logits"``, their per-token loss goes to ``controller.record_losses`` (mixers such as ODM read it). After
+each optimizer step (``on_train_batch_end``) the controller may decide; new weights reach the batches not
+yet fetched. The callback's own state (saved in the checkpoint) is the controller's.
+
+Lightning's fetcher takes one batch ahead of training when the DataLoader has no length (ours is endless),
+so the callback sets the DataLoader's ``held_batches = 1``: its saved state is then the state after the
+last trained batch, and a resume starts with the batch that was fetched but not trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import lightning.pytorch as pl
+import torch
+
+from tikmix_loader.data.dataset import MixtureDataset
+from tikmix_loader.losses import loss_mask, token_cross_entropy
+
+LIGHTNING_PREFETCH = 1  # lightning.pytorch.loops.fetchers._PrefetchDataFetcher(prefetch_batches=1)
+
+
+class TikMixLightningCallback(pl.Callback):
+    """Lightning callback around a ``MixtureController`` (online influence, training losses, decisions).
+
+    Args:
+        controller (MixtureController): The controller; its loader's DataLoader must feed the trainer.
+    """
+
+    def __init__(self, controller):
+        self.controller = controller
+        self._observing: contextlib.ExitStack | None = None
+        self._global_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        dataloader = trainer.train_dataloader
+        if isinstance(getattr(dataloader, "dataset", None), MixtureDataset):
+            dataloader.held_batches = LIGHTNING_PREFETCH
+        self._global_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.controller.online:
+            return
+        tokens = max(int(loss_mask(batch).sum()), 1)
+        scale = 1.0 / (tokens * trainer.accumulate_grad_batches)
+        self._observing = contextlib.ExitStack()
+        self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._observing is not None:
+            self._observing.close()
+            self._observing = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(outputs, dict) and outputs.get("logits") is not None:
+            with torch.no_grad():
+                self.controller.record_losses(batch, token_cross_entropy(outputs["logits"], batch))
+        if trainer.global_step > self._global_step:  # the optimizer stepped (not mid-accumulation)
+            self._global_step = trainer.global_step
+            self.controller.step(trainer.global_step - 1)
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.controller.load_state_dict(state_dict["controller"])
