@@ -119,6 +119,7 @@ def run_regmix_sweep(
     flops_fn: Callable[[np.ndarray], float] | None = None,
     flops_per_run: float | None = None,
     progress: bool = True,
+    desc: str = "RegMix proxies",
 ) -> RegMixSweep:
     """Train one proxy per mixture and record its loss and FLOPs.
 
@@ -130,6 +131,8 @@ def run_regmix_sweep(
             tokens``). Give this or ``flops_per_run``.
         flops_per_run (float | None): FLOPs of every run when they are all equal.
         progress (bool): Show a tqdm bar. Default: True.
+        desc (str): The bar's label and the name in errors (QuaDMix's search reuses this sweep).
+            Default: "RegMix proxies".
     """
     if (flops_fn is None) == (flops_per_run is None):
         raise ConfigError(
@@ -137,11 +140,11 @@ def run_regmix_sweep(
         )
     mixtures = np.asarray(mixtures, dtype=np.float64)
     losses, flops = [], []
-    for row, mixture in enumerate(tqdm(mixtures, desc="RegMix proxies", disable=not progress)):
+    for row, mixture in enumerate(tqdm(mixtures, desc=desc, disable=not progress)):
         loss = float(train_fn(mixture.copy()))
         if not math.isfinite(loss):
             raise ConfigError(
-                f"RegMix proxy {row} (mixture {np.round(mixture, 4).tolist()}) returned loss {loss}."
+                f"{desc}: run {row} (row {np.round(mixture, 4).tolist()}) returned loss {loss}."
             )
         losses.append(loss)
         flops.append(float(flops_fn(mixture) if flops_fn is not None else flops_per_run))
