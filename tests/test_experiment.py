@@ -15,7 +15,7 @@ from testkit.corpus import make_text_corpus
 import tikmix_loader.experiment as experiment
 import tikmix_loader.experiment.corpus_splits as corpus_splits
 import tikmix_loader.experiment.protocol as protocol
-import tikmix_loader.experiment.regmix as regmix_module
+import tikmix_loader.experiment.proxies as proxies
 import tikmix_loader.experiment.runs as runs
 import tikmix_loader.mixing.tikmix_d as tikmix_d_module
 from tikmix_loader import ConfigError, DomainError, MixtureLoader
@@ -180,9 +180,9 @@ def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path,
         evaluated.append({Path(domain.path).name for domain in domains})
         return original_evaluate(model, domains, **options)
 
-    for module in (runs, regmix_module, corpus_splits):  # every loader the protocol opens
+    for module in (runs, proxies, corpus_splits):  # every loader the protocol opens
         monkeypatch.setattr(module, "MixtureLoader", SpyLoader)
-    for module in (protocol, regmix_module):  # every scoring pass
+    for module in (protocol, proxies):  # every scoring pass
         monkeypatch.setattr(module, "evaluate", spy_evaluate)
     config = ExperimentConfig.from_flat(methods=METHODS, seeds=(0,), **FAST)
     results = experiment.run_experiment(config, corpus, tmp_path / "all", progress=False)
@@ -391,7 +391,7 @@ def test_every_default_method_has_a_builder_and_unknown_names_list_the_known_one
     assert set(METHODS) <= set(METHOD_BUILDERS)
     assert all(callable(get_method_builder(name)) for name in METHOD_BUILDERS)
     with pytest.raises(ConfigError) as error:
-        get_method_builder("quadmix")
+        get_method_builder("bogus")
     for name in METHOD_BUILDERS:
         assert repr(name) in str(error.value)
 

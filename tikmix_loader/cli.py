@@ -19,6 +19,7 @@ COMMANDS = {
     "corpus": "tikmix_loader.data.corpus",
     "demo": "tikmix_loader.demo",
     "experiment": "tikmix_loader.experiment",
+    "quadmix": "tikmix_loader.experiment.quadmix",
     "bench": "tikmix_loader._bench_commands",
     "ledger": "tikmix_loader.ledger",
     "report": "tikmix_loader.report",

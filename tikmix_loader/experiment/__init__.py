@@ -2,8 +2,10 @@
 
 Modules, one job each: ``config`` (``ExperimentConfig`` and its nested per-method options), ``methods`` (the
 registry: how each method is wired), ``corpus_splits`` (the corpus's splits and the val targets), ``runs``
-(train one method on one seed), ``regmix`` (RegMix's proxy sweep), ``stats`` (paired statistics and
-the table), ``results`` (results files and merging), ``protocol`` (every method on every seed) and ``cli``.
+(train one method on one seed), ``proxies`` (the proxy runs of both searches), ``regmix`` (RegMix's proxy
+sweep), ``quality`` (the QuaDMix methods' criteria, filters, implied weights and served noise), ``quadmix``
+(QuaDMix's search and ``tikmix quadmix search``), ``stats`` (paired statistics and the table), ``results``
+(results files and merging), ``protocol`` (every method on every seed) and ``cli``.
 This module re-exports the names other code imports.
 """
 
@@ -15,11 +17,15 @@ from tikmix_loader.experiment.methods import (
     INFLUENCE,
     METHOD_BUILDERS,
     METHODS,
+    QUADMIX,
+    QUALITY,
+    TOPK,
     MethodInputs,
     MethodSetup,
     get_method_builder,
 )
 from tikmix_loader.experiment.protocol import run_experiment
+from tikmix_loader.experiment.quadmix import quadmix_sweep
 from tikmix_loader.experiment.regmix import regmix_sweep
 from tikmix_loader.experiment.results import RESULTS_FILE, TABLE_FILE, merge_results, write_results
 from tikmix_loader.experiment.runs import MethodRun, build_model, train_method
@@ -33,6 +39,9 @@ __all__ = [
     "INFLUENCE",
     "METHODS",
     "METHOD_BUILDERS",
+    "QUADMIX",
+    "QUALITY",
+    "TOPK",
     "RESULTS_FILE",
     "TABLE_FILE",
     "CorpusSplits",
@@ -51,6 +60,7 @@ __all__ = [
     "mean_std",
     "merge_results",
     "paired_differences",
+    "quadmix_sweep",
     "regmix_sweep",
     "register",
     "run_experiment",

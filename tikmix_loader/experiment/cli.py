@@ -25,7 +25,13 @@ def _optional(kind):
 
 
 # Options that also take `none` on the command line, and the type of their other values.
-_OPTIONAL_TYPES = {"half_life": float, "max_step": float, "m_every": int, "eval_samples": int}
+_OPTIONAL_TYPES = {
+    "half_life": float,
+    "max_step": float,
+    "m_every": int,
+    "eval_samples": int,
+    "quadmix_params": str,
+}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:

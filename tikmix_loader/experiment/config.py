@@ -13,11 +13,21 @@ import math
 from dataclasses import dataclass, field
 
 from tikmix_loader.errors import ConfigError
-from tikmix_loader.experiment.methods import ADAPTIVE, INFLUENCE, METHOD_BUILDERS, METHODS
+from tikmix_loader.experiment.methods import (
+    ADAPTIVE,
+    INFLUENCE,
+    METHOD_BUILDERS,
+    METHODS,
+    QUADMIX,
+    QUALITY,
+    TOPK,
+)
+from tikmix_loader.experiment.quality import parse_criteria
 from tikmix_loader.influence import PRECONDITIONERS
 from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
 from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig
 from tikmix_loader.models.tiny_gpt import PRESETS
+from tikmix_loader.quality.scorers import DEFAULT_CRITERIA
 from tikmix_loader.train import TrainConfig
 
 INIT_MIXTURES = ("stratified", "natural")
@@ -65,7 +75,7 @@ class TiKMiXDOptions:
     """Online TiKMiX-D's EMA and the bounds of every TiKMiX-D solve."""
 
     half_life: float | None = _option(
-        200.0, "online EMA half-life (None: every)", used_by=("tikmix-d", "tikmix-m")
+        200.0, "online EMA half-life (None: every)", used_by=("tikmix-d", "tikmix-m", "quadmix+tikmix-d")
     )
     max_step: float | None = _option(2.0, "tikmix-d trust region: w_d moves at most this factor per decision")
     min_weight: float = _option(0.1, "tikmix-d lower bound of every weight")
@@ -134,6 +144,55 @@ class RegMixOptions:
 
 
 @dataclass(frozen=True)
+class QuaDMixOptions:
+    """The quality methods' criteria, QuaDMix's search and the top-k filters (flags ``--quadmix-*``)."""
+
+    criteria: str = _option(
+        ",".join(DEFAULT_CRITERIA), "quality criteria NAME[:higher|:lower],... (scores from `tikmix score`)"
+    )
+    params: str | None = _option(
+        None,
+        "JSON from `tikmix quadmix search` with the chosen parameters (None: search once, seeded by the "
+        "first seed)",
+        used_by=QUADMIX,
+    )
+    proxies: int = _option(32, "QuaDMix proxy runs", used_by=QUADMIX)
+    model: str = _option("micro", "QuaDMix proxy preset", used_by=QUADMIX)
+    fraction: float = _option(0.25, "QuaDMix proxy steps as a fraction of steps", used_by=QUADMIX)
+    val_samples: int = _option(64, "val samples per domain scoring a QuaDMix proxy", used_by=QUADMIX)
+    candidates: int = _option(100_000, "parameter sets scored by the fit (paper: 100k)", used_by=QUADMIX)
+    top_k: int = _option(10, "best predicted parameter sets averaged (paper: 10)", used_by=QUADMIX)
+    omega_scale: float = _option(1.0, "omega is drawn from [0, omega_scale] (paper: 0.1)", used_by=QUADMIX)
+    keep: float = _option(0.8, "share of tokens each topk-* filter keeps", flag="topk_keep", used_by=TOPK)
+
+    def __post_init__(self):
+        parse_criteria(self.criteria)
+        for name in ("proxies", "val_samples", "candidates", "top_k"):
+            _positive_int(f"quadmix_{name}", getattr(self, name))
+        if self.proxies < 10:
+            raise ConfigError(
+                f"ExperimentConfig: `quadmix_proxies` must be >= 10 (5-fold cross-validation), got "
+                f"{self.proxies}."
+            )
+        if self.top_k > self.candidates:
+            raise ConfigError(
+                f"ExperimentConfig: `quadmix_top_k` ({self.top_k}) exceeds `quadmix_candidates` "
+                f"({self.candidates})."
+            )
+        if self.model not in PRESETS:
+            raise ConfigError(
+                f"ExperimentConfig: `quadmix_model` {self.model!r} is not a preset; use one of "
+                f"{sorted(PRESETS)}."
+            )
+        for name in ("fraction", "omega_scale", "keep"):
+            if not 0 < getattr(self, name) <= 1:
+                flag = "topk_keep" if name == "keep" else f"quadmix_{name}"
+                raise ConfigError(
+                    f"ExperimentConfig: `{flag}` must be in (0, 1], got {getattr(self, name)!r}."
+                )
+
+
+@dataclass(frozen=True)
 class TiKMiXMOptions:
     """TiKMiX-M: decision interval, candidates and the measured look-ahead label."""
 
@@ -166,14 +225,19 @@ class ExperimentConfig:
     device: str = _option("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
     init: str = _option("stratified", "initial mixture of adaptive methods", used_by=ADAPTIVE)
     every: int = _option(
-        100, "steps between decisions (tikmix-d, odm)", used_by=("odm", "tikmix-d", "tikmix-m")
+        100,
+        "steps between decisions (tikmix-d, odm)",
+        used_by=("odm", "tikmix-d", "tikmix-m", "quadmix+tikmix-d"),
     )
     influence: InfluenceOptions = _group(InfluenceOptions, used_by=INFLUENCE)
-    tikmix_d: TiKMiXDOptions = _group(TiKMiXDOptions, used_by=("tikmix-d", "tikmix-d-stage"))
+    tikmix_d: TiKMiXDOptions = _group(
+        TiKMiXDOptions, used_by=("tikmix-d", "tikmix-d-stage", "quadmix+tikmix-d")
+    )
     stage: StageOptions = _group(StageOptions, used_by=("tikmix-d-stage",))
     temperature: TemperatureOptions = _group(TemperatureOptions, used_by=("temperature",))
     regmix: RegMixOptions = _group(RegMixOptions, used_by=("regmix",), prefix="regmix_")
     tikmix_m: TiKMiXMOptions = _group(TiKMiXMOptions, used_by=("tikmix-m",))
+    quadmix: QuaDMixOptions = _group(QuaDMixOptions, used_by=QUALITY, prefix="quadmix_")
     eval_samples: int | None = _option(None, "test samples per domain (None: all)")
     eval_batch_size: int = _option(64, "batch size of test scoring")
     num_workers: int = _option(1, "loader prefetch threads")

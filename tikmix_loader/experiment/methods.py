@@ -20,11 +20,14 @@ from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment.corpus_splits import val_targets
+from tikmix_loader.experiment.quality import implied_weights, parse_criteria, topk_params
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.ledger import MixtureLedger, head_path
 from tikmix_loader.mixing import LookAheadLabel, Mixer, MixingContext, get_mixer
 from tikmix_loader.mixing.tikmix_d import weight_bounds
 from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token, per_token_loss
+from tikmix_loader.quality import QualityParams
+from tikmix_loader.quality.scorers import DEFAULT_CRITERIA
 
 if TYPE_CHECKING:
     from tikmix_loader.experiment.config import ExperimentConfig
@@ -47,7 +50,9 @@ class MethodSetup:
 
 @dataclass(frozen=True)
 class MethodInputs:
-    """What a method's builder may use: the run's config, seed, model, training loader and val domains."""
+    """What a method's builder may use: the run's config, seed, model, training loader and val domains, and
+    the decision of a method searched before the runs (``static_weights`` of RegMix, ``quality_params`` of
+    QuaDMix)."""
 
     method: str
     seed: int
@@ -57,6 +62,7 @@ class MethodInputs:
     val_domains: Sequence[Domain]
     static_weights: Mapping[str, float] | None
     ledger: Path | None
+    quality_params: Mapping[str, QualityParams] | None = None
 
     def fresh_ledger(self) -> MixtureLedger | None:
         """A new ledger at ``ledger`` (an old file there is replaced), for methods that decide."""
@@ -211,6 +217,59 @@ def _tikmix_m(run: MethodInputs) -> MethodSetup:
     )
 
 
+def _uniform_docs(run: MethodInputs) -> MethodSetup:
+    """Stratified domains, every document once per epoch (``stratified`` on the quality-aware loader)."""
+    run.loader.set_weights(dict.fromkeys(run.loader.domain_names, 1.0))
+    return MethodSetup()
+
+
+def _topk(criterion: str) -> Callable[[MethodInputs], MethodSetup]:
+    """A builder of the filter keeping the best ``quadmix.keep`` share of every domain's tokens by
+    ``criterion``, on stratified domains."""
+
+    def build(run: MethodInputs) -> MethodSetup:
+        criteria = parse_criteria(run.config.quadmix.criteria)
+        params = topk_params(list(criteria), criterion, run.config.quadmix.keep)
+        run.loader.set_quality(dict.fromkeys(run.loader.domain_names, params))
+        run.loader.set_weights(dict.fromkeys(run.loader.domain_names, 1.0))
+        return MethodSetup()
+
+    return build
+
+
+def _quadmix_start(run: MethodInputs) -> None:
+    """QuaDMix's searched parameters, and the domain weights they imply."""
+    if run.quality_params is None:
+        raise ConfigError(f"train_method({run.method!r}): pass `quality_params` from quadmix_sweep().")
+    criteria = parse_criteria(run.config.quadmix.criteria)
+    run.loader.set_quality(dict(run.quality_params))
+    run.loader.set_weights(implied_weights(run.loader.domains, criteria, run.quality_params))
+
+
+def _quadmix(run: MethodInputs) -> MethodSetup:
+    _quadmix_start(run)
+    return MethodSetup()
+
+
+def _quadmix_tikmix_d(run: MethodInputs) -> MethodSetup:
+    """Joint mode: QuaDMix's parameters stay; online TiKMiX-D moves the weights from the implied ones."""
+    _quadmix_start(run)
+    controller = MixtureController(
+        run.loader,
+        _tikmix_d_mixer(run),
+        influence=_influence(run, half_life=_online_half_life(run)),
+        targets=run.targets(),
+        schedule=every(run.config.every),
+        ledger=run.fresh_ledger(),
+    )
+    return MethodSetup(controller)
+
+
+TOPK = tuple(f"topk-{criterion}" for criterion in DEFAULT_CRITERIA)  # single-criterion filters
+QUADMIX = ("quadmix", "quadmix+tikmix-d")  # the methods that use QuaDMix's searched parameters
+QUALITY = ("uniform-docs", *TOPK, *QUADMIX)  # the methods whose loader samples by quality
+
+
 # How each method is wired: name -> builder(MethodInputs) -> MethodSetup.
 METHOD_BUILDERS: dict[str, Callable[[MethodInputs], MethodSetup]] = {
     "stratified": _static("stratified"),
@@ -221,6 +280,10 @@ METHOD_BUILDERS: dict[str, Callable[[MethodInputs], MethodSetup]] = {
     "tikmix-d": _tikmix_d,
     "tikmix-d-stage": _tikmix_d_stage,
     "tikmix-m": _tikmix_m,
+    "uniform-docs": _uniform_docs,
+    **{f"topk-{criterion}": _topk(criterion) for criterion in DEFAULT_CRITERIA},
+    "quadmix": _quadmix,
+    "quadmix+tikmix-d": _quadmix_tikmix_d,
 }
 METHODS = (  # run by default; every name must be in METHOD_BUILDERS
     "stratified",
@@ -233,7 +296,8 @@ METHODS = (  # run by default; every name must be in METHOD_BUILDERS
     "tikmix-m",
 )
 ADAPTIVE = ("odm", "tikmix-d", "tikmix-d-stage", "tikmix-m")  # start from `config.init`
-INFLUENCE = ("tikmix-d", "tikmix-d-stage", "tikmix-m")  # the methods that measure Group Influence
+# the methods that measure Group Influence
+INFLUENCE = ("tikmix-d", "tikmix-d-stage", "tikmix-m", "quadmix+tikmix-d")
 
 
 def get_method_builder(method: str) -> Callable[[MethodInputs], MethodSetup]:

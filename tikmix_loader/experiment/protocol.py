@@ -19,7 +19,14 @@ Methods (``--methods``): ``stratified`` (uniform), ``natural`` (token shares), `
 ``tau``, 0.5), ``regmix`` (proxy sweep, LightGBM fit, simulated optimum, then a static run), ``odm`` (EXP3
 on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps), ``tikmix-d-stage``
 (observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m`` (TiKMiX-D anchor
-refined by a LightGBM surrogate of a measured look-ahead label).
+refined by a LightGBM surrogate of a measured look-ahead label). On a scored corpus (``tikmix score``), the
+quality methods (``docs/quadmix.md``, "Experiment"): ``uniform-docs`` (stratified domains, every document
+once), ``topk-<criterion>`` (stratified domains, each keeping its best ``topk_keep`` share of tokens by one
+criterion), ``quadmix`` (searched quality parameters and the domain weights they imply; the search runs once,
+seeded by the first seed, or is read from ``--quadmix-params``, and its FLOPs are counted like RegMix's) and
+``quadmix+tikmix-d`` (the same parameters, online TiKMiX-D moving the weights). With ``uniform-docs`` run
+and ``stratified`` not, the paired differences are against ``uniform-docs``. On a corpus with injected
+noise, every run records the share of each noise kind in the tokens it served.
 
 Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
 the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's
@@ -38,10 +45,14 @@ from pathlib import Path
 
 from tikmix_loader.experiment.config import ExperimentConfig
 from tikmix_loader.experiment.corpus_splits import load_splits
+from tikmix_loader.experiment.methods import QUADMIX
+from tikmix_loader.experiment.quadmix import quadmix_decision
+from tikmix_loader.experiment.quality import served_noise
 from tikmix_loader.experiment.regmix import regmix_sweep
 from tikmix_loader.experiment.results import empty_entry, record_run, write_results
 from tikmix_loader.experiment.runs import train_method
 from tikmix_loader.experiment.stats import summarize
+from tikmix_loader.quality import QualityParams
 from tikmix_loader.train import evaluate, resolve_device
 
 
@@ -60,8 +71,9 @@ def run_experiment(
     Returns:
         dict: The ``results.json`` content: ``methods`` {name: {avg_test_loss, worst_test_loss, test_loss
         {domain: [...]}, decision_flops, decision_flops_per_seed, train_flops, final_weights, initial_weights,
-        wall_seconds, train_loss, decisions, ledgers}}, ``summary``, ``domains``, ``seeds``, ``config``,
-        ``regmix`` (the sweep, when run), ``device``, ``wall_seconds``.
+        wall_seconds, train_loss, decisions, ledgers, served_noise}}, ``summary``, ``domains``, ``seeds``,
+        ``config``, ``regmix`` (the sweep, when run), ``quadmix`` (QuaDMix's search, when used), ``device``,
+        ``wall_seconds``.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -77,6 +89,7 @@ def run_experiment(
         "seeds": [],
         "methods": entries,
         "regmix": None,
+        "quadmix": None,
     }
     for seed in config.seeds:
         for method in config.methods:
@@ -92,6 +105,16 @@ def run_experiment(
                         progress=progress,
                     )
                 static = results["regmix"]["weights"]
+            quality_params = None
+            if method in QUADMIX:
+                if results["quadmix"] is None:
+                    results["quadmix"] = quadmix_decision(
+                        config, splits.train, splits.val, seed=config.seeds[0], progress=progress
+                    )
+                quality_params = {
+                    name: QualityParams.from_dict(values)
+                    for name, values in results["quadmix"]["params"].items()
+                }
             ledger = out / "ledgers" / f"{method}-seed{seed}.jsonl"
             run = train_method(
                 method,
@@ -100,6 +123,7 @@ def run_experiment(
                 train_domains=splits.train,
                 val_domains=splits.val,
                 static_weights=static,
+                quality_params=quality_params,
                 ledger=ledger,
                 progress=progress,
             )
@@ -110,10 +134,12 @@ def run_experiment(
                 batch_size=config.eval_batch_size,
                 max_samples=config.eval_samples,
             )
-            decision_flops = run.decision_flops + (
-                results["regmix"]["decision_flops"] if method == "regmix" else 0.0
+            searched = (
+                results["regmix"] if method == "regmix" else results["quadmix"] if method in QUADMIX else None
             )
-            record_run(entries[method], run, test, decision_flops, time.perf_counter() - run_started)
+            decision_flops = run.decision_flops + (searched["decision_flops"] if searched else 0.0)
+            noise = served_noise(corpus, splits.train, run.served_tokens)
+            record_run(entries[method], run, test, decision_flops, time.perf_counter() - run_started, noise)
         results["seeds"].append(seed)
         results["summary"] = summarize(entries)
         results["wall_seconds"] = time.perf_counter() - started

@@ -8,12 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from tikmix_loader.data.domain import Domain
-from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.experiment.config import ExperimentConfig
-from tikmix_loader.experiment.runs import build_model
+from tikmix_loader.experiment.proxies import ProxySpec
 from tikmix_loader.mixing import MixingContext, RegMixMixer, run_regmix_sweep, sample_regmix_mixtures
-from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
-from tikmix_loader.train import TrainConfig, evaluate, train
 
 
 def regmix_sweep(
@@ -40,40 +37,18 @@ def regmix_sweep(
     names = [domain.name for domain in train_domains]
     shares = np.array([domain.num_tokens for domain in train_domains], dtype=np.float64)
     mixtures = sample_regmix_mixtures(shares / shares.sum(), options.proxies, seed=seed)
-    proxy_steps = max(1, round(options.fraction * config.steps))
-    proxy_train = TrainConfig(steps=proxy_steps, lr=config.lr)
-    proxy_config = GPTConfig.preset(options.model, seq_len=config.seq_len)
-    scored = sum(min(options.val_samples, d.num_samples(config.seq_len)) for d in val_domains)
-    flops_per_run = (
-        flops_per_token(proxy_config, seq_len=config.seq_len)
-        * (proxy_steps * config.batch_size * config.seq_len)
-        + flops_per_token(proxy_config, training=False, seq_len=config.seq_len) * scored * config.seq_len
+    proxy = ProxySpec.of(
+        config, model=options.model, fraction=options.fraction, val_samples=options.val_samples
     )
 
     def train_proxy(mixture: np.ndarray) -> float:
-        model = build_model(options.model, seed=seed, seq_len=config.seq_len)
-        loader = MixtureLoader(
-            list(train_domains),
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            weights=mixture.tolist(),
-            seed=seed,
-            num_workers=config.num_workers,
+        return proxy.train(
+            config, train_domains=train_domains, val_domains=val_domains, seed=seed, weights=mixture.tolist()
         )
-        try:
-            train(model, loader, config=proxy_train, device=config.device, progress=False)
-        finally:
-            loader.close()
-        losses = evaluate(
-            model,
-            val_domains,
-            seq_len=config.seq_len,
-            batch_size=config.eval_batch_size,
-            max_samples=options.val_samples,
-        )
-        return float(np.mean(list(losses.values())))
 
-    sweep = run_regmix_sweep(train_proxy, mixtures, flops_per_run=flops_per_run, progress=progress)
+    sweep = run_regmix_sweep(
+        train_proxy, mixtures, flops_per_run=proxy.flops_per_run(config, val_domains), progress=progress
+    )
     mixer = RegMixMixer(
         mixtures=sweep.mixtures,
         losses=sweep.losses,
@@ -91,6 +66,6 @@ def regmix_sweep(
         "losses": sweep.losses.tolist(),
         "predicted_loss": solution.terms.get("predicted_loss"),
         "valid_r2": solution.terms.get("valid_r2"),
-        "proxy_steps": proxy_steps,
+        "proxy_steps": proxy.steps,
         "seconds": time.perf_counter() - started,
     }

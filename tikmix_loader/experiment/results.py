@@ -33,6 +33,7 @@ PER_SEED_KEYS = (
     "train_loss",
     "decisions",
     "ledgers",
+    "served_noise",
 )
 
 
@@ -44,9 +45,15 @@ def empty_entry(names: list[str]) -> dict:
 
 
 def record_run(
-    entry: dict, run: MethodRun, test: dict[str, float], decision_flops: float, seconds: float
+    entry: dict,
+    run: MethodRun,
+    test: dict[str, float],
+    decision_flops: float,
+    seconds: float,
+    served_noise: dict | None = None,
 ) -> None:
-    """Append one seed's run and its test losses ``{domain: loss}`` to the method's ``entry``."""
+    """Append one seed's run, its test losses ``{domain: loss}`` and the noise it served (``served_noise``
+    of ``experiment/quality.py``; empty on a corpus without noise labels) to the method's ``entry``."""
     losses = list(test.values())
     entry["avg_test_loss"].append(float(np.mean(losses)))
     entry["worst_test_loss"].append(float(np.max(losses)))
@@ -61,6 +68,7 @@ def record_run(
     entry["train_loss"].append([round(value, 5) for value in run.result.losses])
     entry["decisions"].append(run.result.decisions)
     entry["ledgers"].append(None if run.ledger is None else str(run.ledger))
+    entry["served_noise"].append(served_noise or {})
 
 
 def _json_safe(value):
@@ -174,7 +182,8 @@ def _merged_config(loaded: list[tuple[Path, dict]]) -> dict:
 
 def _seed_slice(entry: dict, index: int) -> dict:
     """One seed's run out of a method's results entry."""
-    run = {key: entry[key][index] for key in PER_SEED_KEYS}
+    # Results written before a key existed (e.g. ``served_noise``) read as None for it.
+    run = {key: entry[key][index] if key in entry else None for key in PER_SEED_KEYS}
     run["test_loss"] = {name: values[index] for name, values in entry["test_loss"].items()}
     run["train_flops"] = entry["train_flops"]
     return run

@@ -12,9 +12,11 @@ from torch import nn
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.experiment.config import ExperimentConfig
-from tikmix_loader.experiment.methods import MethodInputs, get_method_builder
+from tikmix_loader.experiment.methods import QUALITY, MethodInputs, get_method_builder
+from tikmix_loader.experiment.quality import parse_criteria
 from tikmix_loader.mixing import Mixer
 from tikmix_loader.models.tiny_gpt import GPTConfig, TinyGPT, flops_per_token
+from tikmix_loader.quality import QualityConfig, QualityParams
 from tikmix_loader.train import TrainResult, resolve_device, train
 
 
@@ -37,6 +39,8 @@ class MethodRun:
         train_flops (float): FLOPs of the training steps.
         last_influence (InfluenceMatrix | None): The last S measured.
         ledger (Path | None): The run's mixture ledger, when it has a controller.
+        served_tokens (dict[str, np.ndarray] | None): Tokens served from each stored train document, per
+            domain (``MixtureLoader.served_document_tokens``).
     """
 
     method: str
@@ -48,6 +52,7 @@ class MethodRun:
     train_flops: float
     last_influence: object = None
     ledger: Path | None = None
+    served_tokens: dict | None = None
 
 
 def train_method(
@@ -58,6 +63,7 @@ def train_method(
     train_domains: Sequence[Domain],
     val_domains: Sequence[Domain],
     static_weights: Mapping[str, float] | None = None,
+    quality_params: Mapping[str, QualityParams] | None = None,
     ledger: str | os.PathLike | None = None,
     progress: bool = True,
     wrap_mixer: Callable[..., Mixer] | None = None,
@@ -71,6 +77,8 @@ def train_method(
         train_domains (Sequence[Domain]): The train split (what the loader samples).
         val_domains (Sequence[Domain]): The val split (the targets are drawn from it).
         static_weights (Mapping[str, float], optional): The mixture of ``regmix`` (from ``regmix_sweep``).
+        quality_params (Mapping[str, QualityParams], optional): The parameters of the QuaDMix methods (from
+            ``quadmix_sweep``). The quality methods' loader samples by ``config.quadmix.criteria``.
         ledger (str | PathLike, optional): Where adaptive methods record decisions (an old file is
             replaced).
         progress (bool): Show the training bar. Default: True.
@@ -90,6 +98,7 @@ def train_method(
         seq_len=config.seq_len,
         seed=seed,
         num_workers=config.num_workers,
+        quality=QualityConfig(parse_criteria(config.quadmix.criteria)) if method in QUALITY else None,
     )
     per_token = flops_per_token(model.config, seq_len=config.seq_len)
     try:
@@ -103,6 +112,7 @@ def train_method(
                 val_domains=val_domains,
                 static_weights=static_weights,
                 ledger=None if ledger is None else Path(ledger),
+                quality_params=quality_params,
             )
         )
         controller = setup.controller
@@ -121,6 +131,7 @@ def train_method(
             desc=f"{method} seed={seed}",
             optimizer_hook=setup.optimizer_hook,
         )
+        served = loader.served_document_tokens()
     finally:
         loader.close()
     decision_flops = per_token * sum(d["influence_tokens"] for d in result.decisions)
@@ -136,4 +147,5 @@ def train_method(
         train_flops=per_token * result.tokens,
         last_influence=None if controller is None else controller.last_influence,
         ledger=None if controller is None or ledger is None else Path(ledger),
+        served_tokens=served,
     )

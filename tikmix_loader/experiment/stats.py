@@ -11,6 +11,13 @@ from scipy import stats
 from tikmix_loader.errors import ConfigError
 
 BASELINE = "stratified"
+QUALITY_BASELINE = "uniform-docs"  # the baseline when stratified was not run (the QuaDMix experiment)
+
+
+def baseline_of(methods) -> str:
+    """The baseline of a run of ``methods``: ``stratified``, or ``uniform-docs`` (the same mixture on the
+    quality-aware loader) when only that one was run."""
+    return QUALITY_BASELINE if QUALITY_BASELINE in methods and BASELINE not in methods else BASELINE
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -57,9 +64,10 @@ def paired_differences(values: Sequence[float], baseline: Sequence[float]) -> di
     }
 
 
-def summarize(methods: Mapping[str, dict], baseline: str = BASELINE) -> dict:
+def summarize(methods: Mapping[str, dict], baseline: str | None = None) -> dict:
     """Per method: mean/std of the average and worst test loss, and paired differences against ``baseline``
-    (when it was run) over the seeds both share."""
+    (default: ``baseline_of(methods)``; when it was run) over the seeds both share."""
+    baseline = baseline or baseline_of(methods)
     summary = {}
     base = methods.get(baseline)
     for name, entry in methods.items():
@@ -85,9 +93,11 @@ def _pm(mean: float, spread: float | None, digits: int = 4) -> str:
 
 
 def markdown_table(
-    summary: Mapping[str, dict], *, baseline: str = BASELINE, seeds: Sequence[int] = ()
+    summary: Mapping[str, dict], *, baseline: str | None = None, seeds: Sequence[int] = ()
 ) -> str:
-    """The summary as a markdown table (losses in nats/token; Δ = method - baseline, ± its standard error)."""
+    """The summary as a markdown table (losses in nats/token; Δ = method - baseline, ± its standard error;
+    ``baseline`` defaults to ``baseline_of`` the summary's methods)."""
+    baseline = baseline or baseline_of(summary)
     header = (
         f"| method | avg test loss (mean ± std) | Δ avg vs {baseline} (± SE) | wins | worst-domain loss | "
         f"Δ worst (± SE) | decision FLOPs | decision / train FLOPs | wall s/run |"

@@ -1,0 +1,180 @@
+"""The QuaDMix experiment methods: criteria, top-k filters, implied weights, served noise, the search command
+and the protocol end to end on a tiny scored corpus with labelled noise."""
+
+import json
+
+import numpy as np
+import pytest
+from testkit.corpus import make_text_corpus
+
+from tikmix_loader import ConfigError
+from tikmix_loader.cli import main
+from tikmix_loader.data.corpus import NOISE_LABELS_FILE
+from tikmix_loader.experiment import ExperimentConfig, load_splits, run_experiment
+from tikmix_loader.experiment.quality import implied_weights, parse_criteria, served_noise, topk_params
+from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
+from tikmix_loader.quality import QualityParams, QualitySampler, write_scores
+from tikmix_loader.quality.search import read_quadmix_params
+
+FAST = {
+    "steps": 8,
+    "batch_size": 4,
+    "seq_len": 32,
+    "model": "micro",
+    "device": "cpu",
+    "every": 4,
+    "k": 8,
+    "target_samples": 4,
+    "target_batch_size": 4,
+    "eval_samples": 8,
+    "num_workers": 0,
+    "quadmix_criteria": "compression,repetition",
+}
+
+
+def _kept_by_hand(lengths: np.ndarray, keep: float) -> np.ndarray:
+    """Documents (already in best-first order) whose token-weighted mid-rank is within ``keep``."""
+    cumulative = np.cumsum(lengths)
+    return (cumulative - lengths / 2) / cumulative[-1] <= keep
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The tiny text corpus with two criteria on every train split: ``compression`` ranks documents in
+    storage order (document 0 best), ``repetition`` is random. The documents a top-80% filter on
+    ``compression`` drops are labelled as noise (kind 1)."""
+    corpus = make_text_corpus(tmp_path_factory.mktemp("quadmix"))
+    rng = np.random.default_rng(0)
+    for domain in load_splits(corpus).train:
+        n = domain.num_docs
+        write_scores(domain.path, "compression", np.arange(n, dtype=np.float32), num_docs=n)
+        write_scores(domain.path, "repetition", rng.random(n), num_docs=n)
+        dropped = ~_kept_by_hand(domain.doc_lengths.astype(float), 0.8)
+        assert 0 < dropped.sum() < n
+        np.save(corpus / domain.name / "train" / NOISE_LABELS_FILE, dropped.astype(np.int8))
+    return corpus
+
+
+def test_criteria_take_the_scorers_orientation_unless_told():
+    assert parse_criteria("ref_ppl, clf:higher,mine") == {
+        "ref_ppl": "lower",
+        "clf": "higher",
+        "mine": "lower",
+    }
+    for bad in ("", "a,a", "a:best"):
+        with pytest.raises(ConfigError, match="criteria"):
+            parse_criteria(bad)
+
+
+def test_topk_keeps_the_best_share_of_tokens(corpus):
+    params = topk_params(["repetition", "compression"], "compression", 0.8)
+    assert params.alpha == (0.0, 1.0) and params.eta == 0 and params.eps == 0
+    for domain in load_splits(corpus).train:
+        scores = {"compression": np.arange(domain.num_docs), "repetition": np.zeros(domain.num_docs)}
+        criteria = {"repetition": "lower", "compression": "lower"}
+        sampler = QualitySampler(domain.name, scores, domain.doc_lengths, criteria, params)
+        expected = _kept_by_hand(domain.doc_lengths.astype(float), 0.8).astype(float)
+        np.testing.assert_array_equal(sampler.expected_copies, expected)
+    with pytest.raises(ConfigError, match="topk-ref_ppl"):
+        topk_params(["compression"], "ref_ppl", 0.8)
+
+
+def test_implied_weights_are_expected_tokens_by_hand(corpus):
+    train = load_splits(corpus).train
+    params = {
+        "prose": QualityParams((1.0, 0.0), 50.0, 0.5, 1.0, 0.001),
+        "code": QualityParams((0, 1), 0, 1, 0, 0),
+    }
+    weights = implied_weights(train, {"compression": "lower", "repetition": "lower"}, params)
+    tokens = {}
+    for domain in train:
+        lengths = domain.doc_lengths.astype(float)
+        if domain.name == "prose":  # ranked in storage order: mid-rank percentiles by hand
+            r = (np.cumsum(lengths) - lengths / 2) / lengths.sum()
+            copies = np.where(r <= 0.5, (2 / (1 + np.exp(-50 * (0.5 - r)))) ** 1.0, 0) + 0.001
+        else:  # "code": omega = 1, eta = 0 -> every document once; "numbers" has no parameters -> once
+            copies = np.ones(len(lengths))
+        tokens[domain.name] = float(copies @ lengths)
+    total = sum(tokens.values())
+    assert weights == pytest.approx({name: value / total for name, value in tokens.items()})
+
+
+def test_served_noise_shares_by_hand(corpus):
+    train = load_splits(corpus).train
+    served = {domain.name: np.zeros(domain.num_docs) for domain in train}
+    labels = {d.name: np.load(corpus / d.name / "train" / NOISE_LABELS_FILE) for d in train}
+    first_noisy = int(np.flatnonzero(labels["prose"])[0])
+    served["prose"][0] = 30  # a clean document
+    served["prose"][first_noisy] = 10
+    served["code"][0] = 60
+    report = served_noise(corpus, train, served)
+    noisy_pool = sum(float(d.doc_lengths[labels[d.name] == 1].sum()) for d in train)
+    pool = noisy_pool / sum(float(d.doc_lengths.sum()) for d in train)
+    assert report["shuffled_words"]["share"] == pytest.approx(10 / 100)
+    assert report["shuffled_words"]["pool"] == pytest.approx(pool)
+    assert report["noisy"]["rate"] == pytest.approx(0.1 / pool)
+    assert report["char_noise"]["share"] == 0 and report["char_noise"]["pool"] == 0
+    assert served_noise(corpus.parent / "elsewhere", train, served) == {}  # no labels: nothing to report
+
+
+def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    search_file = tmp_path / "quadmix.json"
+    search = ["--quadmix-proxies", "10", "--quadmix-candidates", "300", "--quadmix-val-samples", "4"]
+    code = main(["quadmix", "search", "--corpus", str(corpus), "--out", str(search_file), "--no-progress"])
+    assert code == 2 and "quadmix_criteria" not in capsys.readouterr().err  # default criteria: no ref_ppl
+    code = main(
+        [
+            "quadmix",
+            "search",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(search_file),
+            "--no-progress",
+            *flags,
+            *search,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    decision = json.loads(search_file.read_text())
+    params = read_quadmix_params(search_file)
+    assert list(params) == ["prose", "numbers", "code"] and decision["num_proxies"] == 10
+    assert decision["space"]["criteria"] == ["compression", "repetition"]
+    # 10 proxies of 2 steps (a quarter of 8) x 4 x 32 tokens, plus scoring <= 4 val samples per domain.
+    splits = load_splits(corpus)
+    shape = GPTConfig.preset("micro", seq_len=32)
+    scored = sum(min(4, d.num_samples(32)) for d in splits.val) * 32
+    per_run = (
+        flops_per_token(shape, seq_len=32) * 2 * 4 * 32 + flops_per_token(shape, training=False) * scored
+    )
+    assert decision["decision_flops"] == pytest.approx(10 * per_run)
+    assert sum(decision["weights"].values()) == pytest.approx(1.0)
+
+    methods = ("uniform-docs", "topk-compression", "quadmix", "quadmix+tikmix-d")
+    config = ExperimentConfig.from_flat(
+        methods=methods, seeds=(0, 1), quadmix_params=str(search_file), **FAST
+    )
+    results = run_experiment(config, corpus, tmp_path / "out", progress=False)
+    entries = results["methods"]
+    assert results["quadmix"]["source"] == str(search_file)
+    weights = implied_weights(splits.train, parse_criteria(FAST["quadmix_criteria"]), params)
+    for name in ("quadmix", "quadmix+tikmix-d"):
+        assert entries[name]["initial_weights"][0] == pytest.approx(list(weights.values()))
+        assert entries[name]["decision_flops"] >= decision["decision_flops"]
+    assert entries["topk-compression"]["initial_weights"][0] == pytest.approx([1 / 3] * 3)
+    # The filter drops exactly the labelled documents, so it serves no noise; the baseline serves some.
+    assert all(report["noisy"]["share"] == 0 for report in entries["topk-compression"]["served_noise"])
+    assert any(report["noisy"]["share"] > 0 for report in entries["uniform-docs"]["served_noise"])
+    summary = results["summary"]
+    assert "avg_test_loss_vs_uniform-docs" in summary["quadmix"]
+    assert "Δ avg vs uniform-docs" in (tmp_path / "out" / "results.md").read_text()
+
+    wrong = ExperimentConfig.from_flat(
+        methods=("quadmix",),
+        seeds=(0,),
+        quadmix_params=str(search_file),
+        **{**FAST, "quadmix_criteria": "compression"},
+    )
+    with pytest.raises(ConfigError, match="criteria"):
+        run_experiment(wrong, corpus, tmp_path / "wrong", progress=False)

@@ -1,0 +1,170 @@
+"""QuaDMix's decision at the experiment's scale, and ``tikmix quadmix search``, which runs it on a corpus.
+
+``quadmix_sweep`` samples ``quadmix.proxies`` parameter sets over the experiment's criteria, trains one
+``quadmix.model`` proxy under each (its loader samples documents with the set's copies and takes the domain
+weights the set implies) for ``quadmix.fraction`` of the steps, scores it by its mean val loss over domains,
+and hands the table to ``quality/search.py`` (LightGBM, cross-validated, 100k candidates, top-10 mean). The
+FLOPs of every proxy's training and scoring are counted, as RegMix's are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tikmix_loader.data.domain import Domain
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.experiment.config import ExperimentConfig
+from tikmix_loader.experiment.proxies import ProxySpec
+from tikmix_loader.experiment.quality import expected_copies, implied_weights, parse_criteria
+from tikmix_loader.quality import QualityConfig, QualityParams
+from tikmix_loader.quality.search import SearchSpace, read_quadmix_params, run_quadmix_search
+
+SEARCH_FILE = "quadmix.json"
+
+
+def quadmix_sweep(
+    config: ExperimentConfig,
+    *,
+    train_domains: Sequence[Domain],
+    val_domains: Sequence[Domain],
+    seed: int,
+    progress: bool = True,
+) -> dict:
+    """QuaDMix's search at small scale (module docstring).
+
+    Returns:
+        dict: ``QuaDMixSearch.to_dict()`` (``params`` per domain, ``decision_flops``, ``cv_spearman``,
+        ``cv_rmse``, the proxy table...) plus ``criteria``, ``weights`` (the domain shares the chosen set
+        implies), ``kept`` (share of each domain's documents within the cut-off: expected copies >= 1),
+        ``proxy_steps`` and ``seconds``.
+    """
+    started = time.perf_counter()
+    options = config.quadmix
+    criteria = parse_criteria(options.criteria)
+    names = [domain.name for domain in train_domains]
+    space = SearchSpace(tuple(names), tuple(criteria), omega_scale=options.omega_scale)
+    proxy = ProxySpec.of(
+        config, model=options.model, fraction=options.fraction, val_samples=options.val_samples
+    )
+
+    def train_proxy(params: dict[str, QualityParams]) -> float:
+        return proxy.train(
+            config,
+            train_domains=train_domains,
+            val_domains=val_domains,
+            seed=seed,
+            weights=implied_weights(train_domains, criteria, params),
+            quality=QualityConfig(criteria=criteria, params=params),
+        )
+
+    search = run_quadmix_search(
+        train_proxy,
+        space,
+        num_proxies=options.proxies,
+        flops_per_run=proxy.flops_per_run(config, val_domains),
+        seed=seed,
+        num_candidates=options.candidates,
+        top_k=options.top_k,
+        progress=progress,
+    )
+    copies = expected_copies(train_domains, criteria, search.params)
+    return {
+        **search.to_dict(),
+        "criteria": criteria,
+        "weights": implied_weights(train_domains, criteria, search.params),
+        "kept": {name: float((values >= 1).mean()) for name, values in copies.items()},
+        "proxy_steps": proxy.steps,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def quadmix_decision(
+    config: ExperimentConfig,
+    train_domains: Sequence[Domain],
+    val_domains: Sequence[Domain],
+    *,
+    seed: int,
+    progress: bool = True,
+) -> dict:
+    """The QuaDMix methods' parameters: read from ``quadmix.params`` (a ``tikmix quadmix search`` JSON) when
+    given, else searched with :func:`quadmix_sweep`.
+
+    Raises:
+        ConfigError: the JSON is unreadable or was searched over other domains or criteria.
+    """
+    if config.quadmix.params is None:
+        return quadmix_sweep(
+            config, train_domains=train_domains, val_domains=val_domains, seed=seed, progress=progress
+        )
+    path = Path(config.quadmix.params)
+    read_quadmix_params(path)  # validates the parameters
+    decision = json.loads(path.read_text())
+    names = [domain.name for domain in train_domains]
+    criteria = parse_criteria(config.quadmix.criteria)
+    space = decision.get("space", {})
+    if space.get("domains") != names or space.get("criteria") != list(criteria):
+        raise ConfigError(
+            f"{path}: searched over domains {space.get('domains')} and criteria {space.get('criteria')}; "
+            f"this experiment trains on {names} with criteria {list(criteria)} (--quadmix-criteria)."
+        )
+    return {**decision, "source": str(path)}
+
+
+def _search(args: argparse.Namespace) -> int:
+    from tikmix_loader.experiment.cli import apply_threads, config_from_args
+    from tikmix_loader.experiment.corpus_splits import load_splits
+    from tikmix_loader.experiment.results import json_safe
+
+    apply_threads(args.threads)
+    config = config_from_args(args)
+    splits = load_splits(args.corpus)
+    result = quadmix_sweep(
+        config,
+        train_domains=splits.train,
+        val_domains=splits.val,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result["config"] = config.to_dict()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    print(
+        f"QuaDMix search: {result['num_proxies']} proxies ({result['decision_flops']:.3g} FLOPs, "
+        f"{result['seconds']:.0f} s); regression out-of-fold Spearman {result['cv_spearman']}, RMSE "
+        f"{result['cv_rmse']:.4f} (proxy loss std {result['proxy_loss_std']:.4f}); predicted loss "
+        f"{result['predicted_loss']:.4f}"
+    )
+    for name, params in result["params"].items():
+        print(f"  {name}: weight {result['weights'][name]:.3f}, kept {result['kept'][name]:.2f}, {params}")
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``tikmix quadmix search``."""
+    from tikmix_loader.experiment.cli import add_config_arguments
+
+    parser = subparsers.add_parser("quadmix", help="QuaDMix: search the quality parameters with proxy runs")
+    commands = parser.add_subparsers(dest="quadmix_command", required=True, metavar="COMMAND")
+    search = commands.add_parser(
+        "search",
+        help="sample parameter sets, train a proxy under each, fit LightGBM, write the best set as JSON",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument(
+        "--corpus", default="corpus", help="scored corpus directory DIR/<domain>/{train,val,test}/"
+    )
+    search.add_argument(
+        "--out", default=f"out/{SEARCH_FILE}", help=f"JSON to write (default: out/{SEARCH_FILE})"
+    )
+    search.add_argument("--seed", type=int, default=0, help="seeds the sampling, the proxies and the fit")
+    search.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    search.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_arguments(search, ExperimentConfig(), skip=("methods", "seeds"))
+    search.set_defaults(func=_search)
