@@ -11,7 +11,7 @@ from tikmix_loader import ConfigError
 from tikmix_loader.cli import main
 from tikmix_loader.data.corpus import NOISE_LABELS_FILE
 from tikmix_loader.experiment import ExperimentConfig, load_splits, run_experiment
-from tikmix_loader.experiment.quality import implied_weights, parse_criteria, served_noise, topk_params
+from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria, served_noise, topk_params
 from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
 from tikmix_loader.quality import QualityParams, QualitySampler, write_scores
 from tikmix_loader.quality.search import read_quadmix_params
@@ -85,7 +85,8 @@ def test_implied_weights_are_expected_tokens_by_hand(corpus):
         "prose": QualityParams((1.0, 0.0), 50.0, 0.5, 1.0, 0.001),
         "code": QualityParams((0, 1), 0, 1, 0, 0),
     }
-    weights = implied_weights(train, {"compression": "lower", "repetition": "lower"}, params)
+    scored = ScoredDomains(train, {"compression": "lower", "repetition": "lower"})
+    weights = scored.implied_weights(params)
     tokens = {}
     for domain in train:
         lengths = domain.doc_lengths.astype(float)
@@ -97,6 +98,8 @@ def test_implied_weights_are_expected_tokens_by_hand(corpus):
         tokens[domain.name] = float(copies @ lengths)
     total = sum(tokens.values())
     assert weights == pytest.approx({name: value / total for name, value in tokens.items()})
+    assert scored.expected_tokens(params) == pytest.approx(tokens)
+    assert scored.keeps(params, min(tokens.values())) and not scored.keeps(params, min(tokens.values()) + 1)
 
 
 def test_served_noise_shares_by_hand(corpus):
@@ -158,7 +161,7 @@ def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
     results = run_experiment(config, corpus, tmp_path / "out", progress=False)
     entries = results["methods"]
     assert results["quadmix"]["source"] == str(search_file)
-    weights = implied_weights(splits.train, parse_criteria(FAST["quadmix_criteria"]), params)
+    weights = ScoredDomains(splits.train, parse_criteria(FAST["quadmix_criteria"])).implied_weights(params)
     for name in ("quadmix", "quadmix+tikmix-d"):
         assert entries[name]["initial_weights"][0] == pytest.approx(list(weights.values()))
         assert entries[name]["decision_flops"] >= decision["decision_flops"]

@@ -15,6 +15,7 @@ from tikmix_loader.quality.search import (
     implied_domain_weights,
     read_quadmix_params,
     run_quadmix_search,
+    sample_feasible_params,
     sample_quadmix_params,
     search_quadmix,
     write_quadmix_search,
@@ -136,3 +137,21 @@ def test_bad_space_names_the_field():
         SearchSpace(("a",), ("x",), omega_scale=0)
     with pytest.raises(ConfigError, match="criteria"):
         SearchSpace(("a",), ("x", "x"))
+
+
+def test_infeasible_sets_are_never_trained_or_chosen():
+    def feasible(params):
+        return all(p.omega >= 0.05 for p in params.values())
+
+    table = sample_feasible_params(SPACE, 40, feasible=feasible, seed=2)
+    assert len(table) == 40 and table.omega.min() >= 0.05
+    first = sample_quadmix_params(SPACE, 40, seed=2)
+    kept = [row for row in range(40) if feasible(first.params(row))]
+    np.testing.assert_array_equal(table.omega[: len(kept)], first.omega[kept])  # the first round, in order
+    # The predictor prefers small omegas of "web"; the top 5 feasible are the 5 smallest feasible ones.
+    mean, _ = search_quadmix(lambda X: X[:, 4], SPACE, num_candidates=500, top_k=5, seed=3, feasible=feasible)
+    candidates = sample_quadmix_params(SPACE, 500, seed=3)
+    ok = [row for row in range(500) if feasible(candidates.params(row))]
+    assert mean["web"].omega == pytest.approx(np.sort(candidates.omega[ok, 0])[:5].mean())
+    with pytest.raises(ConfigError, match="feasible"):
+        sample_feasible_params(SPACE, 5, feasible=lambda params: False, max_rounds=3)

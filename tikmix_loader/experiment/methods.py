@@ -20,7 +20,7 @@ from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment.corpus_splits import val_targets
-from tikmix_loader.experiment.quality import implied_weights, parse_criteria, topk_params
+from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria, topk_params
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.ledger import MixtureLedger, head_path
 from tikmix_loader.mixing import LookAheadLabel, Mixer, MixingContext, get_mixer
@@ -243,7 +243,7 @@ def _quadmix_start(run: MethodInputs) -> None:
         raise ConfigError(f"train_method({run.method!r}): pass `quality_params` from quadmix_sweep().")
     criteria = parse_criteria(run.config.quadmix.criteria)
     run.loader.set_quality(dict(run.quality_params))
-    run.loader.set_weights(implied_weights(run.loader.domains, criteria, run.quality_params))
+    run.loader.set_weights(ScoredDomains(run.loader.domains, criteria).implied_weights(run.quality_params))
 
 
 def _quadmix(run: MethodInputs) -> MethodSetup:

@@ -3,8 +3,9 @@
 ``quadmix_sweep`` samples ``quadmix.proxies`` parameter sets over the experiment's criteria, trains one
 ``quadmix.model`` proxy under each (its loader samples documents with the set's copies and takes the domain
 weights the set implies) for ``quadmix.fraction`` of the steps, scores it by its mean val loss over domains,
-and hands the table to ``quality/search.py`` (LightGBM, cross-validated, 100k candidates, top-10 mean). The
-FLOPs of every proxy's training and scoring are counted, as RegMix's are.
+and hands the table to ``quality/search.py`` (LightGBM, cross-validated, 100k candidates, top-10 mean). Only
+sets that keep ``MIN_SAMPLES`` samples' worth of tokens in every domain are trained or chosen. The FLOPs of
+every proxy's training and scoring are counted, as RegMix's are.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from tikmix_loader.data.domain import Domain
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment.config import ExperimentConfig
 from tikmix_loader.experiment.proxies import ProxySpec
-from tikmix_loader.experiment.quality import expected_copies, implied_weights, parse_criteria
+from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria
 from tikmix_loader.quality import QualityConfig, QualityParams
 from tikmix_loader.quality.search import SearchSpace, read_quadmix_params, run_quadmix_search
 
 SEARCH_FILE = "quadmix.json"
+# A parameter set is searched only if every domain keeps this many samples' worth of tokens per epoch: the
+# loader refuses fewer than one, and a proxy that sees a handful of documents over and over tells little.
+MIN_SAMPLES = 4
 
 
 def quadmix_sweep(
@@ -51,13 +55,16 @@ def quadmix_sweep(
         config, model=options.model, fraction=options.fraction, val_samples=options.val_samples
     )
 
+    scored = ScoredDomains(train_domains, criteria)
+    min_tokens = MIN_SAMPLES * (config.seq_len + 1)
+
     def train_proxy(params: dict[str, QualityParams]) -> float:
         return proxy.train(
             config,
             train_domains=train_domains,
             val_domains=val_domains,
             seed=seed,
-            weights=implied_weights(train_domains, criteria, params),
+            weights=scored.implied_weights(params),
             quality=QualityConfig(criteria=criteria, params=params),
         )
 
@@ -69,13 +76,14 @@ def quadmix_sweep(
         seed=seed,
         num_candidates=options.candidates,
         top_k=options.top_k,
+        feasible=lambda params: scored.keeps(params, min_tokens),
         progress=progress,
     )
-    copies = expected_copies(train_domains, criteria, search.params)
+    copies = scored.expected_copies(search.params)
     return {
         **search.to_dict(),
         "criteria": criteria,
-        "weights": implied_weights(train_domains, criteria, search.params),
+        "weights": scored.implied_weights(search.params),
         "kept": {name: float((values >= 1).mean()) for name, values in copies.items()},
         "proxy_steps": proxy.steps,
         "seconds": time.perf_counter() - started,
@@ -117,7 +125,6 @@ def quadmix_decision(
 def _search(args: argparse.Namespace) -> int:
     from tikmix_loader.experiment.cli import apply_threads, config_from_args
     from tikmix_loader.experiment.corpus_splits import load_splits
-    from tikmix_loader.experiment.results import json_safe
 
     apply_threads(args.threads)
     config = config_from_args(args)
@@ -132,7 +139,7 @@ def _search(args: argparse.Namespace) -> int:
     result["config"] = config.to_dict()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"QuaDMix search: {result['num_proxies']} proxies ({result['decision_flops']:.3g} FLOPs, "
         f"{result['seconds']:.0f} s); regression out-of-fold Spearman {result['cv_spearman']}, RMSE "

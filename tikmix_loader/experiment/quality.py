@@ -55,28 +55,49 @@ def topk_params(criteria: Sequence[str], criterion: str, keep: float) -> Quality
     return QualityParams(alpha=alpha, lam=0.0, omega=keep, eta=0.0, eps=0.0)
 
 
-def expected_copies(
-    domains: Sequence[Domain], criteria: Mapping[str, str], params: Mapping[str, QualityParams]
-) -> dict[str, np.ndarray]:
-    """Each domain's expected copies per document under ``params`` (1 for a domain without parameters)."""
-    return {
-        domain.name: (
-            QualitySampler(
-                domain.name, read_scores(domain, criteria), domain.doc_lengths, criteria, params[domain.name]
-            ).expected_copies
-            if domain.name in params
-            else np.ones(domain.num_docs)
-        )
-        for domain in domains
-    }
+class ScoredDomains:
+    """Train domains with their scores under ``criteria`` (read once): what a parameter set does to them.
 
+    Args:
+        domains (Sequence[Domain]): The train split.
+        criteria (Mapping[str, str]): Criterion name -> orientation, in the order of every ``alpha``.
+    """
 
-def implied_weights(
-    domains: Sequence[Domain], criteria: Mapping[str, str], params: Mapping[str, QualityParams]
-) -> dict[str, float]:
-    """The domain weights ``params`` imply: expected sampled tokens per domain, normalised."""
-    copies = expected_copies(domains, criteria, params)
-    return implied_domain_weights(copies, {domain.name: domain.doc_lengths for domain in domains})
+    def __init__(self, domains: Sequence[Domain], criteria: Mapping[str, str]):
+        self.domains = list(domains)
+        self.criteria = dict(criteria)
+        self.scores = {domain.name: read_scores(domain, self.criteria) for domain in self.domains}
+
+    def expected_copies(self, params: Mapping[str, QualityParams]) -> dict[str, np.ndarray]:
+        """Each domain's expected copies per document (1 for a domain without parameters)."""
+        return {
+            domain.name: (
+                QualitySampler(
+                    domain.name,
+                    self.scores[domain.name],
+                    domain.doc_lengths,
+                    self.criteria,
+                    params[domain.name],
+                ).expected_copies
+                if domain.name in params
+                else np.ones(domain.num_docs)
+            )
+            for domain in self.domains
+        }
+
+    def expected_tokens(self, params: Mapping[str, QualityParams]) -> dict[str, float]:
+        """Each domain's expected sampled tokens per epoch."""
+        copies = self.expected_copies(params)
+        return {domain.name: float(copies[domain.name] @ domain.doc_lengths) for domain in self.domains}
+
+    def implied_weights(self, params: Mapping[str, QualityParams]) -> dict[str, float]:
+        """The domain weights ``params`` imply: expected sampled tokens per domain, normalised."""
+        copies = self.expected_copies(params)
+        return implied_domain_weights(copies, {domain.name: domain.doc_lengths for domain in self.domains})
+
+    def keeps(self, params: Mapping[str, QualityParams], min_tokens: float) -> bool:
+        """Whether every domain samples at least ``min_tokens`` tokens per epoch in expectation."""
+        return min(self.expected_tokens(params).values()) >= min_tokens
 
 
 def served_noise(corpus: str | Path, domains: Sequence[Domain], served: Mapping[str, np.ndarray]) -> dict:

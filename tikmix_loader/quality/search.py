@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +138,11 @@ class ParamTable:
             for m, domain in enumerate(self.space.domains)
         }
 
+    def take(self, rows) -> ParamTable:
+        """The sets in ``rows``, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return ParamTable(self.space, *(getattr(self, name)[rows] for name in ("alpha", *SHAPE_FIELDS)))
+
     def mean_of(self, rows) -> dict[str, QualityParams]:
         """The average of ``rows``: each field's mean, ``alpha`` renormalised, ``lambda`` averaged on its log
         scale (a geometric mean, as it is sampled)."""
@@ -154,7 +159,7 @@ class ParamTable:
         return mean.params(0)
 
 
-def sample_quadmix_params(space: SearchSpace, num: int, *, seed: int = 0) -> ParamTable:
+def sample_quadmix_params(space: SearchSpace, num: int, *, seed: int | Sequence[int] = 0) -> ParamTable:
     """``num`` parameter sets drawn after Algorithm 1 (module docstring), deterministic in ``seed``."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ConfigError(f"sample_quadmix_params: `num` must be a positive int, got {num!r}.")
@@ -172,6 +177,39 @@ def sample_quadmix_params(space: SearchSpace, num: int, *, seed: int = 0) -> Par
         omega=space.omega_scale * uniform[1],
         eta=space.eta_max * uniform[2],
         eps=space.eps_scale * uniform[3],
+    )
+
+
+def sample_feasible_params(
+    space: SearchSpace,
+    num: int,
+    *,
+    feasible: Callable[[dict[str, QualityParams]], bool],
+    seed: int = 0,
+    max_rounds: int = 100,
+) -> ParamTable:
+    """``num`` sets from :func:`sample_quadmix_params` for which ``feasible`` holds (rejection sampling, as
+    RegMix rejects mixtures past its epoch cap); the first round is ``sample_quadmix_params(space, num,
+    seed=seed)`` itself.
+
+    Raises:
+        ConfigError: fewer than ``num`` feasible sets after ``max_rounds`` rounds of ``num`` draws.
+    """
+    kept: list[ParamTable] = []
+    count = 0
+    for round_index in range(max_rounds):
+        batch = sample_quadmix_params(space, num, seed=seed if round_index == 0 else (seed, round_index))
+        rows = [row for row in range(num) if feasible(batch.params(row))]
+        kept.append(batch.take(rows))
+        count += len(rows)
+        if count >= num:
+            return ParamTable(
+                space,
+                *(np.concatenate([getattr(t, f) for t in kept])[:num] for f in ("alpha", *SHAPE_FIELDS)),
+            )
+    raise ConfigError(
+        f"QuaDMix sampling found only {count} feasible parameter sets of {max_rounds * num} drawn; widen the "
+        "search space (e.g. a larger `omega_scale`)."
     )
 
 
@@ -237,6 +275,7 @@ def search_quadmix(
     num_candidates: int = 100_000,
     top_k: int = 10,
     seed: int = 0,
+    feasible: Callable[[dict[str, QualityParams]], bool] | None = None,
 ) -> tuple[dict[str, QualityParams], float]:
     """The mean of the ``top_k`` of ``num_candidates`` sampled sets with the lowest predicted loss.
 
@@ -246,6 +285,8 @@ def search_quadmix(
         num_candidates (int): Sets scored. Default: 100k (the paper's).
         top_k (int): Best sets averaged. Default: 10 (the paper's).
         seed (int): Seeds the candidates. Default: 0.
+        feasible (callable | None): Only sets for which it holds count: the ``top_k`` lowest predicted of
+            those (the rest are skipped, not scored). Default: None (every set).
 
     Returns:
         tuple[dict[str, QualityParams], float]: The averaged set and the mean predicted loss of the top-k.
@@ -256,7 +297,17 @@ def search_quadmix(
         )
     candidates = sample_quadmix_params(space, num_candidates, seed=seed)
     predicted = np.asarray(predict(candidates.features()), dtype=np.float64)
-    top = np.argsort(predicted, kind="stable")[:top_k]
+    order = np.argsort(predicted, kind="stable")
+    top = order[:top_k]
+    if feasible is not None:
+        top = []
+        for row in order:  # best predicted first; stop at the k-th feasible one
+            if feasible(candidates.params(row)):
+                top.append(row)
+                if len(top) == top_k:
+                    break
+        if len(top) < top_k:
+            raise ConfigError(f"QuaDMix search: only {len(top)} of {num_candidates} candidates are feasible.")
     return candidates.mean_of(top), float(predicted[top].mean())
 
 
@@ -313,6 +364,7 @@ def run_quadmix_search(
     num_candidates: int = 100_000,
     top_k: int = 10,
     folds: int = 5,
+    feasible: Callable[[dict[str, QualityParams]], bool] | None = None,
     progress: bool = True,
 ) -> QuaDMixSearch:
     """The whole search: ``num_proxies`` sampled sets, one proxy each, the regression, the top-k mean.
@@ -326,13 +378,19 @@ def run_quadmix_search(
         seed (int): Seeds the sampling, the folds and LightGBM. Default: 0.
         num_candidates (int), top_k (int): See :func:`search_quadmix`.
         folds (int): See :func:`fit_quadmix`.
+        feasible (callable | None): Only sets for which it holds are trained or chosen (e.g. sets that keep
+            enough tokens of every domain). Default: None (every set).
         progress (bool): Show a tqdm bar over the proxies. Default: True.
     """
     if num_proxies < 2 * folds:
         raise ConfigError(
             f"QuaDMix search needs at least {2 * folds} proxies for {folds} folds, got {num_proxies}."
         )
-    table = sample_quadmix_params(space, num_proxies, seed=seed)
+    table = (
+        sample_quadmix_params(space, num_proxies, seed=seed)
+        if feasible is None
+        else sample_feasible_params(space, num_proxies, feasible=feasible, seed=seed)
+    )
     sweep = run_regmix_sweep(
         lambda row: train_fn(ParamTable.from_features(space, row[None]).params(0)),
         table.features(),
@@ -342,7 +400,12 @@ def run_quadmix_search(
     )
     fit = fit_quadmix(sweep.mixtures, sweep.losses, folds=folds, seed=seed)
     params, predicted = search_quadmix(
-        fit.surrogate.predict, space, num_candidates=num_candidates, top_k=top_k, seed=seed + 1
+        fit.surrogate.predict,
+        space,
+        num_candidates=num_candidates,
+        top_k=top_k,
+        seed=seed + 1,
+        feasible=feasible,
     )
     return QuaDMixSearch(
         params, predicted, space, sweep.mixtures, sweep.losses, fit, sweep.total_flops, num_candidates, top_k
