@@ -9,11 +9,20 @@ import torch
 from testkit.domains import write_domains
 from testkit.resume import assert_resumes_exactly
 
-from tikmix_loader import ConfigError, Domain, DomainError, MixtureLoader, StateError
+from tikmix_loader import (
+    ConfigError,
+    Domain,
+    DomainError,
+    MixtureController,
+    MixtureLedger,
+    MixtureLoader,
+    StateError,
+)
 from tikmix_loader.data.shuffle import WITHIN_BLOCK, BlockShuffle, rng_for
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.stream import DomainStream
 from tikmix_loader.errors import ScoreError
+from tikmix_loader.ledger import load_records, verify
 from tikmix_loader.quality import QualityConfig, QualityParams, QualitySampler, write_scores
 
 CRITERIA = {"ref_ppl": "lower", "clean": "higher"}
@@ -362,3 +371,18 @@ def test_a_pickled_copy_from_before_a_change_reads_later_plans_like_the_loader(d
     plans = [loader.plan_next() for _ in range(6)]
     for plan in plans:
         assert _equal(worker.read_batch(plan), loader.read_batch(plan))
+
+
+def test_the_controller_records_a_quality_change_in_the_ledger(domains, tmp_path):
+    loader = _loader(domains)
+    controller = MixtureController(loader, "tikmix_d", ledger=MixtureLedger(tmp_path / "ledger.jsonl"))
+    for _ in range(4):
+        loader.next_batch()
+    weights = loader.weights
+    controller.set_quality({"c": PARAMS, "b": None}, step=3)
+    (record,) = load_records(tmp_path / "ledger.jsonl")
+    assert record["method"] == "quality" and record["step"] == 3 and record["tokens_seen"] == 4 * 6 * 8
+    assert record["weights_before"] == record["weights_after"] == weights
+    assert record["quality"] == {"a": PARAMS.to_dict(), "c": PARAMS.to_dict()}
+    assert loader.quality_params == {"a": PARAMS, "c": PARAMS}
+    assert verify(tmp_path / "ledger.jsonl").ok
