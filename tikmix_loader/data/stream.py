@@ -95,18 +95,25 @@ class DomainStream:
         self._chunk_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         self._index_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
+    # What ``_reset`` rebuilds; left out of pickles and copies.
+    _DERIVED = (
+        "_lock",
+        "_epoch_starts",
+        "_epoch_sizes",
+        "_epoch_layout",
+        "_block_cache",
+        "_chunk_cache",
+        "_index_cache",
+    )
+
     def __getstate__(self) -> dict:
-        # Pickled into DataLoader worker processes: a lock does not pickle, the caches need not travel.
-        state = self.__dict__.copy()
-        for key in ("_lock", "_epoch_layout", "_block_cache", "_chunk_cache", "_index_cache"):
-            state.pop(key)
-        return state
+        # Pickled into DataLoader worker processes and copied for observation samples: a lock does not
+        # pickle, and a copy must not share the caches a prefetch thread of the original is filling.
+        return {key: value for key, value in self.__dict__.items() if key not in self._DERIVED}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._epoch_layout = self._block_cache = self._chunk_cache = None
-        self._index_cache = {}
+        self._reset()
 
     # -- quality segments -------------------------------------------------------------------------
 
