@@ -72,6 +72,7 @@ STOP_WORDS = frozenset(
     "the be to of and that have with a an in is it for on as at by this not or are from was".split()
 )
 SHORT_LINE_CHARS = 30
+HASH_BASE = 1_000_003
 TERMINAL_PUNCTUATION = tuple(".!?\"')")
 BULLETS = ("-", "*", "•", "‣", "–", "+")
 
@@ -217,29 +218,32 @@ def _ngram_repetition(texts: Sequence[str]) -> np.ndarray:
     lengths = np.array([len(word) for words in documents for word in words], dtype=np.float64)
     chars = np.maximum(np.bincount(owner, weights=lengths, minlength=len(texts)), 1)
     result = np.zeros((len(texts), len(GOPHER_TOP_NGRAM) + len(GOPHER_DUP_NGRAM)))
-    for column, n in enumerate([*GOPHER_TOP_NGRAM, *GOPHER_DUP_NGRAM]):
-        if len(owner) < n:
+    # keys[i]: a polynomial hash (wrapping uint64) of the text of word i and words i .. i+n-1; spans[i]: their
+    # characters. Both grow by one word per n, so all n cost one pass each.
+    keys, spans = owner.astype(np.uint64) * np.uint64(HASH_BASE) + word_ids, lengths
+    columns = {n: column for column, n in enumerate([*GOPHER_TOP_NGRAM, *GOPHER_DUP_NGRAM])}
+    for n in range(1, max(columns) + 1):
+        if n > 1:
+            with np.errstate(over="ignore"):
+                keys = keys[:-1] * np.uint64(HASH_BASE) + word_ids[n - 1 :]
+            spans = spans[:-1] + lengths[n - 1 :]
+        if n not in columns or len(keys) == 0:
             continue
-        starts = np.flatnonzero(owner[: len(owner) - n + 1] == owner[n - 1 :])  # n-grams inside one text
-        # One key per n-gram and text: a polynomial hash (wrapping uint64) of the word ids and the text.
-        key = owner[starts].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            for offset in range(n):
-                key = key * np.uint64(1_000_003) + word_ids[starts + offset]
-        _, first, inverse, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-        ngram_chars = sum(lengths[starts + offset] for offset in range(n))
+        starts = np.flatnonzero(owner[: len(keys)] == owner[n - 1 :])  # n-grams inside one text
+        _, first, inverse, counts = np.unique(
+            keys[starts], return_index=True, return_inverse=True, return_counts=True
+        )
         if n in GOPHER_TOP_NGRAM:
             top = np.zeros(len(texts))
-            np.maximum.at(top, owner[starts[first]], counts * ngram_chars[first])
-            result[:, column] = top / chars
+            np.maximum.at(top, owner[starts[first]], counts * spans[starts[first]])
+            result[:, columns[n]] = top / chars
         else:
             repeats = starts[first[inverse] != np.arange(len(starts))]
-            edges = np.zeros(len(owner) + 1, dtype=np.int64)
-            np.add.at(edges, repeats, 1)
-            np.add.at(edges, repeats + n, -1)
+            edges = np.bincount(repeats, minlength=len(owner) + 1)
+            edges -= np.bincount(repeats + n, minlength=len(owner) + 1)
             covered = np.cumsum(edges[:-1]) > 0
-            result[:, column] = np.bincount(owner[covered], weights=lengths[covered], minlength=len(texts))
-            result[:, column] /= chars
+            words = np.bincount(owner[covered], weights=lengths[covered], minlength=len(texts))
+            result[:, columns[n]] = words / chars
     return result
 
 
