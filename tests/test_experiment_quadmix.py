@@ -12,6 +12,7 @@ from tikmix_loader.cli import main
 from tikmix_loader.data.corpus import NOISE_LABELS_FILE
 from tikmix_loader.experiment import ExperimentConfig, load_splits, run_experiment
 from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria, served_noise, topk_params
+from tikmix_loader.ledger import MixtureLedger
 from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
 from tikmix_loader.quality import QualityParams, QualitySampler, write_scores
 from tikmix_loader.quality.search import read_quadmix_params
@@ -166,6 +167,9 @@ def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
         assert entries[name]["initial_weights"][0] == pytest.approx(list(weights.values()))
         assert entries[name]["decision_flops"] >= decision["decision_flops"]
     assert entries["topk-compression"]["initial_weights"][0] == pytest.approx([1 / 3] * 3)
+    first = next(MixtureLedger(entries["quadmix+tikmix-d"]["ledgers"][0]).records())
+    assert first["method"] == "quality" and first["step"] == 0
+    assert first["quality"] == {name: value.to_dict() for name, value in params.items()}
     # The filter drops exactly the labelled documents, so it serves no noise; the baseline serves some.
     assert all(report["noisy"]["share"] == 0 for report in entries["topk-compression"]["served_noise"])
     assert any(report["noisy"]["share"] > 0 for report in entries["uniform-docs"]["served_noise"])

@@ -237,23 +237,23 @@ def _topk(criterion: str) -> Callable[[MethodInputs], MethodSetup]:
     return build
 
 
-def _quadmix_start(run: MethodInputs) -> None:
-    """QuaDMix's searched parameters, and the domain weights they imply."""
+def _quadmix_start(run: MethodInputs) -> dict[str, QualityParams]:
+    """Set the domain weights QuaDMix's searched parameters imply; returns the parameters."""
     if run.quality_params is None:
         raise ConfigError(f"train_method({run.method!r}): pass `quality_params` from quadmix_sweep().")
     criteria = parse_criteria(run.config.quadmix.criteria)
-    run.loader.set_quality(dict(run.quality_params))
     run.loader.set_weights(ScoredDomains(run.loader.domains, criteria).implied_weights(run.quality_params))
+    return dict(run.quality_params)
 
 
 def _quadmix(run: MethodInputs) -> MethodSetup:
-    _quadmix_start(run)
+    run.loader.set_quality(_quadmix_start(run))
     return MethodSetup()
 
 
 def _quadmix_tikmix_d(run: MethodInputs) -> MethodSetup:
     """Joint mode: QuaDMix's parameters stay; online TiKMiX-D moves the weights from the implied ones."""
-    _quadmix_start(run)
+    params = _quadmix_start(run)
     controller = MixtureController(
         run.loader,
         _tikmix_d_mixer(run),
@@ -262,6 +262,7 @@ def _quadmix_tikmix_d(run: MethodInputs) -> MethodSetup:
         schedule=every(run.config.every),
         ledger=run.fresh_ledger(),
     )
+    controller.set_quality(params, step=0)  # recorded in the ledger before the first decision
     return MethodSetup(controller)
 
 
