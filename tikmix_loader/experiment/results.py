@@ -13,7 +13,7 @@ import numpy as np
 
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment.config import FLAGS, ExperimentConfig
-from tikmix_loader.experiment.methods import METHOD_BUILDERS
+from tikmix_loader.experiment.methods import METHOD_BUILDERS, QUADMIX
 from tikmix_loader.experiment.stats import markdown_table, summarize
 
 if TYPE_CHECKING:
@@ -111,11 +111,13 @@ def merge_results(parts: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     device and every shared config option; an option that configures only some methods (its ``used_by``
     in ``FLAGS``) is compared only between the parts that run one of them, and the merged config takes it
     from those parts. An option missing from an older part's file is read with its default. RegMix may come
-    from one part only, or from parts that ran the same proxy sweep. Statistics are recomputed over the union.
+    from one part only, or from parts that ran the same proxy sweep; likewise QuaDMix's parameters. Statistics
+    are recomputed over the union.
 
     Raises:
         ConfigError: an unreadable part, a (method, seed) run present in two parts, a method missing seeds,
-            different RegMix sweeps, or parts that differ, naming the parts and the options.
+            different RegMix sweeps or QuaDMix parameters, or parts that differ, naming the parts and the
+            options.
     """
     loaded = [read_results(part) for part in parts]
     if not loaded:
@@ -147,12 +149,19 @@ def merge_results(parts: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             f"Cannot merge {names}: their RegMix runs used different proxy sweeps (each part sweeps once, "
             "seeded by its first seed); run RegMix in one part."
         )
+    searches = [r["quadmix"] for _, r in loaded if r.get("quadmix") and set(QUADMIX) & set(r["methods"])]
+    if any(search["params"] != searches[0]["params"] for search in searches):
+        raise ConfigError(
+            f"Cannot merge {names}: their QuaDMix runs used different parameters; search once (`tikmix "
+            "quadmix search`) and give every part --quadmix-params."
+        )
     merged = {
         **loaded[0][1],
         "config": {**merged_config, "methods": list(methods), "seeds": seeds},
         "seeds": seeds,
         "methods": methods,
         "regmix": sweeps[0] if sweeps else None,
+        "quadmix": searches[0] if searches else None,
         "summary": summarize(methods),
         "wall_seconds": sum(results["wall_seconds"] for _, results in loaded),
         "merged_from": names,
