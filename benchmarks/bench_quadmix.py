@@ -20,6 +20,8 @@ decision compute, and the issue's goals. Usage::
     python benchmarks/bench_quadmix.py --run --prepare --corpus build/noisy --out build/quadmix \\
         --model micro --steps 400 --batch-size 16 --eval-samples 256 --threads 1
     python benchmarks/bench_quadmix.py --out build/quadmix        # the report of a finished run
+
+(or ``tikmix bench quadmix ...``).
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def report(out: Path, corpus: Path) -> None:
         )
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ExperimentConfig.from_flat(methods=METHODS, quadmix_criteria=CRITERIA)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,7 +161,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.2, help="injected noise rate (default: 0.2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_config_arguments(parser, defaults)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -176,11 +178,16 @@ def run(args: argparse.Namespace) -> None:
         if tikmix(["quadmix", "search", "--corpus", str(args.corpus), "--out", str(search_file), *flags]):
             raise SystemExit("quadmix search failed")
         config = ExperimentConfig.from_flat(**{**config.to_dict(), "quadmix_params": str(search_file)})
-    run_experiment(config, args.corpus, args.out)
+    run_experiment(config, args.corpus, args.out, progress=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run:
+        run(args)
+    report(args.out, args.corpus)
+    return 0
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    if arguments.run:
-        run(arguments)
-    report(arguments.out, arguments.corpus)
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from testkit.corpus import make_text_corpus
+from testkit.corpus import kept_by_hand, make_scored_noisy_corpus
 
 from tikmix_loader import ConfigError
 from tikmix_loader.cli import main
@@ -14,7 +14,7 @@ from tikmix_loader.experiment import ExperimentConfig, load_splits, merge_result
 from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria, served_noise, topk_params
 from tikmix_loader.ledger import MixtureLedger
 from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
-from tikmix_loader.quality import QualityParams, QualitySampler, write_scores
+from tikmix_loader.quality import QualityParams, QualitySampler
 from tikmix_loader.quality.search import read_quadmix_params
 
 FAST = {
@@ -33,27 +33,9 @@ FAST = {
 }
 
 
-def _kept_by_hand(lengths: np.ndarray, keep: float) -> np.ndarray:
-    """Documents (already in best-first order) whose token-weighted mid-rank is within ``keep``."""
-    cumulative = np.cumsum(lengths)
-    return (cumulative - lengths / 2) / cumulative[-1] <= keep
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The tiny text corpus with two criteria on every train split: ``compression`` ranks documents in
-    storage order (document 0 best), ``repetition`` is random. The documents a top-80% filter on
-    ``compression`` drops are labelled as noise (kind 1)."""
-    corpus = make_text_corpus(tmp_path_factory.mktemp("quadmix"))
-    rng = np.random.default_rng(0)
-    for domain in load_splits(corpus).train:
-        n = domain.num_docs
-        write_scores(domain.path, "compression", np.arange(n, dtype=np.float32), num_docs=n)
-        write_scores(domain.path, "repetition", rng.random(n), num_docs=n)
-        dropped = ~_kept_by_hand(domain.doc_lengths.astype(float), 0.8)
-        assert 0 < dropped.sum() < n
-        np.save(corpus / domain.name / "train" / NOISE_LABELS_FILE, dropped.astype(np.int8))
-    return corpus
+    return make_scored_noisy_corpus(tmp_path_factory.mktemp("quadmix"))
 
 
 def test_criteria_take_the_scorers_orientation_unless_told():
@@ -74,7 +56,7 @@ def test_topk_keeps_the_best_share_of_tokens(corpus):
         scores = {"compression": np.arange(domain.num_docs), "repetition": np.zeros(domain.num_docs)}
         criteria = {"repetition": "lower", "compression": "lower"}
         sampler = QualitySampler(domain.name, scores, domain.doc_lengths, criteria, params)
-        expected = _kept_by_hand(domain.doc_lengths.astype(float), 0.8).astype(float)
+        expected = kept_by_hand(domain.doc_lengths.astype(float), 0.8).astype(float)
         np.testing.assert_array_equal(sampler.expected_copies, expected)
     with pytest.raises(ConfigError, match="topk-ref_ppl"):
         topk_params(["compression"], "ref_ppl", 0.8)

@@ -1,5 +1,5 @@
-"""``tikmix bench {counterfactual,io,kernels,loader,scorers}``: run a benchmark from the console script (extra
-arguments go to it)."""
+"""``tikmix bench {counterfactual,io,kernels,loader,quadmix,scorers}``: run a benchmark from the console
+script (extra arguments go to it)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ BENCHMARKS = {
     "scorers": (
         "quality scorers vs injected noise: ROC AUC per noise kind, scoring time (issue 13)",
         lambda: _repo_benchmark("bench_scorers"),
+    ),
+    "quadmix": (
+        "QuaDMix vs uniform documents and top-k filters on a corpus with injected noise (issue 13)",
+        lambda: _repo_benchmark("bench_quadmix"),
     ),
     "kernels": (
         "fused projected-gradient kernels vs naive and unfused torch",

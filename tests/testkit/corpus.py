@@ -3,7 +3,10 @@
 import random
 from pathlib import Path
 
-from tikmix_loader.data.corpus import corpus_from_text
+import numpy as np
+
+from tikmix_loader.data.corpus import NOISE_LABELS_FILE, corpus_from_text, load_corpus
+from tikmix_loader.quality import write_scores
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
 
@@ -23,4 +26,26 @@ def make_text_corpus(root: Path) -> Path:
             (folder / f"doc{index}.txt").write_text(generate())
     corpus = root / "corpus"
     corpus_from_text(corpus, {name: root / "text" / name for name in generators}, progress=False)
+    return corpus
+
+
+def kept_by_hand(lengths: np.ndarray, keep: float) -> np.ndarray:
+    """Documents (already in best-first order) whose token-weighted mid-rank is within ``keep``."""
+    cumulative = np.cumsum(lengths)
+    return (cumulative - lengths / 2) / cumulative[-1] <= keep
+
+
+def make_scored_noisy_corpus(root: Path) -> Path:
+    """``make_text_corpus`` with two criteria on every train split: ``compression`` ranks documents in storage
+    order (document 0 best), ``repetition`` is random; the documents a top-80% filter on ``compression``
+    drops are labelled as noise (kind 1, ``noise_labels.npy``)."""
+    corpus = make_text_corpus(root)
+    rng = np.random.default_rng(0)
+    for domain in load_corpus(corpus, "train"):
+        n = domain.num_docs
+        write_scores(domain.path, "compression", np.arange(n, dtype=np.float32), num_docs=n)
+        write_scores(domain.path, "repetition", rng.random(n), num_docs=n)
+        dropped = ~kept_by_hand(domain.doc_lengths.astype(float), 0.8)
+        assert 0 < dropped.sum() < n
+        np.save(corpus / domain.name / "train" / NOISE_LABELS_FILE, dropped.astype(np.int8))
     return corpus
