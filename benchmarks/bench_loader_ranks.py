@@ -7,7 +7,8 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
 
 - tokens read: tokens handed out by ``DomainStream.read_at`` (the samples the rank reads), against the
   named baseline ``global_batch_tokens / W`` (ratio column; the goal is within 1.1x);
-- documents' tokens decoded from storage (``Domain.read_docs``), the I/O under those samples;
+- tokens taken from storage (``Domain.read_docs``, whole documents, and ``Domain.read_doc_ranges``, the
+  parts of documents under sparse windows), the I/O under those samples;
 - seconds per rank per global batch (median, p20, p80 over all timed batches of all sampled ranks and
   repeats), and the speedup against W = 1 measured in the same run (the goal is about W: the time falls
   as 1/W). Before per-rank reads every rank did the W = 1 work.
@@ -43,7 +44,8 @@ def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, see
 
 
 class ReadCounter:
-    """Spies on ``DomainStream.read_at`` (sample tokens read) and ``Domain.read_docs`` (tokens decoded)."""
+    """Spies on ``DomainStream.read_at`` (sample tokens read) and on ``Domain.read_docs`` and
+    ``Domain.read_doc_ranges`` (tokens taken from storage)."""
 
     def __init__(self):
         from tikmix_loader.data.domain import Domain
@@ -51,7 +53,7 @@ class ReadCounter:
 
         self.sample_tokens = 0
         self.decoded_tokens = 0
-        read_at, read_docs = DomainStream.read_at, Domain.read_docs
+        read_at, read_docs, read_doc_ranges = DomainStream.read_at, Domain.read_docs, Domain.read_doc_ranges
 
         def counting_read_at(stream, indices):
             tokens, valid = read_at(stream, indices)
@@ -63,7 +65,13 @@ class ReadCounter:
             self.decoded_tokens += sum(len(document) for document in documents)
             return documents
 
+        def counting_read_doc_ranges(domain, docs, starts, stops):
+            tokens = read_doc_ranges(domain, docs, starts, stops)
+            self.decoded_tokens += len(tokens)
+            return tokens
+
         DomainStream.read_at, Domain.read_docs = counting_read_at, counting_read_docs
+        Domain.read_doc_ranges = counting_read_doc_ranges
 
     def reset(self) -> None:
         self.sample_tokens = self.decoded_tokens = 0

@@ -131,7 +131,8 @@ class MixtureLoader:
             "block_docs": block_docs,
             "shuffle_window": shuffle_window,
         }
-        self._streams = [DomainStream(domain, **self._stream_options) for domain in domains]
+        share = 1 / self.world_size  # of each domain's stream, which this rank reads
+        self._streams = [DomainStream(domain, **self._stream_options, share=share) for domain in domains]
         self._planner = MixturePlanner(
             names=names,
             samples_per_epoch=[stream.samples_per_epoch for stream in self._streams],
