@@ -156,3 +156,23 @@ def test_document_mode_reads_only_the_first_seq_len_plus_one_tokens(tmp_path, mo
         assert valid[row] == len(content)
         np.testing.assert_array_equal(tokens[row, : len(content)], content)
         assert (tokens[row, len(content) :] == domain.pad_id).all()
+
+
+@pytest.mark.parametrize(
+    ("share", "whole_chunks"), [(1.0, True), (0.25, True), (1 / 8, False), (None, False)]
+)
+def test_a_reader_of_a_large_share_reads_whole_chunks_in_small_runs(
+    tmp_path, monkeypatch, share, whole_chunks
+):
+    # One rank of one (or a few) takes every window of a chunk over several small reads: reading the chunk
+    # whole once beats decoding each document once per window over it. A rank of many reads token ranges.
+    (domain,) = write_domains(tmp_path, {"d": 200}, max_len=60)
+    options = {"seq_len": 16, "seed": 3, "block_docs": 32, "shuffle_window": 64}
+    expected, _ = DomainStream(domain, **options).read(0, 128)
+    stream = DomainStream(domain, **options, share=share)
+    counter = RangeCounter(domain, monkeypatch)
+    for start in range(0, 128, 8):  # runs of 8 rows, under 1/4 of a chunk
+        tokens, _ = stream.read_at(np.arange(start, start + 8))
+        np.testing.assert_array_equal(tokens, expected[start : start + 8])
+    assert (counter.document_tokens > 0) == whole_chunks
+    assert (counter.range_tokens > 0) != whole_chunks
