@@ -422,11 +422,17 @@ def samples_to_batch(
     """
     shift = check_convention(label_convention)
     positions = np.arange(tokens.shape[1] - 1)
-    targets = tokens[:, shift : shift + len(positions)]
-    counted = (positions[None, :] + shift < valid[:, None]) & (positions[None, :] + shift >= 1)
+    labels = tokens[:, shift : shift + len(positions)].copy()  # a copy, never a view of the inputs
+    # Only padded rows have positions past their end; full ones (every packed row) keep all their targets.
+    padded = np.flatnonzero(valid < tokens.shape[1])
+    if len(padded):
+        past_end = positions[None, :] + shift >= valid[padded, None]
+        labels[padded] = np.where(past_end, IGNORE_INDEX, labels[padded])
+    if shift == 0:
+        labels[:, 0] = IGNORE_INDEX
     batch = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(np.where(counted, targets, IGNORE_INDEX)),
+        "labels": torch.from_numpy(labels),
         LABEL_SHIFT_KEY: torch.full((len(tokens),), shift, dtype=torch.long),
         "domain": torch.from_numpy(domain_ids.astype(np.int64)),
     }
