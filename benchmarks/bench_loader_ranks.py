@@ -12,6 +12,8 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
 - seconds per rank per global batch (median, p20, p80 over all timed batches of all sampled ranks and
   repeats), and the speedup against W = 1 measured in the same run (the goal is about W: the time falls
   as 1/W). Before per-rank reads every rank did the W = 1 work.
+- CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
+  on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
 
 Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
 """
@@ -88,7 +90,7 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
     """Per-rank tokens read, tokens decoded and seconds per global batch, over the sampled ranks."""
     from tikmix_loader import MixtureLoader
 
-    seconds, sample_tokens, decoded_tokens = [], [], []
+    seconds, cpu_seconds, sample_tokens, decoded_tokens = [], [], [], []
     for _ in range(args.repeats):
         for rank in sampled_ranks(world_size, args.ranks):
             loader = MixtureLoader(
@@ -104,13 +106,15 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
             loader.next_batch()  # warm up: epoch layouts built, first blocks mapped
             for _ in range(args.batches):
                 counter.reset()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 loader.next_batch()
                 seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.thread_time() - cpu_start)
                 sample_tokens.append(counter.sample_tokens)
                 decoded_tokens.append(counter.decoded_tokens)
     return {
         "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu_seconds),
         "sample_tokens": statistics.median(sample_tokens),
         "decoded_tokens": statistics.median(decoded_tokens),
     }
@@ -142,6 +146,7 @@ def main(argv=None) -> None:
     global_tokens = args.global_batch * (args.seq_len + 1)  # a sample reads seq_len + 1 tokens
     smallest = min(results)
     base = statistics.median(results[smallest]["seconds"])
+    cpu_base = results[smallest]["cpu_seconds"]
     print(
         f"machine: {platform.node() or 'unknown'} {platform.machine()}, global batch {args.global_batch} x "
         f"(seq_len {args.seq_len} + 1) = {global_tokens:,} tokens; {args.batches} batches x {args.repeats} "
@@ -150,7 +155,7 @@ def main(argv=None) -> None:
     header = (
         f"{'W':>5} {'rank batch':>10} {'tokens read':>12} {'global/W':>10} {'ratio':>6} {'decoded':>10} "
         f"{'decoded/(global/W)':>18} {'s/batch med':>12} {'p20':>9} {'p80':>9} "
-        f"{f'speedup vs W={smallest}':>15}"
+        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11}"
     )
     print(header)
     for world_size, result in results.items():
@@ -161,7 +166,8 @@ def main(argv=None) -> None:
             f"{world_size:>5} {args.global_batch // world_size:>10} {result['sample_tokens']:>12,.0f} "
             f"{share:>10,.0f} {result['sample_tokens'] / share:>5.2f}x {result['decoded_tokens']:>10,.0f} "
             f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
-            f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x"
+            f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x {result['cpu_seconds']:>12.6f} "
+            f"{cpu_base / result['cpu_seconds']:>10.1f}x"
         )
 
 

@@ -27,7 +27,7 @@ from tikmix_loader.data.sources.base import concatenated_ranges
 # the rest of the chunk, and a format that decodes whole documents (MDS, Parquet) would otherwise decode
 # a document once per window over it.
 SPARSE_RATIO = 4
-_INDEX_CACHE = 64  # block indexes kept for sparse reads
+_INDEX_CACHE = 64  # block indexes kept for token-range reads
 
 
 class DomainStream:
