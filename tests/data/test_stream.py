@@ -176,3 +176,18 @@ def test_a_reader_of_a_large_share_reads_whole_chunks_in_small_runs(
         np.testing.assert_array_equal(tokens, expected[start : start + 8])
     assert (counter.document_tokens > 0) == whole_chunks
     assert (counter.range_tokens > 0) != whole_chunks
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 40])
+def test_token_range_reads_match_whole_chunk_reads_with_empty_and_tiny_documents(tmp_path, seq_len):
+    # Empty documents are a lone EOS; with seq_len 40 a window spans many documents and several blocks.
+    rng = np.random.default_rng(seq_len)
+    documents = [rng.integers(0, 256, size=int(n)) for n in rng.choice([0, 0, 1, 2, 5, 30], size=300)]
+    domain = Domain("z", write_memmap(tmp_path / "z.bin", documents, vocab_size=258))
+    options = {"seq_len": seq_len, "seed": 1, "block_docs": 7, "shuffle_window": 16}
+    whole = DomainStream(domain, **options, share=1.0)
+    span = 2 * whole.samples_per_epoch
+    expected, _ = whole.read(0, span)
+    picks = rng.choice(span, size=40, replace=False)
+    got, _ = DomainStream(domain, **options, share=1 / 64).read_at(picks)
+    np.testing.assert_array_equal(got, expected[picks])
