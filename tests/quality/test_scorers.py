@@ -18,7 +18,7 @@ from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.noise import boilerplate, char_noise, fragment, shuffled_words
 from tikmix_loader.data.tokenizer import ByteTokenizer
 from tikmix_loader.errors import ConfigError, ScoreError
-from tikmix_loader.quality import read_scores
+from tikmix_loader.quality import read_scores, scorers
 from tikmix_loader.quality.scorers import (
     DEFAULT_CRITERIA,
     KneserNeyLM,
@@ -154,8 +154,9 @@ def dataset(tmp_path):
     return path, reference, texts
 
 
-def test_score_dataset_writes_every_criterion_like_score_texts(dataset):
+def test_score_dataset_writes_every_criterion_like_score_texts(dataset, monkeypatch):
     path, reference, texts = dataset
+    monkeypatch.setattr(scorers, "CHUNK_DOCS", 2)  # 7 chunks, at most 4 in flight on 2 processes, in order
     written = score_dataset(path, reference=[reference], workers=2, progress=False)
     assert sorted(written) == sorted(DEFAULT_CRITERIA)
     stored = read_scores(Domain("web", path), DEFAULT_CRITERIA)

@@ -32,6 +32,7 @@ n-gram per Python call, far too slow for a corpus. See ``docs/quadmix.md``.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import zlib
@@ -421,11 +422,25 @@ def score_dataset(
         results = [score_texts(chunk, criteria, reference=model) for chunk in chunks]
     else:
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(criteria, model)) as pool:
-            results = list(pool.map(_score_chunk, chunks))
+            results = list(_map_ahead(pool, chunks, ahead=2 * workers))
     return {
         name: write_scores(path, name, np.concatenate([r[name] for r in results]), num_docs=domain.num_docs)
         for name in criteria
     }
+
+
+def _map_ahead(pool: ProcessPoolExecutor, chunks, *, ahead: int):
+    """``_score_chunk`` of each chunk in order, with at most ``ahead`` chunks in flight.
+
+    ``Executor.map`` would submit every chunk at once, i.e. hold the decoded text of the whole dataset.
+    """
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_score_chunk, chunk))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def import_scores(
