@@ -194,6 +194,8 @@ def test_set_quality_starts_a_fresh_epoch_at_the_next_unplanned_sample(domains):
     assert stream.locate(np.array([start]))[1][0] == 0
     # Samples before the change are unchanged; after it domain c follows its new epochs.
     np.testing.assert_array_equal(stream.read(0, start)[0], reference._streams[2].read(0, start)[0])
+    loader.set_quality({"b": STRICT})  # unchanged: its epoch goes on
+    assert len(loader.state_dict()["quality_segments"][1]) == 1
     assert loader.state_dict()["quality_segments"][2] == [
         [0, 0, None],
         [start, epoch_before + 1, PARAMS.to_dict()],
@@ -386,3 +388,17 @@ def test_the_controller_records_a_quality_change_in_the_ledger(domains, tmp_path
     assert record["quality"] == {"a": PARAMS.to_dict(), "c": PARAMS.to_dict()}
     assert loader.quality_params == {"a": PARAMS, "c": PARAMS}
     assert verify(tmp_path / "ledger.jsonl").ok
+
+
+def test_observation_samples_follow_the_current_quality(tmp_path):
+    found = [_labelled_domain(tmp_path, "d", 120, mode="document")]
+    loader = MixtureLoader(
+        found, batch_size=4, seq_len=40, num_workers=0, quality=QualityConfig(CRITERIA, {"d": STRICT})
+    )
+    dropped = np.flatnonzero(loader._streams[0].sampler(STRICT).expected_copies == 0)
+    assert len(dropped) > 30
+    documents = loader.sample_domain("d", 200, seed=0)["input_ids"][:, 0].numpy()
+    assert not set(documents.tolist()) & set(dropped.tolist())
+    loader.set_quality({"d": None})
+    documents = loader.sample_domain("d", 200, seed=0)["input_ids"][:, 0].numpy()
+    assert set(documents.tolist()) & set(dropped.tolist())

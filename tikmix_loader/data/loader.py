@@ -233,8 +233,9 @@ class MixtureLoader:
         """Use new quality parameters for the named domains (``None``: every document once) from the next
         batch on; other domains keep theirs.
 
-        Each named domain starts a fresh epoch under the new parameters at its first sample not yet
-        planned; the rest of its current epoch is skipped. Like ``set_weights``: every rank calls it at the
+        Each named domain whose parameters change starts a fresh epoch under the new ones at its first
+        sample not yet planned; the rest of its current epoch is skipped (a domain given its current
+        parameters is left as it is). Like ``set_weights``: every rank calls it at the
         same step; with DataLoader worker processes it applies from the first batch not yet planned; the
         change is part of ``state_dict()``.
 
@@ -252,9 +253,17 @@ class MixtureLoader:
                 f"Unknown domain(s) {unknown} in `set_quality`; the domains are {self.domain_names}."
             )
         checked = {name: self._quality.checked_params(name, value) for name, value in params.items()}
+        current = self._planner.quality_segments
+        checked = {  # unchanged parameters keep their epoch going
+            name: value
+            for name, value in checked.items()
+            if value != current[self.domain_names.index(name)][-1][2]
+        }
         for name, value in checked.items():
             if value is not None:
                 self._streams[self.domain_names.index(name)].check_params(value)
+        if not checked:
+            return
         self.close()  # samples read ahead past the change were read under the old parameters
         planners = [planner for planner in (self._planner, self._ahead) if planner is not None]
         for name, value in checked.items():
