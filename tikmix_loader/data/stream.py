@@ -358,10 +358,13 @@ class DomainStream:
         if self._block_cache is None or self._block_cache[0] != key:
             shuffle, _, copies = self._layout(epoch)
             order = shuffle.documents(int(shuffle.block_order[position]), copies)
-            # One contiguous read of the served documents' span (the whole block without quality sampling).
-            first = int(order.min())
-            documents = self.domain.read_docs(first, int(order.max()) + 1)
-            ordered = [documents[i] for i in (order - first).tolist()]
+            # One read per run of consecutive served documents (the whole block without quality sampling),
+            # so a document with 0 copies is never read.
+            served = np.unique(order)
+            documents = {}
+            for run in np.split(served, np.flatnonzero(np.diff(served) > 1) + 1):
+                documents.update(zip(run.tolist(), self.domain.read_docs(int(run[0]), int(run[-1]) + 1)))
+            ordered = [documents[i] for i in order.tolist()]
             if self.domain.mode == "packed":
                 eos = np.array([self.domain.eos_id], dtype=np.int64)
                 pieces = [piece for document in ordered for piece in (document, eos)]
