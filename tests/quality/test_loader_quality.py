@@ -336,8 +336,6 @@ def test_a_state_under_other_quality_settings_is_refused_naming_the_field(domain
 
 
 def test_bad_quality_configuration_is_refused_clearly(domains):
-    with pytest.raises(ConfigError, match="exhaustion='repeat'"):
-        _loader(domains, exhaustion="drop")
     with pytest.raises(DomainError, match=r"\['z'\]"):
         _loader(domains, params={"z": PARAMS})
     with pytest.raises(ScoreError, match="'a'.*1 weights but there are 2 criteria"):
@@ -404,3 +402,56 @@ def test_observation_samples_follow_the_current_quality(tmp_path):
     loader.set_quality({"d": None})
     documents = loader.sample_domain("d", 200, seed=0)["input_ids"][:, 0].numpy()
     assert set(documents.tolist()) & set(dropped.tolist())
+
+
+@pytest.mark.parametrize("exhaustion", ["drop", "stop"])
+def test_max_epochs_counts_quality_sampled_epochs(tmp_path, exhaustion):
+    found = [_labelled_domain(tmp_path, name, 50, mode="document", seed=i) for i, name in enumerate("xy")]
+    loader = MixtureLoader(
+        found,
+        batch_size=7,
+        seq_len=40,
+        seed=4,
+        num_workers=0,
+        exhaustion=exhaustion,
+        max_epochs={"x": 2, "y": 3},
+        weights={"x": 0.8, "y": 0.2},  # x runs out first
+        quality=QualityConfig(CRITERIA, {"x": PARAMS}),
+    )
+    stream = loader._streams[0]
+    copies = sum(_copies(found[0], stream, PARAMS, epoch) for epoch in (0, 1))
+    counts = [np.zeros(50, dtype=np.int64), np.zeros(50, dtype=np.int64)]
+    for batch in loader:
+        for index in range(2):
+            counts[index] += np.bincount(batch["input_ids"][batch["domain"] == index, 0], minlength=50)
+    # x's budget is its two sampled epochs, y's three plain ones.
+    assert stream.epoch_start(2) == copies.sum()
+    assert (counts[1] <= 3).all()
+    if exhaustion == "drop":  # x gives what it has left to its last batch, y goes on alone
+        np.testing.assert_array_equal(counts[0], copies)
+        assert 150 - 7 < counts[1].sum()  # until too few are left for a batch
+    else:  # iteration ends at the first batch x cannot fill: less than its quota short
+        assert (counts[0] <= copies).all() and copies.sum() - 7 < counts[0].sum()
+        assert counts[1].sum() < 100
+
+
+def test_resumes_exactly_when_quality_sampled_domains_run_out(domains):
+    actions = {6: lambda loader: loader.set_quality({"c": PARAMS})}
+    make = lambda: _loader(domains, exhaustion="drop", max_epochs=1)  # noqa: E731
+    assert_resumes_exactly(
+        make,
+        lambda loader, step: loader.next_batch(),
+        total=30,
+        midpoints=(5, 17),
+        actions=actions,
+        equal=_equal,
+    )
+    loader = make()
+    for step in range(30):
+        if step in actions:
+            actions[step](loader)
+        loader.next_batch()
+    assert {event["domain"] for event in loader.state_dict()["events"] if event["event"] == "drop"} >= {
+        "b",
+        "c",
+    }

@@ -233,6 +233,15 @@ class DomainStream:
             positions[rows] = local - cumulative[epoch]
         return epochs, positions
 
+    def epoch_start(self, epoch: int) -> int:
+        """The stream index where ``epoch`` starts (where the samples of the epochs before it end)."""
+        segment = max(k for k, (_, first, _) in enumerate(self.segments) if first <= epoch)
+        start, first, _ = self.segments[segment]
+        cumulative = self._segment_epoch_starts(segment, 0)
+        while len(cumulative) <= epoch - first:
+            cumulative = self._segment_epoch_starts(segment, int(cumulative[-1]))
+        return start + int(cumulative[epoch - first])
+
     def next_epoch(self, index: int) -> int:
         """The epoch a segment starting at stream index ``index`` begins with: one past ``index - 1``'s."""
         return 0 if index == 0 else int(self.locate(np.array([index - 1]))[0][0]) + 1
