@@ -238,9 +238,9 @@ class MixtureLoader:
 
         Each named domain whose parameters change starts a fresh epoch under the new ones at its first
         sample not yet planned; the rest of its current epoch is skipped (a domain given its current
-        parameters is left as it is). Like ``set_weights``: every rank calls it at the
-        same step; with DataLoader worker processes it applies from the first batch not yet planned; the
-        change is part of ``state_dict()``.
+        parameters is left as it is). Like ``set_weights``: every rank calls it at the same step; with
+        DataLoader worker processes it applies from the first batch not yet planned; the change is part of
+        ``state_dict()``.
 
         Raises:
             ConfigError: The loader was built without ``quality=``.
