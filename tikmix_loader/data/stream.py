@@ -233,6 +233,15 @@ class DomainStream:
             positions[rows] = local - cumulative[epoch]
         return epochs, positions
 
+    def epoch_start(self, epoch: int) -> int:
+        """The stream index where ``epoch`` starts (where the samples of the epochs before it end)."""
+        segment = max(k for k, (_, first, _) in enumerate(self.segments) if first <= epoch)
+        start, first, _ = self.segments[segment]
+        cumulative = self._segment_epoch_starts(segment, 0)
+        while len(cumulative) <= epoch - first:
+            cumulative = self._segment_epoch_starts(segment, int(cumulative[-1]))
+        return start + int(cumulative[epoch - first])
+
     def next_epoch(self, index: int) -> int:
         """The epoch a segment starting at stream index ``index`` begins with: one past ``index - 1``'s."""
         return 0 if index == 0 else int(self.locate(np.array([index - 1]))[0][0]) + 1
@@ -358,10 +367,13 @@ class DomainStream:
         if self._block_cache is None or self._block_cache[0] != key:
             shuffle, _, copies = self._layout(epoch)
             order = shuffle.documents(int(shuffle.block_order[position]), copies)
-            # One contiguous read of the served documents' span (the whole block without quality sampling).
-            first = int(order.min())
-            documents = self.domain.read_docs(first, int(order.max()) + 1)
-            ordered = [documents[i] for i in (order - first).tolist()]
+            # One read per run of consecutive served documents (the whole block without quality sampling),
+            # so a document with 0 copies is never read.
+            served = np.unique(order)
+            documents = {}
+            for run in np.split(served, np.flatnonzero(np.diff(served) > 1) + 1):
+                documents.update(zip(run.tolist(), self.domain.read_docs(int(run[0]), int(run[-1]) + 1)))
+            ordered = [documents[i] for i in order.tolist()]
             if self.domain.mode == "packed":
                 eos = np.array([self.domain.eos_id], dtype=np.int64)
                 pieces = [piece for document in ordered for piece in (document, eos)]
