@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tikmix_loader.data.convert import expand_inputs, read_texts
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.metadata import read_dataset_meta
 from tikmix_loader.data.tokenizer import Tokenizer, load_tokenizer
@@ -358,8 +359,6 @@ def iter_texts(domain: Domain, tokenizer: Tokenizer, *, progress: bool = False):
 
 def reference_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Texts of the reference sets: converted datasets (decoded), else text files or directories of them."""
-    from tikmix_loader.data.convert import expand_inputs, read_texts
-
     texts = []
     for path in paths:
         if not Path(path).exists():
