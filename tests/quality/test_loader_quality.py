@@ -457,3 +457,17 @@ def test_resumes_exactly_when_quality_sampled_domains_run_out(domains):
         "b",
         "c",
     }
+
+
+def test_quality_config_validates_and_converts():
+    config = QualityConfig(["ref_ppl", "clean"], {"a": PARAMS.to_dict(), "b": None})
+    assert config.criteria == {"ref_ppl": "lower", "clean": "lower"}
+    assert config.params == {"a": PARAMS, "b": None}
+    assert config.to_dict()["params"] == {"a": PARAMS.to_dict(), "b": None}
+    for criteria, message in [("ref_ppl", "list or a dict"), ([], "empty"), ({"x": "best"}, "orientation")]:
+        with pytest.raises(ScoreError, match=message):
+            QualityConfig(criteria)
+    with pytest.raises(ScoreError, match="not usable as a file name"):
+        QualityConfig(["../x"])
+    with pytest.raises(ScoreError, match="'a'.*must be QualityParams"):
+        QualityConfig(["x"], {"a": 0.5})
