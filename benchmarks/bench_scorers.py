@@ -10,7 +10,8 @@ what scoring costs.
      half), computed from the Mann-Whitney U statistic (``scipy.stats.mannwhitneyu``) within each domain,
      because QuaDMix ranks documents within their domain; reported as the mean and minimum over domains;
    - per scorer, the median scoring time and its ratio to the baseline: reading and decoding the same
-     documents without scoring them.
+     documents without scoring them;
+   - ``score_dataset`` (all criteria, written to disk) on 2 worker processes against 1 (the baseline).
 
 Run: ``python benchmarks/bench_scorers.py`` or ``tikmix bench scorers``.
 """
@@ -36,6 +37,7 @@ from tikmix_loader.quality.scorers import (
     dataset_tokenizer,
     iter_texts,
     reference_texts,
+    score_dataset,
     score_texts,
 )
 
@@ -70,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(outdir: Path, repeats: int) -> None:
     started = time.perf_counter()
-    model = KneserNeyLM(reference_texts(list(corpus_paths(outdir, "val").values())))
+    reference = reference_texts(list(corpus_paths(outdir, "val").values()))
+    read_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model = KneserNeyLM(reference)
     fit_seconds = time.perf_counter() - started
     print(
-        f"ref_ppl model: {model.size:,} words, {len(model.trigrams):,} trigrams, fitted in {fit_seconds:.2f}s"
+        f"ref_ppl model: {model.size:,} words, {len(model.trigrams):,} trigrams; val splits read in "
+        f"{read_seconds:.2f}s (the first MDS open imports mosaicml-streaming), fitted in {fit_seconds:.2f}s"
     )
     texts, labels = {}, {}
     decode_seconds = []
@@ -116,6 +122,21 @@ def run(outdir: Path, repeats: int) -> None:
             + " ".join(f"{cell:>20}" for cell in cells)
             + f" {median:>8.2f} {megabytes / median:>6.1f} {median / baseline:>10.2f}"
         )
+    print("\nscore_dataset, all criteria, every train split (writes quality/*.npy):")
+    paths = list(corpus_paths(outdir, "train").values())
+    timings = {}
+    for workers in (1, 2):
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for path in paths:
+                score_dataset(path, reference=model, workers=workers, progress=False)
+            seconds.append(time.perf_counter() - started)
+        timings[workers] = statistics.median(seconds)
+    print(
+        f"  1 worker (baseline) {timings[1]:.2f}s, 2 workers {timings[2]:.2f}s, "
+        f"speedup {timings[1] / timings[2]:.2f}x"
+    )
     print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
 
 

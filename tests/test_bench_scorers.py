@@ -8,10 +8,10 @@ from tikmix_loader.quality.scorers import DEFAULT_CRITERIA
 
 
 def test_bench_scorers_smoke(tmp_path, capsys):
-    argv = ["--corpus", str(tmp_path / "c"), "--max-mb-per-domain", "0.1", "--rate", "0.3", "--repeats", "1"]
+    argv = ["--corpus", str(tmp_path / "c"), "--max-mb-per-domain", "0.05", "--rate", "0.3", "--repeats", "1"]
     assert main(["bench", "scorers", *argv]) == 0
     out = capsys.readouterr().out
-    assert all(kind in out for kind in NOISE_KINDS)
+    assert all(kind in out for kind in NOISE_KINDS) and "2 workers" in out
     rows = {
         line.split()[0]: line
         for line in out.splitlines()

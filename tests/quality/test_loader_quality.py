@@ -142,7 +142,7 @@ def test_a_packed_epoch_is_the_packed_stream_of_the_expanded_documents(tmp_path)
     assert {tuple(row) for row in tokens} == expected
 
 
-def test_sparse_reads_equal_dense_reads_and_never_read_a_document_without_copies(tmp_path, monkeypatch):
+def test_sparse_reads_equal_dense_reads_and_no_read_touches_a_document_without_copies(tmp_path, monkeypatch):
     domain = _labelled_domain(tmp_path, "d", 300)
     make = lambda: DomainStream(
         domain, seq_len=8, seed=1, block_docs=32, shuffle_window=64, criteria=CRITERIA
@@ -156,15 +156,19 @@ def test_sparse_reads_equal_dense_reads_and_never_read_a_document_without_copies
     wanted = np.arange(0, 1500, 37)  # one window per chunk: the sparse path
     tokens, _ = sparse.read_at(wanted)
     np.testing.assert_array_equal(tokens, everything[wanted])
-    # Sparse reads of epoch 0 read only documents that epoch serves.
-    fresh = make()
-    fresh.set_segments(dense.segments)
-    read = []
+    # Dense and sparse reads of epoch 0 read only documents that epoch serves.
+    never = set(np.flatnonzero(_copies(domain, dense, STRICT, 0) == 0).tolist())
     original = domain.read_docs
+    read = []
     monkeypatch.setattr(domain, "read_docs", lambda a, b: read.extend(range(a, b)) or original(a, b))
-    tokens, _ = fresh.read_at(np.arange(0, fresh.epoch_samples(0), 37))
-    never = np.flatnonzero(_copies(domain, fresh, STRICT, 0) == 0)
-    assert len(never) > 50 and len(read) > 10 and not set(never.tolist()) & set(read)
+    ranges = domain.read_doc_ranges  # sparse reads take token ranges of documents
+    monkeypatch.setattr(domain, "read_doc_ranges", lambda d, a, b: read.extend(d.tolist()) or ranges(d, a, b))
+    for wanted in (np.arange(0, dense.epoch_samples(0)), np.arange(0, dense.epoch_samples(0), 37)):
+        read.clear()
+        fresh = make()
+        fresh.set_segments(dense.segments)
+        fresh.read_at(wanted)
+        assert len(never) > 50 and len(read) > 10 and not never & set(read)
 
 
 def test_loader_batches_are_the_streams_samples_and_skip_what_quality_removes(domains):
@@ -194,6 +198,8 @@ def test_set_quality_starts_a_fresh_epoch_at_the_next_unplanned_sample(domains):
     assert stream.locate(np.array([start]))[1][0] == 0
     # Samples before the change are unchanged; after it domain c follows its new epochs.
     np.testing.assert_array_equal(stream.read(0, start)[0], reference._streams[2].read(0, start)[0])
+    loader.set_quality({"b": STRICT})  # unchanged: its epoch goes on
+    assert len(loader.state_dict()["quality_segments"][1]) == 1
     assert loader.state_dict()["quality_segments"][2] == [
         [0, 0, None],
         [start, epoch_before + 1, PARAMS.to_dict()],
@@ -332,8 +338,6 @@ def test_a_state_under_other_quality_settings_is_refused_naming_the_field(domain
 
 
 def test_bad_quality_configuration_is_refused_clearly(domains):
-    with pytest.raises(ConfigError, match="exhaustion='repeat'"):
-        _loader(domains, exhaustion="drop")
     with pytest.raises(DomainError, match=r"\['z'\]"):
         _loader(domains, params={"z": PARAMS})
     with pytest.raises(ScoreError, match="'a'.*1 weights but there are 2 criteria"):
@@ -386,3 +390,84 @@ def test_the_controller_records_a_quality_change_in_the_ledger(domains, tmp_path
     assert record["quality"] == {"a": PARAMS.to_dict(), "c": PARAMS.to_dict()}
     assert loader.quality_params == {"a": PARAMS, "c": PARAMS}
     assert verify(tmp_path / "ledger.jsonl").ok
+
+
+def test_observation_samples_follow_the_current_quality(tmp_path):
+    found = [_labelled_domain(tmp_path, "d", 120, mode="document")]
+    loader = MixtureLoader(
+        found, batch_size=4, seq_len=40, num_workers=0, quality=QualityConfig(CRITERIA, {"d": STRICT})
+    )
+    dropped = np.flatnonzero(loader._streams[0].sampler(STRICT).expected_copies == 0)
+    assert len(dropped) > 30
+    documents = loader.sample_domain("d", 200, seed=0)["input_ids"][:, 0].numpy()
+    assert not set(documents.tolist()) & set(dropped.tolist())
+    loader.set_quality({"d": None})
+    documents = loader.sample_domain("d", 200, seed=0)["input_ids"][:, 0].numpy()
+    assert set(documents.tolist()) & set(dropped.tolist())
+
+
+@pytest.mark.parametrize("exhaustion", ["drop", "stop"])
+def test_max_epochs_counts_quality_sampled_epochs(tmp_path, exhaustion):
+    found = [_labelled_domain(tmp_path, name, 50, mode="document", seed=i) for i, name in enumerate("xy")]
+    loader = MixtureLoader(
+        found,
+        batch_size=7,
+        seq_len=40,
+        seed=4,
+        num_workers=0,
+        exhaustion=exhaustion,
+        max_epochs={"x": 2, "y": 3},
+        weights={"x": 0.8, "y": 0.2},  # x runs out first
+        quality=QualityConfig(CRITERIA, {"x": PARAMS}),
+    )
+    stream = loader._streams[0]
+    copies = sum(_copies(found[0], stream, PARAMS, epoch) for epoch in (0, 1))
+    counts = [np.zeros(50, dtype=np.int64), np.zeros(50, dtype=np.int64)]
+    for batch in loader:
+        for index in range(2):
+            counts[index] += np.bincount(batch["input_ids"][batch["domain"] == index, 0], minlength=50)
+    # x's budget is its two sampled epochs, y's three plain ones.
+    assert stream.epoch_start(2) == copies.sum()
+    assert (counts[1] <= 3).all()
+    if exhaustion == "drop":  # x gives what it has left to its last batch, y goes on alone
+        np.testing.assert_array_equal(counts[0], copies)
+        assert 150 - 7 < counts[1].sum()  # until too few are left for a batch
+    else:  # iteration ends at the first batch x cannot fill: less than its quota short
+        assert (counts[0] <= copies).all() and copies.sum() - 7 < counts[0].sum()
+        assert counts[1].sum() < 100
+
+
+def test_resumes_exactly_when_quality_sampled_domains_run_out(domains):
+    actions = {6: lambda loader: loader.set_quality({"c": PARAMS})}
+    make = lambda: _loader(domains, exhaustion="drop", max_epochs=1)  # noqa: E731
+    assert_resumes_exactly(
+        make,
+        lambda loader, step: loader.next_batch(),
+        total=30,
+        midpoints=(5, 17),
+        actions=actions,
+        equal=_equal,
+    )
+    loader = make()
+    for step in range(30):
+        if step in actions:
+            actions[step](loader)
+        loader.next_batch()
+    assert {event["domain"] for event in loader.state_dict()["events"] if event["event"] == "drop"} >= {
+        "b",
+        "c",
+    }
+
+
+def test_quality_config_validates_and_converts():
+    config = QualityConfig(["ref_ppl", "clean"], {"a": PARAMS.to_dict(), "b": None})
+    assert config.criteria == {"ref_ppl": "lower", "clean": "lower"}
+    assert config.params == {"a": PARAMS, "b": None}
+    assert config.to_dict()["params"] == {"a": PARAMS.to_dict(), "b": None}
+    for criteria, message in [("ref_ppl", "list or a dict"), ([], "empty"), ({"x": "best"}, "orientation")]:
+        with pytest.raises(ScoreError, match=message):
+            QualityConfig(criteria)
+    with pytest.raises(ScoreError, match="not usable as a file name"):
+        QualityConfig(["../x"])
+    with pytest.raises(ScoreError, match="'a'.*must be QualityParams"):
+        QualityConfig(["x"], {"a": 0.5})

@@ -10,14 +10,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from testkit.formats import make_domain_files
+from testkit.formats import make_domain_files, write_hf_tokenizer
 
 from tikmix_loader.cli import main
+from tikmix_loader.data.convert import convert
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.noise import boilerplate, char_noise, fragment, shuffled_words
 from tikmix_loader.data.tokenizer import ByteTokenizer
 from tikmix_loader.errors import ConfigError, ScoreError
-from tikmix_loader.quality import read_scores
+from tikmix_loader.quality import read_scores, scorers
 from tikmix_loader.quality.scorers import (
     DEFAULT_CRITERIA,
     KneserNeyLM,
@@ -153,8 +154,9 @@ def dataset(tmp_path):
     return path, reference, texts
 
 
-def test_score_dataset_writes_every_criterion_like_score_texts(dataset):
+def test_score_dataset_writes_every_criterion_like_score_texts(dataset, monkeypatch):
     path, reference, texts = dataset
+    monkeypatch.setattr(scorers, "CHUNK_DOCS", 2)  # 7 chunks, at most 4 in flight on 2 processes, in order
     written = score_dataset(path, reference=[reference], workers=2, progress=False)
     assert sorted(written) == sorted(DEFAULT_CRITERIA)
     stored = read_scores(Domain("web", path), DEFAULT_CRITERIA)
@@ -213,3 +215,21 @@ def test_bad_user_score_files_are_refused_without_writing(dataset, tmp_path):
     assert not (path / "quality" / "user.npy").exists()
     with pytest.raises(ConfigError, match="--scorer"):
         score_dataset(path, ["lines", "nope"], progress=False)
+
+
+def test_scores_decode_with_the_datasets_own_tokenizer(tmp_path):
+    texts = [prose(700 + i) for i in range(6)] + ["- cut in the midd"]
+    folder = tmp_path / "text"
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"{i}.txt").write_text(text)
+    tokenizer = write_hf_tokenizer(tmp_path / "tokenizer.json")
+    convert([folder], tmp_path / "hf", name="hf", format="memmap", tokenizer=tokenizer, progress=False)
+    score_dataset(tmp_path / "hf", ["lines", "repetition"], progress=False)
+    stored = read_scores(Domain("hf", tmp_path / "hf"), ["lines", "repetition"])
+    np.testing.assert_allclose(stored["lines"], line_scores(texts).astype(np.float32))
+    np.testing.assert_allclose(stored["repetition"], repetition_scores(texts).astype(np.float32), rtol=1e-6)
+    untagged = make_domain_files(tmp_path, "memmap", [[1, 2, 3]], name="untagged", metadata=False)
+    with pytest.raises(ConfigError, match="no tikmix.json .* pass `--tokenizer`"):
+        score_dataset(untagged, ["lines"], progress=False)
+    assert score_dataset(untagged, ["lines"], tokenizer="bytes", progress=False)["lines"].is_file()

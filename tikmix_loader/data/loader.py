@@ -85,7 +85,8 @@ class MixtureLoader:
             LMs). Default: ``"shifted"`` (what the loader has always produced).
         quality (QualityConfig, optional): Quality criteria and per-domain ``QualityParams``; domains it
             does not name take every document once per epoch until ``set_quality`` names them. Epochs then
-            vary in size, so it needs ``exhaustion="repeat"`` without ``max_epochs``. Default: ``None``.
+            vary in size; ``max_epochs`` counts them (an epoch cut short by ``set_quality`` counts as one).
+            Default: ``None``.
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class MixtureLoader:
                     f"Domain {domain.name!r} ({domain.path}) has {domain.num_tokens} tokens, too few for one "
                     f"sample of seq_len + 1 = {seq_len + 1} tokens; lower `seq_len` or add data."
                 )
-        _check_quality(quality, names, exhaustion, max_epochs)
+        _check_quality(quality, names)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         check_convention(label_convention)
         self.label_convention = label_convention
@@ -145,7 +146,8 @@ class MixtureLoader:
             "criteria": None if quality is None else quality.criteria,
         }
         self._quality = quality
-        self._streams = [DomainStream(domain, **self._stream_options) for domain in domains]
+        share = 1 / self.world_size  # of each domain's stream, which this rank reads
+        self._streams = [DomainStream(domain, **self._stream_options, share=share) for domain in domains]
         segments = None
         if quality is not None:
             segments = [((0, 0, quality.params.get(name)),) for name in names]
@@ -177,6 +179,8 @@ class MixtureLoader:
         self._scout: MixturePlanner | None = None  # a fork of the planner that plans ahead for the prefetcher
         self._ahead: MixturePlanner | None = None  # planning ahead for DataLoader worker processes
         self._needs_mask = any(domain.mode == "document" for domain in domains)
+        if quality is not None:
+            self._set_capacity()
 
     # -- mixture ----------------------------------------------------------------------------------
 
@@ -233,10 +237,11 @@ class MixtureLoader:
         """Use new quality parameters for the named domains (``None``: every document once) from the next
         batch on; other domains keep theirs.
 
-        Each named domain starts a fresh epoch under the new parameters at its first sample not yet
-        planned; the rest of its current epoch is skipped. Like ``set_weights``: every rank calls it at the
-        same step; with DataLoader worker processes it applies from the first batch not yet planned; the
-        change is part of ``state_dict()``.
+        Each named domain whose parameters change starts a fresh epoch under the new ones at its first
+        sample not yet planned; the rest of its current epoch is skipped (a domain given its current
+        parameters is left as it is). Like ``set_weights``: every rank calls it at the same step; with
+        DataLoader worker processes it applies from the first batch not yet planned; the change is part of
+        ``state_dict()``.
 
         Raises:
             ConfigError: The loader was built without ``quality=``.
@@ -252,9 +257,17 @@ class MixtureLoader:
                 f"Unknown domain(s) {unknown} in `set_quality`; the domains are {self.domain_names}."
             )
         checked = {name: self._quality.checked_params(name, value) for name, value in params.items()}
+        current = self._planner.quality_segments
+        checked = {  # unchanged parameters keep their epoch going
+            name: value
+            for name, value in checked.items()
+            if value != current[self.domain_names.index(name)][-1][2]
+        }
         for name, value in checked.items():
             if value is not None:
                 self._streams[self.domain_names.index(name)].check_params(value)
+        if not checked:
+            return
         self.close()  # samples read ahead past the change were read under the old parameters
         planners = [planner for planner in (self._planner, self._ahead) if planner is not None]
         for name, value in checked.items():
@@ -266,6 +279,18 @@ class MixtureLoader:
                 planner.set_quality_segment(domain, start, epoch, value)
             stream.set_segments(self._planner.quality_segments[domain])
             logger.info("quality of domain %r set to %s from sample %d (epoch %d)", name, value, start, epoch)
+        self._set_capacity()
+
+    def _set_capacity(self) -> None:
+        """Under quality sampling, end each domain's ``max_epochs`` where its epoch ``max_epochs`` starts
+        (epochs vary in size, so the planner cannot count them itself)."""
+        capacity = [
+            math.inf if math.isinf(limit) else stream.epoch_start(int(limit))
+            for stream, limit in zip(self._streams, self._planner.max_epochs)
+        ]
+        for planner in (self._planner, self._ahead):
+            if planner is not None:
+                planner.set_capacity(capacity)
 
     def served_document_tokens(self) -> dict[str, np.ndarray]:
         """Per domain, the tokens each stored document (storage order) has served as inputs so far, over all
@@ -405,13 +430,12 @@ class MixtureLoader:
         index = self.domain_names.index(name)
         stream = copy.copy(self._streams[index])  # shares the scores, not the caches
         stream.set_segments(((0, 0, self.quality_params.get(name)),))  # epoch 0 under today's quality
+        stream.share = None  # a few scattered picks: read only the windows under them
         key = self._planner.batch_index if seed is None else seed
         rng = rng_for(self.seed, stable_key(name), OBSERVATION, key)
         epoch_samples = stream.epoch_samples(0)
         picks = rng.choice(epoch_samples, size=num_samples, replace=num_samples > epoch_samples)
-        rows = [stream.read(int(pick), 1) for pick in picks]
-        tokens = np.concatenate([row[0] for row in rows])
-        valid = np.concatenate([row[1] for row in rows])
+        tokens, valid = stream.read_at(picks)
         return samples_to_batch(
             tokens,
             valid,
@@ -496,6 +520,7 @@ class MixtureLoader:
                 for stream, segments in zip(self._streams, self._planner.quality_segments):
                     stream.set_segments(segments)
                 raise
+            self._set_capacity()
 
     def as_dataloader(self, **kwargs):
         """A ``torch.utils.data.DataLoader`` over ``dataset`` that yields this loader's batches."""
@@ -520,11 +545,17 @@ def samples_to_batch(
     """
     shift = check_convention(label_convention)
     positions = np.arange(tokens.shape[1] - 1)
-    targets = tokens[:, shift : shift + len(positions)]
-    counted = (positions[None, :] + shift < valid[:, None]) & (positions[None, :] + shift >= 1)
+    labels = tokens[:, shift : shift + len(positions)].copy()  # a copy, never a view of the inputs
+    # Only padded rows have positions past their end; full ones (every packed row) keep all their targets.
+    padded = np.flatnonzero(valid < tokens.shape[1])
+    if len(padded):
+        past_end = positions[None, :] + shift >= valid[padded, None]
+        labels[padded] = np.where(past_end, IGNORE_INDEX, labels[padded])
+    if shift == 0:
+        labels[:, 0] = IGNORE_INDEX
     batch = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(np.where(counted, targets, IGNORE_INDEX)),
+        "labels": torch.from_numpy(labels),
         LABEL_SHIFT_KEY: torch.full((len(tokens),), shift, dtype=torch.long),
         "domain": torch.from_numpy(domain_ids.astype(np.int64)),
     }
@@ -550,7 +581,7 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(rank), int(world_size)
 
 
-def _check_quality(quality, names: list[str], exhaustion: str, max_epochs) -> None:
+def _check_quality(quality, names: list[str]) -> None:
     if quality is None:
         return
     if not isinstance(quality, QualityConfig):
@@ -558,12 +589,6 @@ def _check_quality(quality, names: list[str], exhaustion: str, max_epochs) -> No
     unknown = sorted(set(quality.params) - set(names))
     if unknown:
         raise DomainError(f"Unknown domain(s) {unknown} in `quality.params`; the domains are {names}.")
-    if exhaustion != "repeat" or max_epochs is not None:
-        raise ConfigError(
-            f"`quality=` needs exhaustion='repeat' and no `max_epochs` (got exhaustion={exhaustion!r}, "
-            f"max_epochs={max_epochs!r}): quality-sampled epochs vary in size, so an epoch budget is not "
-            f"supported with quality sampling."
-        )
 
 
 def _quality_settings(quality: QualityConfig) -> dict:

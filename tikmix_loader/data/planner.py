@@ -152,7 +152,8 @@ class MixturePlanner:
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self.exhaustion = exhaustion
-        self.capacity = np.asarray(max_epochs, dtype=np.float64) * self.samples_per_epoch
+        self.max_epochs = np.asarray(max_epochs, dtype=np.float64)
+        self.capacity = self.max_epochs * self.samples_per_epoch
         self.settings = {
             "domains": list(self.names),
             "seed": self.seed,
@@ -203,6 +204,11 @@ class MixturePlanner:
         kept = tuple(segment for segment in segments[domain] if segment[0] < start)
         segments[domain] = (*kept, (int(start), int(epoch), params))
         self.quality_segments = tuple(segments)
+
+    def set_capacity(self, capacity) -> None:
+        """Samples each domain may supply in all, for epochs of varying size (quality sampling): where its
+        epoch ``max_epochs`` would start."""
+        self.capacity = np.asarray(capacity, dtype=np.float64)
 
     @property
     def latest_weights(self) -> np.ndarray:

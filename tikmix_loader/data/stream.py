@@ -27,14 +27,18 @@ import numpy as np
 
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.shuffle import WINDOW_ORDER, BlockShuffle, rng_for, stable_key
+from tikmix_loader.data.sources.base import concatenated_ranges
 from tikmix_loader.errors import ScoreError, StateError
 from tikmix_loader.quality.sampler import QualityParams, QualitySampler
 from tikmix_loader.quality.scores import read_scores
 
-# A run of rows needing under 1/SPARSE_RATIO of an uncached chunk's windows reads only their documents;
-# more, and reading the whole chunk (and caching it) is cheaper.
+# A run of rows needing under 1/SPARSE_RATIO of an uncached chunk's windows reads only the token ranges
+# under them; more, and reading the whole chunk (and caching it) is cheaper. A reader that will take at
+# least 1/SPARSE_RATIO of all samples (``share``) reads whole chunks even in small runs: it comes back for
+# the rest of the chunk, and a format that decodes whole documents (MDS, Parquet) would otherwise decode
+# a document once per window over it.
 SPARSE_RATIO = 4
-_INDEX_CACHE = 64  # block indexes kept for sparse reads
+_INDEX_CACHE = 64  # block indexes kept for token-range reads
 
 # A stretch of the stream: from stream index ``start`` on, epochs ``epoch, epoch + 1, ...`` under ``params``
 # (``None``: every document once per epoch).
@@ -54,6 +58,9 @@ class DomainStream:
         criteria (Mapping[str, str], optional): Quality criteria (name -> ``"lower"``/``"higher"``) that
             ``QualityParams.alpha`` follows; needed before ``set_segments`` names parameters. The scores are
             read on first use. Default: ``None``.
+        share (float, optional): The fraction of the stream's samples this reader will take, in order
+            (``1 / world_size`` for one rank of a loader); it decides how packed windows are read, never
+            what they hold. Default: ``None`` (unknown: only the size of each read decides).
     """
 
     def __init__(
@@ -65,12 +72,14 @@ class DomainStream:
         block_docs: int = 256,
         shuffle_window: int = 256,
         criteria=None,
+        share: float | None = None,
     ):
         self.domain = domain
         self.seq_len = seq_len
         self.seed = seed
         self.block_docs = block_docs
         self.shuffle_window = shuffle_window
+        self.share = share
         self.domain_key = stable_key(domain.name)
         self.samples_per_epoch = domain.num_samples(seq_len)
         lengths = domain.doc_lengths
@@ -91,7 +100,7 @@ class DomainStream:
         self._epoch_starts = [np.zeros(1, dtype=np.int64) for _ in self.segments]
         self._epoch_sizes: dict[int, int] = {}
         self._epoch_layout: tuple | None = None
-        self._block_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
         self._chunk_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         self._index_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -233,6 +242,15 @@ class DomainStream:
             positions[rows] = local - cumulative[epoch]
         return epochs, positions
 
+    def epoch_start(self, epoch: int) -> int:
+        """The stream index where ``epoch`` starts (where the samples of the epochs before it end)."""
+        segment = max(k for k, (_, first, _) in enumerate(self.segments) if first <= epoch)
+        start, first, _ = self.segments[segment]
+        cumulative = self._segment_epoch_starts(segment, 0)
+        while len(cumulative) <= epoch - first:
+            cumulative = self._segment_epoch_starts(segment, int(cumulative[-1]))
+        return start + int(cumulative[epoch - first])
+
     def next_epoch(self, index: int) -> int:
         """The epoch a segment starting at stream index ``index`` begins with: one past ``index - 1``'s."""
         return 0 if index == 0 else int(self.locate(np.array([index - 1]))[0][0]) + 1
@@ -255,8 +273,10 @@ class DomainStream:
 
         A rank reads its own, scattered samples of a global batch this way. In packed mode the samples
         that share a shuffle chunk are gathered in one vectorised step; when only a few windows of a chunk
-        are wanted, just the documents under them are read, so a rank's I/O follows its share of the
-        batch. The result never depends on which way a sample was read.
+        are wanted, only the token ranges of the documents under them are read (in one vectorised call
+        for all such windows), so a rank's I/O follows its share of the batch. In document mode only each
+        document's first ``seq_len + 1`` tokens are read. The result never depends on which way a sample
+        was read.
         """
         indices = np.asarray(indices, dtype=np.int64)
         count = len(indices)
@@ -266,24 +286,35 @@ class DomainStream:
             return tokens, valid
         epochs, positions = self.locate(indices)
         if self.domain.mode == "document":
-            for row in range(count):
-                valid[row] = self._document_sample(int(epochs[row]), int(positions[row]), tokens[row])
+            for epoch in np.unique(epochs).tolist():
+                rows = np.flatnonzero(epochs == epoch)
+                tokens[rows], valid[rows] = self._documents(epoch, positions[rows])
             return tokens, valid
         chunks, offsets = np.divmod(positions, self.shuffle_window)
-        # Runs of consecutive rows in one (epoch, chunk): each run is one gather.
+        sparse = np.zeros(count, dtype=bool)
+        window_starts = np.zeros(count, dtype=np.int64)  # of sparse rows, in tokens of the epoch's stream
+        # Runs of consecutive rows in one (epoch, chunk): each dense run is one gather.
         breaks = np.flatnonzero((np.diff(epochs) != 0) | (np.diff(chunks) != 0)) + 1
         for first, stop in zip(np.concatenate(([0], breaks)), np.append(breaks, count)):
             epoch, chunk = int(epochs[first]), int(chunks[first])
-            if (stop - first) * SPARSE_RATIO < self.shuffle_window and not self._chunk_cached(epoch, chunk):
-                # A few windows of this chunk (a rank's share at large world size): read only their documents.
+            if (
+                (self.share is None or self.share * SPARSE_RATIO < 1)
+                and (stop - first) * SPARSE_RATIO < self.shuffle_window
+                and not self._chunk_cached(epoch, chunk)
+            ):
+                # A few windows of this chunk (a rank's share at large world size): read them sparsely below.
                 order = self._window_order(epoch, chunk)
-                for row in range(first, stop):
-                    window = (chunk * self.shuffle_window + int(order[offsets[row]])) * self.seq_len
-                    tokens[row] = self._token_span(epoch, window, window + self.seq_len + 1, sparse=True)
+                sparse[first:stop] = True
+                window_starts[first:stop] = (
+                    chunk * self.shuffle_window + order[offsets[first:stop]]
+                ) * self.seq_len
                 continue
             chunk_tokens, order = self._chunk(epoch, chunk)
             windows = order[offsets[first:stop]] * self.seq_len
             tokens[first:stop] = chunk_tokens[windows[:, None] + np.arange(self.seq_len + 1)]
+        for epoch in np.unique(epochs[sparse]).tolist():
+            rows = np.flatnonzero(sparse & (epochs == epoch))
+            tokens[rows] = self._packed_windows(epoch, window_starts[rows])
         return tokens, valid
 
     def served_tokens(self, count: int) -> np.ndarray:
@@ -349,28 +380,23 @@ class DomainStream:
         cumulative = np.concatenate(([0], np.cumsum(sizes[shuffle.block_order])))
         return shuffle, cumulative, copies
 
-    def _block(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of the block at ``position`` in the epoch's block order, documents in shuffled order.
-
-        Returns ``(tokens, doc_starts)``: in packed mode ``tokens`` has an EOS after each document.
-        """
+    def _block(self, epoch: int, position: int) -> np.ndarray:
+        """Packed tokens of the block at ``position`` in the epoch's block order: its documents in shuffled
+        order, each followed by EOS. The last one read is kept."""
         key = (epoch, position)
         if self._block_cache is None or self._block_cache[0] != key:
             shuffle, _, copies = self._layout(epoch)
             order = shuffle.documents(int(shuffle.block_order[position]), copies)
-            # One contiguous read of the served documents' span (the whole block without quality sampling).
-            first = int(order.min())
-            documents = self.domain.read_docs(first, int(order.max()) + 1)
-            ordered = [documents[i] for i in (order - first).tolist()]
-            if self.domain.mode == "packed":
-                eos = np.array([self.domain.eos_id], dtype=np.int64)
-                pieces = [piece for document in ordered for piece in (document, eos)]
-            else:
-                pieces = ordered
-            lengths = np.array([len(piece) for piece in ordered], dtype=np.int64)
-            starts = np.concatenate(([0], np.cumsum(lengths + (self.domain.mode == "packed"))))
-            self._block_cache = (key, np.concatenate(pieces).astype(np.int64, copy=False), starts)
-        return self._block_cache[1], self._block_cache[2]
+            # One read per run of consecutive served documents (the whole block without quality sampling),
+            # so a document with 0 copies is never read.
+            served = np.unique(order)
+            documents = {}
+            for run in np.split(served, np.flatnonzero(np.diff(served) > 1) + 1):
+                documents.update(zip(run.tolist(), self.domain.read_docs(int(run[0]), int(run[-1]) + 1)))
+            eos = np.array([self.domain.eos_id], dtype=np.int64)
+            pieces = [piece for i in order.tolist() for piece in (documents[i], eos)]
+            self._block_cache = (key, np.concatenate(pieces).astype(np.int64, copy=False))
+        return self._block_cache[1]
 
     # -- packed mode ------------------------------------------------------------------------------
 
@@ -391,12 +417,9 @@ class DomainStream:
             self._chunk_cache = ((epoch, chunk), self._token_span(epoch, start, stop), order)
         return self._chunk_cache[1], self._chunk_cache[2]
 
-    def _token_span(self, epoch: int, start: int, stop: int, *, sparse: bool = False) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the epoch's packed stream.
-
-        Dense (default): whole blocks are read and the last one is cached, which is fastest when the next
-        reads are nearby. Sparse: only the documents that overlap the span are read, nothing is cached.
-        """
+    def _token_span(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the epoch's packed stream, read as whole blocks (the last one kept),
+        which is fastest when the next reads are nearby."""
         _, cumulative, _ = self._layout(epoch)
         position = int(np.searchsorted(cumulative, start, side="right")) - 1
         pieces = []
@@ -406,11 +429,7 @@ class DomainStream:
             if cumulative[position + 1] == block_start:  # every document of the block has 0 copies
                 position += 1
                 continue
-            if sparse:
-                take = self._block_span(epoch, position, cursor - block_start, stop - block_start)
-            else:
-                tokens, _ = self._block(epoch, position)
-                take = tokens[cursor - block_start : stop - block_start]
+            take = self._block(epoch, position)[cursor - block_start : stop - block_start]
             pieces.append(take)
             cursor += len(take)
             position += 1
@@ -432,35 +451,71 @@ class DomainStream:
             self._index_cache[key] = (documents, ends)
         return self._index_cache[key]
 
-    def _block_span(self, epoch: int, position: int, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the packed block at ``position``, reading only the documents in it."""
-        documents, ends = self._block_index(epoch, position)
-        stop = min(stop, int(ends[-1]))
-        low = int(np.searchsorted(ends, start, side="right"))
-        high = int(np.searchsorted(ends, stop - 1, side="right")) + 1
-        eos = np.array([self.domain.eos_id], dtype=np.int64)
-        pieces = [
-            piece
-            for document in documents[low:high].tolist()
-            for piece in (self.domain.read_docs(document, document + 1)[0], eos)
-        ]
-        offset = int(ends[low - 1]) if low else 0
-        return np.concatenate(pieces).astype(np.int64, copy=False)[start - offset : stop - offset]
+    def _packed_windows(self, epoch: int, starts: np.ndarray) -> np.ndarray:
+        """The windows of ``seq_len + 1`` tokens at token offsets ``starts`` of the epoch's packed stream,
+        ``int64 [len(starts), seq_len + 1]``, reading only the token ranges of documents under them.
+
+        Vectorised over windows: a window is cut into pieces, one per document it overlaps (the part of
+        the document inside the window, then its EOS if that is inside too), and all pieces' tokens come
+        from one ``read_doc_ranges`` call. Only the touched blocks' indexes are built.
+        """
+        width = self.seq_len + 1
+        stops = starts + width
+        _, cumulative, _ = self._layout(epoch)
+        first_block = np.searchsorted(cumulative, starts, side="right") - 1
+        last_block = np.searchsorted(cumulative, stops - 1, side="right") - 1
+        blocks = np.unique(concatenated_ranges(first_block, last_block - first_block + 1)).tolist()
+        indexes = [self._block_index(epoch, block) for block in blocks]
+        # The touched blocks' documents in stream order, and where each ends (after its EOS) in the epoch.
+        docs = np.concatenate([documents for documents, _ in indexes])
+        ends = np.concatenate(
+            [int(cumulative[block]) + block_ends for block, (_, block_ends) in zip(blocks, indexes)]
+        )
+        doc_starts = ends - self.domain.doc_lengths[docs] - 1
+        low = np.searchsorted(ends, starts, side="right")  # first and last document under each window
+        high = np.searchsorted(ends, stops - 1, side="right")
+        counts = high - low + 1
+        piece_doc = concatenated_ranges(low, counts)
+        piece_window = np.repeat(np.arange(len(starts)), counts)
+        piece_start = np.maximum(starts[piece_window], doc_starts[piece_doc])
+        piece_stop = np.minimum(stops[piece_window], ends[piece_doc])
+        with_eos = piece_stop == ends[piece_doc]
+        content = self.domain.read_doc_ranges(
+            docs[piece_doc],
+            piece_start - doc_starts[piece_doc],
+            piece_stop - with_eos - doc_starts[piece_doc],
+        )
+        # Pieces tile each window in order, so the content fills every position that is not an EOS.
+        eos = np.zeros(len(starts) * width, dtype=bool)
+        eos[(piece_window * width + ends[piece_doc] - 1 - starts[piece_window])[with_eos]] = True
+        windows = np.empty(len(starts) * width, dtype=np.int64)
+        windows[eos] = self.domain.eos_id
+        windows[~eos] = content
+        return windows.reshape(len(starts), width)
 
     # -- document mode ----------------------------------------------------------------------------
 
-    def _document_sample(self, epoch: int, position: int, out: np.ndarray) -> int:
+    def _documents(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Document-mode samples at ``positions`` of the epoch, like ``read_at``'s result.
+
+        Only each document's first ``seq_len + 1`` tokens are read; the EOS closes a document that fits.
+        """
+        width = self.seq_len + 1
         _, cumulative, _ = self._layout(epoch)
-        block_position = int(np.searchsorted(cumulative, position, side="right")) - 1
-        tokens, starts = self._block(epoch, block_position)
-        index = position - int(cumulative[block_position])
-        document = tokens[starts[index] : starts[index + 1]]
-        length = min(len(document) + 1, self.seq_len + 1)  # the EOS closes the document when it fits
-        out[:] = self.domain.pad_id
-        out[: min(len(document), length)] = document[:length]
-        if len(document) < length:
-            out[len(document)] = self.domain.eos_id
-        return length
+        blocks = np.searchsorted(cumulative, positions, side="right") - 1
+        docs = np.empty(len(positions), dtype=np.int64)
+        for block in np.unique(blocks).tolist():
+            rows = np.flatnonzero(blocks == block)
+            docs[rows] = self._block_index(epoch, block)[0][positions[rows] - cumulative[block]]
+        lengths = self.domain.doc_lengths[docs]
+        kept = np.minimum(lengths, width)
+        tokens = np.full((len(positions), width), self.domain.pad_id, dtype=np.int64)
+        tokens[np.arange(width) < kept[:, None]] = self.domain.read_doc_ranges(
+            docs, np.zeros_like(kept), kept
+        )
+        short = np.flatnonzero(lengths < width)
+        tokens[short, lengths[short]] = self.domain.eos_id
+        return tokens, np.minimum(lengths + 1, width)
 
 
 def _served_below(positions: np.ndarray, windows: np.ndarray, seq_len: int) -> np.ndarray:

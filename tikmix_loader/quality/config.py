@@ -66,5 +66,8 @@ class QualityConfig:
         """JSON-able form (recorded in the loader state, which refuses another configuration)."""
         return {
             "criteria": dict(self.criteria),
-            "params": {name: params.to_dict() for name, params in sorted(self.params.items())},
+            "params": {
+                name: None if params is None else params.to_dict()
+                for name, params in sorted(self.params.items())
+            },
         }

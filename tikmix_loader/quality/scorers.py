@@ -32,6 +32,7 @@ n-gram per Python call, far too slow for a corpus. See ``docs/quadmix.md``.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import zlib
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tikmix_loader.data.convert import expand_inputs, read_texts
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.metadata import read_dataset_meta
 from tikmix_loader.data.tokenizer import Tokenizer, load_tokenizer
@@ -358,8 +360,6 @@ def iter_texts(domain: Domain, tokenizer: Tokenizer, *, progress: bool = False):
 
 def reference_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Texts of the reference sets: converted datasets (decoded), else text files or directories of them."""
-    from tikmix_loader.data.convert import expand_inputs, read_texts
-
     texts = []
     for path in paths:
         if not Path(path).exists():
@@ -422,11 +422,25 @@ def score_dataset(
         results = [score_texts(chunk, criteria, reference=model) for chunk in chunks]
     else:
         with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(criteria, model)) as pool:
-            results = list(pool.map(_score_chunk, chunks))
+            results = list(_map_ahead(pool, chunks, ahead=2 * workers))
     return {
         name: write_scores(path, name, np.concatenate([r[name] for r in results]), num_docs=domain.num_docs)
         for name in criteria
     }
+
+
+def _map_ahead(pool: ProcessPoolExecutor, chunks, *, ahead: int):
+    """``_score_chunk`` of each chunk in order, with at most ``ahead`` chunks in flight.
+
+    ``Executor.map`` would submit every chunk at once, i.e. hold the decoded text of the whole dataset.
+    """
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_score_chunk, chunk))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def import_scores(
