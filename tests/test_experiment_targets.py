@@ -13,7 +13,7 @@ from testkit.corpus import make_text_corpus
 import tikmix_loader.experiment.corpus_splits as corpus_splits
 import tikmix_loader.experiment.protocol as protocol
 import tikmix_loader.experiment.regmix as regmix_module
-import tikmix_loader.experiment.runs as runs
+import tikmix_loader.experiment.runs as runs_module
 from tikmix_loader import ConfigError, DomainError, MixtureLoader
 from tikmix_loader.cli import main
 from tikmix_loader.experiment import ExperimentConfig, pool_leave_one_out, run_experiment
@@ -37,7 +37,7 @@ def _spy(monkeypatch):
 
         return Spy
 
-    monkeypatch.setattr(runs, "MixtureLoader", loader_spy("train"))
+    monkeypatch.setattr(runs_module, "MixtureLoader", loader_spy("train"))
     monkeypatch.setattr(regmix_module, "MixtureLoader", loader_spy("train"))
     monkeypatch.setattr(corpus_splits, "MixtureLoader", loader_spy("targets"))
     for module in (protocol, regmix_module):
