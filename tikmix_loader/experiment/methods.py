@@ -50,9 +50,9 @@ class MethodSetup:
 
 @dataclass(frozen=True)
 class MethodInputs:
-    """What a method's builder may use: the run's config, seed, model, training loader and val domains, and
-    the decision of a method searched before the runs (``static_weights`` of RegMix, ``quality_params`` of
-    QuaDMix)."""
+    """What a method's builder may use: the run's config, seed, model, training loader and the val
+    domains of its targets (see ``targets.py``), and the decision of a method searched before the runs
+    (``static_weights`` of RegMix, ``quality_params`` of QuaDMix)."""
 
     method: str
     seed: int
