@@ -76,10 +76,11 @@ def run_experiment(
     Returns:
         dict: The ``results.json`` content: ``methods`` {name: {avg_test_loss, worst_test_loss, test_loss
         {domain: [...]}, decision_flops, decision_flops_per_seed, train_flops, final_weights, initial_weights,
-        wall_seconds, train_loss, decisions, ledgers, served_noise}} (``test_loss`` over the scored domains),
-        ``summary``, ``domains`` (trained on, the order of the weights), ``targets`` (``TargetSet.describe()``:
-        the mode and the trained, target and scored domains), ``seeds``, ``config``, ``regmix`` (the sweep, when
-        run), ``quadmix`` (QuaDMix's search, when used), ``device``, ``wall_seconds``.
+        wall_seconds, train_loss, decisions, ledgers, served_noise}} (``test_loss`` over the scored
+        domains), ``summary``, ``domains`` (trained on, the order of the weights), ``targets``
+        (``TargetSet.describe()``: the mode and the trained, target and scored domains), ``seeds``,
+        ``config``, ``regmix`` (the sweep, when run), ``quadmix`` (QuaDMix's search, when used), ``device``,
+        ``wall_seconds``.
     """
     started = time.perf_counter()
     out = Path(out)
