@@ -19,8 +19,12 @@ over targets: its measured mean loss change minus the best branch's. The named b
 branch every method starts from), whose regret is printed in the same table.
 
 Then the decision itself: from every predictor at ``--k``, TiKMiX-D (the experiment's defaults: trust region
-``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, which gets its own branch on the
-same data; the second table gives its measured mean change minus stratified's (negative: the decision helped).
+``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, and each partial step ``t`` of
+``--solve-steps`` towards it (``w = w_prior + t (w* - w_prior)``, TiKMiX-D's ``step``) gets its own branch on
+the same data; the second table gives its measured mean change minus stratified's (negative: the decision
+helped) and its regret against the best of the M branches. The third fits the step on measured branches: per
+predictor, the step of ``--solve-steps`` that did best at the *other* checkpoints (leave one checkpoint out),
+scored at the held-out one, beside stratified's regret.
 
 Usage (the issue-14 record; about 10 minutes on a shared 2-core CPU)::
 
@@ -78,10 +82,13 @@ class CounterfactualConfig:
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
     max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
     min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
+    solve_steps: tuple[float, ...] = field(
+        default=(0.25, 0.5, 1.0), metadata={"help": "TiKMiX-D partial steps branched per predictor"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self):
-        for name in ("checkpoints", "ks", "preconditioners"):
+        for name in ("checkpoints", "ks", "preconditioners", "solve_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checkpoints = self.checkpoints
         if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1:
@@ -101,6 +108,10 @@ class CounterfactualConfig:
             )
         if not 0 < self.lean < 1:
             raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
+        if not self.solve_steps or not all(0 < t <= 1 for t in self.solve_steps):
+            raise ConfigError(
+                f"CounterfactualConfig: `solve_steps` must be in (0, 1], got {list(self.solve_steps)}"
+            )
 
     @property
     def train_config(self) -> TrainConfig:
@@ -241,8 +252,9 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
     Returns:
         dict: ``domains``, ``targets``, ``mixtures`` {label: weights}, ``checkpoints``: per checkpoint its
         ``step``, ``before`` (target losses), ``change`` [branches, targets], ``influence`` {predictor: S} and
-        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {predictor: TiKMiX-D's ``weights``,
-        measured ``change`` and its mean minus stratified's, ``vs_stratified``}; ``seconds``.
+        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {"<predictor> step=<t>": TiKMiX-D's
+        ``weights`` at that partial step, measured ``change``, its mean minus stratified's, ``vs_stratified``,
+        and minus the best branch's, ``regret``}; ``seconds``.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -313,20 +325,25 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                     for w in mixtures
                 ]
             )
-            solver = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
             prior = dict.fromkeys(names, 1.0)
             decisions = {}
             for name, S in influence.items():
-                if name.endswith(f" k={config.k}"):
+                if not name.endswith(f" k={config.k}"):
+                    continue
+                for t in config.solve_steps:
+                    solver = get_mixer(
+                        "tikmix_d", max_step=config.max_step, min_weight=config.min_weight, step=t
+                    )
                     solved = solver.propose(
                         MixingContext(domains=tuple(names), w_prior=prior, influence=S)
                     ).weights
                     branch = run_branch(model, optimizer, solved, data, config=config, start=step)
                     solved_change = target_losses(branch, targets) - before
-                    decisions[name] = {
+                    decisions[f"{name} step={t:g}"] = {
                         "weights": solved.tolist(),
                         "change": solved_change.tolist(),
                         "vs_stratified": float(solved_change.mean() - change[0].mean()),
+                        "regret": float(solved_change.mean() - change.mean(axis=1).min()),
                     }
             records.append(
                 {
@@ -378,14 +395,66 @@ def report(result: dict) -> str:
     lines.append(f"| spread of branches' mean change (max - min) | — | — | — | {spread} |")
     lines += [
         "",
-        "| TiKMiX-D solved from | " + " | ".join(f"Δ vs stratified @{s}" for s in steps) + " | mean |",
-        "|---|" + "---|" * (len(steps) + 1),
+        "| TiKMiX-D solved from | "
+        + " | ".join(f"Δ vs stratified @{s}" for s in steps)
+        + " | mean Δ | mean regret |",
+        "|---|" + "---|" * (len(steps) + 2),
     ]
     for name in result["checkpoints"][0]["decisions"]:
-        deltas = [record["decisions"][name]["vs_stratified"] for record in result["checkpoints"]]
+        decisions = [record["decisions"][name] for record in result["checkpoints"]]
+        deltas = [decision["vs_stratified"] for decision in decisions]
         cells = " | ".join(f"{delta:+.4f}" for delta in deltas)
-        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} |")
+        regret = np.mean([decision["regret"] for decision in decisions])
+        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} | {regret:.4f} |")
+    baseline = np.mean(
+        [record["scores"][predictors[0]]["baseline_regret"] for record in result["checkpoints"]]
+    )
+    lines += [
+        "",
+        "| step fitted on the other checkpoints, from | "
+        + " | ".join(f"step, Δ @{s}" for s in steps)
+        + " | mean Δ | mean regret (stratified's) |",
+        "|---|" + "---|" * (len(steps) + 2),
+    ]
+    for name, fitted in held_out_steps(result).items():
+        cells = " | ".join(f"{pick['step']:g}, {pick['vs_stratified']:+.4f}" for pick in fitted)
+        delta = np.mean([pick["vs_stratified"] for pick in fitted])
+        regret = np.mean([pick["regret"] for pick in fitted])
+        lines.append(f"| {name} | {cells} | {delta:+.4f} | {regret:.4f} ({baseline:.4f}) |")
     return "\n".join(lines)
+
+
+def held_out_steps(result: dict) -> dict[str, list[dict]]:
+    """The partial step fitted on measured branches, judged on a checkpoint it was not fitted on.
+
+    Per predictor and checkpoint: the step whose decisions had the lowest mean ``vs_stratified`` over the
+    *other* checkpoints (ties: the smaller step), and that step's ``vs_stratified`` and ``regret`` at this
+    one. With one checkpoint there is nothing to fit on, so the result is empty.
+    """
+    records = result["checkpoints"]
+    if len(records) < 2:
+        return {}
+    by_predictor: dict[str, dict[float, str]] = {}
+    for key in records[0]["decisions"]:
+        name, _, step = key.rpartition(" step=")
+        by_predictor.setdefault(name, {})[float(step)] = key
+    out = {}
+    for name, keys in by_predictor.items():
+        picks = []
+        for index, record in enumerate(records):
+            others = [other for j, other in enumerate(records) if j != index]
+            fitted = min(
+                sorted(keys),
+                key=lambda t: np.mean([other["decisions"][keys[t]]["vs_stratified"] for other in others]),
+            )
+            picks.append(
+                {
+                    "step": fitted,
+                    **{k: record["decisions"][keys[fitted]][k] for k in ("vs_stratified", "regret")},
+                }
+            )
+        out[name] = picks
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         default = getattr(defaults, item.name)
         flag = f"--{item.name.replace('_', '-')}"
         if isinstance(default, tuple):
-            kind = str if item.name == "preconditioners" else int
+            kind = {"preconditioners": str, "solve_steps": float}.get(item.name, int)
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])
