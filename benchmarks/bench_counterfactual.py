@@ -5,7 +5,12 @@ copied, the schedule continued), and each branch trains ``--branch-steps`` more 
 stratified, one "leaning" mixture per domain (``--lean`` on it, the rest spread evenly) and ``--dirichlet``
 draws from ``Dirichlet(1)``. Every branch reads the same data: at branch step j, domain d contributes the
 first ``n_d(w)`` rows of one fixed sample of d drawn for (checkpoint, j), so two branches differ only in how
-many rows each domain gives, not in which. The measured outcome is each target's loss change (mean loss per
+many rows each domain gives, not in which (``--branch-data sampled``). Rows are whole, so a branch resolves
+``w`` only to ``1 / batch_size``, and moving one row between domains also swaps which sequences are seen, an
+effect of the particular rows, not of the mixture. ``--branch-data weighted`` removes both: every branch
+trains on the same ``--weighted-rows`` rows of every domain per step with the loss ``sum_d w_d L_d`` (``L_d``
+the mean loss per token of domain d's rows), the expected loss of a batch drawn with mixture w, so branches
+differ in w alone, continuously. The measured outcome is each target's loss change (mean loss per
 token on fixed val samples after minus before); the targets are every domain's val split.
 
 Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
@@ -56,6 +61,8 @@ from tikmix_loader.losses import IGNORE_INDEX, per_token_loss
 from tikmix_loader.mixing import MixingContext, get_mixer
 from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
+BRANCH_DATA = ("sampled", "weighted")
+
 
 @dataclass(frozen=True)
 class CounterfactualConfig:
@@ -71,6 +78,12 @@ class CounterfactualConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    branch_data: str = field(
+        default="sampled", metadata={"help": "'sampled' (rows per domain) or 'weighted' (loss weights)"}
+    )
+    weighted_rows: int = field(
+        default=4, metadata={"help": "rows per domain per step, --branch-data weighted"}
+    )
     target_samples: int = field(default=32, metadata={"help": "val samples per domain per target"})
     observation_samples: int = field(default=32, metadata={"help": "fresh S: samples per domain"})
     target_batch_size: int = field(default=16, metadata={"help": "batch size of influence passes"})
@@ -108,6 +121,10 @@ class CounterfactualConfig:
             )
         if not 0 < self.lean < 1:
             raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
+        if self.branch_data not in BRANCH_DATA:
+            raise ConfigError(
+                f"CounterfactualConfig: `branch_data` must be one of {BRANCH_DATA}, got {self.branch_data!r}"
+            )
         if not self.solve_steps or not all(0 < t <= 1 for t in self.solve_steps):
             raise ConfigError(
                 f"CounterfactualConfig: `solve_steps` must be in (0, 1], got {list(self.solve_steps)}"
@@ -136,26 +153,38 @@ def branch_mixtures(names: list[str], *, dirichlet: int, lean: float, seed: int)
 
 
 def quotas(weights: np.ndarray, batch_size: int) -> np.ndarray:
-    """Rows per domain, ``round(w * batch_size)`` by largest remainder so they sum to ``batch_size``."""
-    exact = np.asarray(weights, dtype=np.float64) * batch_size
+    """Rows per domain, ``round(w * batch_size)`` by largest remainder so they sum to ``batch_size``; ties go
+    to the first domain, after rounding ``w * batch_size`` to 9 decimals so a mixture within 1e-9 of another
+    gets the same rows (a solver's "uniform" is not bit-exact)."""
+    exact = np.round(np.asarray(weights, dtype=np.float64) * batch_size, 9)
     rows = np.floor(exact).astype(int)
-    rows[np.argsort(rows - exact)[: batch_size - rows.sum()]] += 1
+    rows[np.argsort(rows - exact, kind="stable")[: batch_size - rows.sum()]] += 1
     return rows
 
 
 def branch_data(loader: MixtureLoader, *, steps: int, batch_size: int, key: int) -> list[list[dict]]:
-    """Per branch step, one sample of ``batch_size`` rows of every domain (shared by every branch)."""
+    """Per branch step, one sample of ``batch_size`` rows of every domain (shared by every branch; the
+    weighted mode passes ``--weighted-rows`` as ``batch_size``)."""
     return [
         [loader.sample_domain(name, batch_size, seed=key * 10_000 + step) for name in loader.domain_names]
         for step in range(steps)
     ]
 
 
-def _train_step(model, optimizer, batch: dict, *, lr: float, grad_clip: float | None) -> None:
+def _train_step(model, optimizer, batch: dict, *, lr: float, grad_clip: float | None, weights=None) -> None:
+    """One step on the batch's mean loss per token, or with ``weights`` on ``sum_d w_d L_d`` (``L_d`` the
+    mean loss per token of the rows of domain d)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     per_token = per_token_loss(model, batch)
-    loss = per_token.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+    mask = batch["labels"] != IGNORE_INDEX
+    if weights is None:
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    else:
+        zeros = per_token.new_zeros(len(weights))
+        sums = zeros.index_add(0, batch["domain"], per_token.sum(1))
+        tokens = zeros.index_add(0, batch["domain"], mask.sum(1).to(per_token.dtype))
+        loss = (per_token.new_tensor(weights) * sums / tokens.clamp(min=1)).sum()
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -169,7 +198,8 @@ def run_branch(model, optimizer, weights: np.ndarray, data, *, config: Counterfa
     branch = copy.deepcopy(model)
     branch_optimizer, _ = make_optimizer(branch, config.train_config)
     branch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    rows = quotas(weights, config.batch_size)
+    weighted = config.branch_data == "weighted"
+    rows = [None] * len(weights) if weighted else quotas(weights, config.batch_size)  # None: every row
     device = next(model.parameters()).device
     for step, samples in enumerate(data):
         batch = {
@@ -177,7 +207,14 @@ def run_branch(model, optimizer, weights: np.ndarray, data, *, config: Counterfa
             for key in samples[0]
         }
         lr = config.train_config.lr_at(start + step)
-        _train_step(branch, branch_optimizer, batch, lr=lr, grad_clip=config.train_config.grad_clip)
+        _train_step(
+            branch,
+            branch_optimizer,
+            batch,
+            lr=lr,
+            grad_clip=config.train_config.grad_clip,
+            weights=weights if weighted else None,
+        )
     return branch
 
 
@@ -315,9 +352,8 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
             }
             influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
             before = target_losses(model, targets)
-            data = branch_data(
-                loader, steps=config.branch_steps, batch_size=config.batch_size, key=checkpoint
-            )
+            rows = config.weighted_rows if config.branch_data == "weighted" else config.batch_size
+            data = branch_data(loader, steps=config.branch_steps, batch_size=rows, key=checkpoint)
             change = np.stack(
                 [
                     target_losses(run_branch(model, optimizer, w, data, config=config, start=step), targets)

@@ -43,6 +43,44 @@ def test_quotas_round_to_the_batch(bench, weights):
     assert rows.sum() == 16 and np.all(np.abs(rows - np.array(weights) * 16) < 1)
 
 
+def test_quotas_of_a_mixture_within_1e_9_of_uniform_are_the_uniform_quotas(bench):
+    uniform = np.full(5, 0.2)
+    nearly = uniform + np.array([-2e-12, 1e-12, 0.0, 1e-12, 0.0])
+    np.testing.assert_array_equal(bench.quotas(nearly, 16), bench.quotas(uniform, 16))
+    np.testing.assert_array_equal(bench.quotas(uniform, 16), [4, 3, 3, 3, 3])  # the tie goes to the first
+
+
+def test_weighted_branch_on_one_domain_is_a_sampled_branch_on_its_rows(bench, corpus):
+    """``sum_d w_d L_d`` with w one-hot is the mean loss of that domain's rows: the same training as a sampled
+    branch that takes every row from it; a weighted branch is also paired (same w, same outcome)."""
+    splits = load_splits(corpus)
+    model = build_model("micro", seed=0, seq_len=32)
+    loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    targets = val_targets(splits.val, samples=4, batch_size=4, seq_len=32, seed=0)
+    data = bench.branch_data(loader, steps=2, batch_size=4, key=2)
+    outcomes = {}
+    for mode, w in (
+        ("sampled", [0.0, 1.0, 0.0]),
+        ("weighted", [0.0, 1.0, 0.0]),
+        ("weighted", [0.2, 0.5, 0.3]),
+    ):
+        config = bench.CounterfactualConfig(**{**SMALL, "branch_data": mode, "weighted_rows": 4})
+        optimizer, _ = make_optimizer(model, config.train_config)
+        runs = [
+            bench.target_losses(
+                bench.run_branch(model, optimizer, np.array(w), data, config=config, start=3), targets
+            )
+            for _ in range(2)
+        ]
+        np.testing.assert_array_equal(runs[0], runs[1])
+        outcomes[mode, tuple(w)] = runs[0]
+    np.testing.assert_allclose(
+        outcomes["weighted", (0.0, 1.0, 0.0)], outcomes["sampled", (0.0, 1.0, 0.0)], rtol=1e-6
+    )
+    assert not np.allclose(outcomes["weighted", (0.2, 0.5, 0.3)], outcomes["weighted", (0.0, 1.0, 0.0)])
+    loader.close()
+
+
 def test_branch_mixtures_lean_on_each_domain_and_sum_to_one(bench):
     mixtures = bench.branch_mixtures(["a", "b", "c"], dirichlet=3, lean=0.6, seed=0)
     assert list(mixtures)[:4] == ["stratified", "lean:a", "lean:b", "lean:c"] and len(mixtures) == 7
@@ -89,6 +127,8 @@ def test_config_rejects_checkpoints_past_the_run(bench):
         bench.CounterfactualConfig(steps=6, checkpoints=(3, 9))
     with pytest.raises(ConfigError, match=r"unknown `preconditioners` \['exact'\]"):
         bench.CounterfactualConfig(preconditioners=("kfac", "exact"))
+    with pytest.raises(ConfigError, match=r"`branch_data` must be one of \('sampled', 'weighted'\)"):
+        bench.CounterfactualConfig(branch_data="mean")
     with pytest.raises(ConfigError, match=r"`solve_steps` must be in \(0, 1\], got \[0.0, 1.0\]"):
         bench.CounterfactualConfig(solve_steps=(0.0, 1.0))
 
