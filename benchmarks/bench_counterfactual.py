@@ -15,8 +15,10 @@ token on fixed val samples after minus before); the targets are every domain's v
 
 Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
 observed every base training step (one per preconditioner, at ``--k``), and fresh matrices measured at the
-checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``). A predictor's
-prediction for mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
+checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``), and, as the
+floor any of them must beat, ``own domain (S = I)``: each target is helped by its own domain only, so its
+ranking is that of the domain's weight. A predictor's prediction for mixture w is ``S w`` (first order: a
+step on w lowers target b by about ``eta (S w)_b``).
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -62,6 +64,7 @@ from tikmix_loader.mixing import MixingContext, get_mixer
 from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
 BRANCH_DATA = ("sampled", "weighted")
+OWN_DOMAIN = "own domain (S = I)"
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,8 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                 f"online {kind} k={config.k}": e.influence(targets).values for kind, e in online.items()
             }
             influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
+            if list(targets) == [f"{name}/val" for name in names]:
+                influence[OWN_DOMAIN] = np.eye(len(names))
             before = target_losses(model, targets)
             rows = config.weighted_rows if config.branch_data == "weighted" else config.batch_size
             data = branch_data(loader, steps=config.branch_steps, batch_size=rows, key=checkpoint)

@@ -142,7 +142,7 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
     bench.main(args)
     table = capsys.readouterr().out
     assert "| online kfac k=8 |" in table and "| fresh identity k=8 |" in table
-    assert "| stratified (baseline) |" in table
+    assert "| stratified (baseline) |" in table and "| own domain (S = I) |" in table
     saved = json.loads(out.read_text())
     assert [record["step"] for record in saved["checkpoints"]] == [3, 6]
     change = np.array(saved["checkpoints"][1]["change"])
