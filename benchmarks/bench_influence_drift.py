@@ -117,10 +117,12 @@ def run_seed(config: ExperimentConfig, corpus: str, seed: int, *, samples: int, 
     probes = []
 
     def wrap(mixer, *, model, loader, targets):
-        options = {"k": config.k, "preconditioner": config.preconditioner, "seed": seed}
+        options = {"k": config.influence.k, "preconditioner": config.influence.preconditioner, "seed": seed}
         fresh = GroupInfluence(model, **options)
         probes.append(
-            DriftProbe(mixer, fresh, loader, targets, samples=samples, batch_size=config.target_batch_size)
+            DriftProbe(
+                mixer, fresh, loader, targets, samples=samples, batch_size=config.influence.target_batch_size
+            )
         )
         return probes[-1]
 
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             records.append({"seed": seed, **record})
     print(
         f"{len(records)} decisions, seeds {list(config.seeds)}, {config.steps} steps x {config.batch_size}, "
-        f"half-life {config.half_life}, every {config.every}, {args.samples} fresh samples/domain; "
+        f"half-life {config.tikmix_d.half_life}, every {config.every}, {args.samples} fresh samples/domain; "
         f"torch {torch.__version__}, {platform.machine()}, {datetime.date.today()}"
     )
     print(report(records))

@@ -20,7 +20,7 @@ def drift():
 
 def test_probe_measures_fresh_influence_without_changing_the_online_run(drift, tmp_path, capsys):
     corpus = make_text_corpus(tmp_path / "corpus")
-    config = ExperimentConfig(methods=("tikmix-d",), seeds=(0,), **SMALL)
+    config = ExperimentConfig.from_flat(methods=("tikmix-d",), seeds=(0,), **SMALL)
     records = drift.run_seed(config, str(corpus), 0, samples=4, progress=False)
     splits = load_splits(corpus)
     plain = train_method(

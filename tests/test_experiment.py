@@ -8,16 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from testkit.corpus import make_text_corpus
 
 import tikmix_loader.experiment as experiment
+import tikmix_loader.experiment.corpus_splits as corpus_splits
+import tikmix_loader.experiment.protocol as protocol
+import tikmix_loader.experiment.regmix as regmix_module
+import tikmix_loader.experiment.runs as runs
 import tikmix_loader.mixing.tikmix_d as tikmix_d_module
 from tikmix_loader import ConfigError, DomainError, MixtureLoader
 from tikmix_loader.cli import main
 from tikmix_loader.experiment import (
+    METHOD_BUILDERS,
     METHODS,
     ExperimentConfig,
+    MethodSetup,
+    get_method_builder,
     load_splits,
     markdown_table,
     paired_differences,
@@ -25,6 +33,7 @@ from tikmix_loader.experiment import (
     train_method,
 )
 from tikmix_loader.mixing import LookAheadLabel
+from tikmix_loader.models.tiny_gpt import per_token_loss
 from tikmix_loader.train import make_optimizer
 
 # Small enough for a test: micro model, 32-token windows, a handful of steps.
@@ -67,6 +76,14 @@ def test_paired_differences_from_known_numbers():
     assert paired_differences([1.0], [2.0])["se"] is None
     with pytest.raises(ConfigError, match="equally long"):
         paired_differences([1.0, 2.0], [1.0])
+
+
+def test_paired_differences_p_value_is_the_paired_t_test():
+    diffs = np.array([-0.5, 0.0, 0.5, -1.0])
+    t = diffs.mean() / (diffs.std(ddof=1) / 2)  # paired t statistic, by hand
+    stats = paired_differences(diffs + 3.0, np.full(4, 3.0))
+    assert stats["p_value"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), df=3))
+    assert paired_differences([1.0, 2.0], [0.5, 1.5])["p_value"] is None  # no spread: no test
 
 
 def test_summarize_and_table_pair_every_method_with_the_baseline():
@@ -140,7 +157,7 @@ def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsy
 
 def test_paired_seed_gives_identical_runs_when_the_weights_agree(corpus):
     splits = load_splits(corpus)
-    config = ExperimentConfig(methods=("stratified",), seeds=(0,), **FAST)
+    config = ExperimentConfig.from_flat(methods=("stratified",), seeds=(0,), **FAST)
     runs = [
         train_method(m, 4, config=config, train_domains=splits.train, val_domains=splits.val, progress=False)
         for m in ("stratified", "odm")  # ODM's first decision is uniform too, so steps 0-2 match exactly
@@ -157,15 +174,17 @@ def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path,
             splits_seen.extend(Path(domain.path).name for domain in domains)
             super().__init__(domains, **options)
 
-    original_evaluate = experiment.evaluate
+    original_evaluate = protocol.evaluate
 
     def spy_evaluate(model, domains, **options):
         evaluated.append({Path(domain.path).name for domain in domains})
         return original_evaluate(model, domains, **options)
 
-    monkeypatch.setattr(experiment, "MixtureLoader", SpyLoader)
-    monkeypatch.setattr(experiment, "evaluate", spy_evaluate)
-    config = ExperimentConfig(methods=METHODS, seeds=(0,), **FAST)
+    for module in (runs, regmix_module, corpus_splits):  # every loader the protocol opens
+        monkeypatch.setattr(module, "MixtureLoader", SpyLoader)
+    for module in (protocol, regmix_module):  # every scoring pass
+        monkeypatch.setattr(module, "evaluate", spy_evaluate)
+    config = ExperimentConfig.from_flat(methods=METHODS, seeds=(0,), **FAST)
     results = experiment.run_experiment(config, corpus, tmp_path / "all", progress=False)
     assert set(splits_seen) == {"train", "val"}
     # RegMix's proxies are scored on val; each of the eight runs is scored on test exactly once.
@@ -196,13 +215,13 @@ def test_max_step_and_min_weight_reach_every_tikmix_d_solve(corpus, method, monk
         lambda *a, **kw: seen.append((kw["max_step"], kw["min_weight"])) or solve(*a, **kw),
     )
     splits = load_splits(corpus)
-    config = ExperimentConfig(max_step=1.5, min_weight=0.05, **FAST)
+    config = ExperimentConfig.from_flat(max_step=1.5, min_weight=0.05, **FAST)
     run = train_method(
         method, 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False
     )
     assert seen and set(seen) == {(1.5, 0.05)}
     assert run.result.decisions
-    too_high = ExperimentConfig(min_weight=0.4, **FAST)  # 3 domains x 0.4 > 1
+    too_high = ExperimentConfig.from_flat(min_weight=0.4, **FAST)  # 3 domains x 0.4 > 1
     with pytest.raises(ConfigError, match="No mixture of 3 domains fits `min_weight`=0.4"):
         train_method(method, 0, config=too_high, train_domains=splits.train, val_domains=splits.val)
 
@@ -214,7 +233,7 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
     for methods, temperature in ((("natural",), 0.3), (("stratified", "temperature"), 0.5)):
         parts.append(tmp_path / "-".join(methods))
         experiment.run_experiment(
-            ExperimentConfig(methods=methods, temperature=temperature, **config),
+            ExperimentConfig.from_flat(methods=methods, temperature=temperature, **config),
             corpus,
             parts[-1],
             progress=False,
@@ -235,7 +254,7 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
         experiment.merge_results([parts[0], parts[0]], tmp_path / "twice")
     other = tmp_path / "other"
     experiment.run_experiment(
-        ExperimentConfig(methods=("odm",), **{**config, "steps": 4, "temperature": 0.3}),
+        ExperimentConfig.from_flat(methods=("odm",), **{**config, "steps": 4, "temperature": 0.3}),
         corpus,
         other,
         progress=False,
@@ -248,7 +267,7 @@ def test_merge_combines_parts_run_on_disjoint_methods(corpus, tmp_path, capsys):
 
 def test_merge_joins_parts_split_by_seeds_in_seed_order(corpus, tmp_path):
     def run(name, methods, seeds):
-        config = ExperimentConfig(methods=methods, seeds=seeds, **FAST)
+        config = ExperimentConfig.from_flat(methods=methods, seeds=seeds, **FAST)
         return experiment.run_experiment(config, corpus, tmp_path / name, progress=False)
 
     strat = run("strat", ("stratified",), (0, 1))["methods"]["stratified"]
@@ -287,12 +306,12 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
     loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
     model = experiment.build_model("micro", seed=0, seq_len=32)
     targets = experiment.val_targets(splits.val, samples=2, batch_size=2, seq_len=32, seed=0)
-    label = LookAheadLabel(model, loader, targets, loss_fn=experiment.per_token_loss, samples=2)
+    label = LookAheadLabel(model, loader, targets, loss_fn=per_token_loss, samples=2)
     with pytest.raises(ConfigError, match="no optimizer bound"):
         label(np.full((2, 3), 1 / 3))
-    optimizer, _ = make_optimizer(model, experiment.ExperimentConfig(**FAST).train_config)
+    optimizer, _ = make_optimizer(model, experiment.ExperimentConfig.from_flat(**FAST).train_config)
     for _ in range(2):  # give the optimizer moments, which the look-ahead must restore too
-        experiment.per_token_loss(model, loader.next_batch()).mean().backward()
+        per_token_loss(model, loader.next_batch()).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
     label.bind(optimizer)
@@ -331,13 +350,13 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
 )
 def test_config_rejects_bad_values(options, match):
     with pytest.raises(ConfigError, match=match):
-        ExperimentConfig(**options)
+        ExperimentConfig.from_flat(**options)
 
 
 def test_splits_must_hold_the_same_domains(corpus, monkeypatch):
-    real = experiment.load_corpus
+    real = corpus_splits.load_corpus
     monkeypatch.setattr(
-        experiment, "load_corpus", lambda path, split: real(path, split)[: 2 if split == "test" else 3]
+        corpus_splits, "load_corpus", lambda path, split: real(path, split)[: 2 if split == "test" else 3]
     )
     with pytest.raises(DomainError, match="the splits hold different domains"):
         load_splits(corpus)
@@ -361,8 +380,44 @@ def test_threads_must_be_positive():
 
 def test_regmix_needs_its_sweep_and_unknown_methods_fail(corpus):
     splits = load_splits(corpus)
-    config = ExperimentConfig(**FAST)
+    config = ExperimentConfig.from_flat(**FAST)
     with pytest.raises(ConfigError, match="pass `static_weights`"):
         train_method("regmix", 0, config=config, train_domains=splits.train, val_domains=splits.val)
     with pytest.raises(ConfigError, match="Unknown method 'bogus'"):
         train_method("bogus", 0, config=config, train_domains=splits.train, val_domains=splits.val)
+
+
+def test_every_default_method_has_a_builder_and_unknown_names_list_the_known_ones():
+    assert set(METHODS) <= set(METHOD_BUILDERS)
+    assert all(callable(get_method_builder(name)) for name in METHOD_BUILDERS)
+    with pytest.raises(ConfigError) as error:
+        get_method_builder("quadmix")
+    for name in METHOD_BUILDERS:
+        assert repr(name) in str(error.value)
+
+
+def test_a_method_added_to_the_registry_is_accepted_and_trained(corpus, monkeypatch):
+    def uniform_on_first(run):
+        names = run.loader.domain_names
+        run.loader.set_weights({name: float(name == names[0]) for name in names})
+        return MethodSetup()
+
+    monkeypatch.setitem(METHOD_BUILDERS, "first-only", uniform_on_first)
+    splits = load_splits(corpus)
+    config = ExperimentConfig.from_flat(methods=("first-only",), seeds=(0,), **FAST)
+    run = train_method(
+        "first-only", 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False
+    )
+    assert list(run.initial_weights.values()) == [1.0, 0.0, 0.0]
+
+
+def test_flat_option_names_map_to_the_nested_options():
+    config = ExperimentConfig.from_flat(regmix_proxies=8, m_every=7, temperature=0.3, half_life=None, k=4)
+    assert config.regmix.proxies == 8 and config.tikmix_m.every == 7 and config.temperature.tau == 0.3
+    assert config.tikmix_d.half_life is None and config.influence.k == 4
+    assert config.regmix.model == "micro"  # untouched options keep their defaults
+    flat = config.to_dict()
+    assert flat["regmix_proxies"] == 8 and flat["methods"] == list(METHODS)
+    assert ExperimentConfig.from_flat(**flat) == config
+    with pytest.raises(ConfigError, match=r"unknown options \['proxies'\]"):
+        ExperimentConfig.from_flat(proxies=8)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tikmix_loader.experiment import (
+    FLAG_NAMES,
     RESULTS_FILE,
     ExperimentConfig,
     add_config_arguments,
@@ -36,7 +37,7 @@ LOSS_PLOT = "loss_curves.png"
 # Sized by measurement (`time tikmix demo --threads 1` on 2 shared CPU cores): two runs of 300 steps of
 # 16 x 128 tokens, with the influence passes, test scoring and plots, take about three minutes.
 DEFAULT_STEPS = 300
-DEMO_DEFAULTS = ExperimentConfig(
+DEMO_DEFAULTS = ExperimentConfig.from_flat(
     methods=METHODS,
     seeds=(0,),
     steps=DEFAULT_STEPS,
@@ -217,7 +218,5 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_config_arguments(
-        parser, DEMO_DEFAULTS, skip=set(ExperimentConfig.__dataclass_fields__) - set(DEMO_FLAGS)
-    )
+    add_config_arguments(parser, DEMO_DEFAULTS, skip=set(FLAG_NAMES) - set(DEMO_FLAGS))
     parser.set_defaults(func=_run)

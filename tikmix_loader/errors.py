@@ -51,6 +51,10 @@ class MissingExtraError(TikmixError, ImportError):
     """An optional dependency (e.g. ``lightgbm``, ``composer``) is needed but not installed."""
 
 
+class ScoreError(TikmixError, ValueError):
+    """Per-document quality scores are missing, NaN or of the wrong length, or quality parameters are bad."""
+
+
 class LabelConventionError(TikmixError, ValueError):
     """A batch does not record which label convention (``"hf"`` or ``"shifted"``) its labels follow, or an
     unknown convention is requested."""

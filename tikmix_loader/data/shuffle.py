@@ -26,7 +26,7 @@ def rng_for(seed: int, *keys: int) -> np.random.Generator:
 
 
 # Tags that keep the different random streams of one (seed, domain, epoch) apart.
-BLOCK_ORDER, WITHIN_BLOCK, WINDOW_ORDER, OBSERVATION, BATCH_ORDER = range(5)
+BLOCK_ORDER, WITHIN_BLOCK, WINDOW_ORDER, OBSERVATION, BATCH_ORDER, QUALITY_COPIES = range(6)
 
 
 class BlockShuffle:

@@ -1,0 +1,112 @@
+"""``tikmix experiment``'s command line: one flag per ``ExperimentConfig`` option, run or merge, print."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.experiment import protocol
+from tikmix_loader.experiment.config import FLAGS, ExperimentConfig
+from tikmix_loader.experiment.corpus_splits import ensure_corpus
+from tikmix_loader.experiment.methods import METHOD_BUILDERS
+from tikmix_loader.experiment.results import RESULTS_FILE, TABLE_FILE, merge_results
+from tikmix_loader.experiment.stats import markdown_table
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# Options that also take `none` on the command line, and the type of their other values.
+_OPTIONAL_TYPES = {"half_life": float, "max_step": float, "m_every": int, "eval_samples": int}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:
+    """One ``--flag`` per ``ExperimentConfig`` option (``FLAGS``), help from it, default from ``defaults``."""
+    for flag in FLAGS:
+        if flag.name in skip:
+            continue
+        default = defaults.get(flag.name)
+        option = f"--{flag.name.replace('_', '-')}"
+        shown = list(default) if isinstance(default, tuple) else default
+        # argparse %-formats help strings, so a literal "%" must be doubled.
+        help_text = f"{flag.help} (default: {shown})".replace("%", "%%")
+        if flag.name == "methods":
+            parser.add_argument(
+                option, nargs="+", choices=list(METHOD_BUILDERS), default=list(default), help=help_text
+            )
+        elif flag.name == "seeds":
+            parser.add_argument(option, nargs="+", type=int, default=list(default), help=help_text)
+        elif flag.name in _OPTIONAL_TYPES:
+            parser.add_argument(
+                option, type=_optional(_OPTIONAL_TYPES[flag.name]), default=default, help=help_text
+            )
+        else:
+            parser.add_argument(option, type=type(default), default=default, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """An ``ExperimentConfig`` from parsed ``add_config_arguments`` flags (missing ones from ``base``)."""
+    base = base or ExperimentConfig()
+    return ExperimentConfig.from_flat(
+        **{flag.name: getattr(args, flag.name, base.get(flag.name)) for flag in FLAGS}
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU threads when asked (on a shared machine, 1 thread is often faster than 2)."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"`--threads` must be >= 1, got {threads}.")
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.merge:
+        results = merge_results(args.merge, args.out)
+    else:
+        apply_threads(args.threads)
+        config = config_from_args(args)
+        corpus = (
+            ensure_corpus(args.corpus, progress=not args.no_progress) if args.build else Path(args.corpus)
+        )
+        results = protocol.run_experiment(config, corpus, args.out, progress=not args.no_progress)
+    print(markdown_table(results["summary"], seeds=results["seeds"]))
+    print(
+        f"wrote {Path(args.out) / RESULTS_FILE} and {Path(args.out) / TABLE_FILE} "
+        f"({results['wall_seconds']:.0f} s on {results['device']})"
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``tikmix experiment``."""
+    parser = subparsers.add_parser(
+        "experiment",
+        help="compare mixing methods on paired seeds by test loss (the mixture-quality protocol)",
+        description=protocol.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--corpus", default="corpus", help="corpus directory DIR/<domain>/{train,val,test}/")
+    parser.add_argument("--out", default="out/experiment", help="output directory (default: out/experiment)")
+    parser.add_argument(
+        "--build", action="store_true", help="build (or reuse) the built-in corpus in --corpus first"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="combine the results of one protocol run in parts (split by --methods, --seeds or both) into "
+        "--out (trains nothing; the other flags are ignored)",
+    )
+    add_config_arguments(parser, ExperimentConfig())
+    parser.set_defaults(func=_run)

@@ -1,0 +1,292 @@
+"""``ExperimentConfig``: the shared protocol fields and one nested options dataclass per method family.
+
+On the command line and in ``results.json`` every option has one flat name (its *flag*: ``--regmix-proxies``
+is ``config.regmix.proxies``); ``FLAGS`` lists them in order, ``ExperimentConfig.from_flat`` builds a config
+from flat names and ``to_dict`` writes them, so results files stay comparable across versions. A field's
+``used_by`` (in ``FLAGS``) names the methods it configures; ``merge_results`` compares only those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from tikmix_loader.errors import ConfigError
+from tikmix_loader.experiment.methods import ADAPTIVE, INFLUENCE, METHOD_BUILDERS, METHODS
+from tikmix_loader.influence import PRECONDITIONERS
+from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
+from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig
+from tikmix_loader.models.tiny_gpt import PRESETS
+from tikmix_loader.train import TrainConfig
+
+INIT_MIXTURES = ("stratified", "natural")
+
+
+def _option(default, help: str, *, flag: str | None = None, used_by: tuple[str, ...] | None = None):
+    """A config field: its default, one-line ``help``, flat ``flag`` name (default: the field's name, after
+    the group's prefix) and ``used_by`` (default: the group's; None: every method)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "used_by": used_by})
+
+
+def _group(options: type, *, used_by: tuple[str, ...], prefix: str = ""):
+    """A nested options field of ``ExperimentConfig``, configuring the methods in ``used_by``."""
+    return field(default_factory=options, metadata={"options": options, "used_by": used_by, "prefix": prefix})
+
+
+def _positive_int(flag: str, value, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"ExperimentConfig: `{flag}` must be a positive int, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class InfluenceOptions:
+    """How the influence methods measure Group Influence and draw their targets."""
+
+    k: int = _option(32, "Group Influence projection width")
+    preconditioner: str = _option("kfac", "identity, kfac or ekfac")
+    target_samples: int = _option(64, "val samples per domain for the targets")
+    target_batch_size: int = _option(16, "batch size of target/observation passes")
+
+    def __post_init__(self):
+        for name in ("k", "target_samples", "target_batch_size"):
+            _positive_int(name, getattr(self, name))
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ConfigError(
+                f"ExperimentConfig: `preconditioner` must be one of {sorted(PRECONDITIONERS)}, got "
+                f"{self.preconditioner!r}."
+            )
+
+
+@dataclass(frozen=True)
+class TiKMiXDOptions:
+    """Online TiKMiX-D's EMA and the bounds of every TiKMiX-D solve."""
+
+    half_life: float | None = _option(
+        200.0, "online EMA half-life (None: every)", used_by=("tikmix-d", "tikmix-m")
+    )
+    max_step: float | None = _option(2.0, "tikmix-d trust region: w_d moves at most this factor per decision")
+    min_weight: float = _option(0.1, "tikmix-d lower bound of every weight")
+
+    def __post_init__(self):
+        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight)  # validates both
+        if self.half_life is not None and not self.half_life > 0:
+            raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Stage-wise TiKMiX-D: observation passes at token milestones."""
+
+    stages: int = _option(3, "tikmix-d-stage: evenly spaced token milestones")
+    observation_samples: int = _option(64, "tikmix-d-stage: samples per domain")
+
+    def __post_init__(self):
+        _positive_int("stages", self.stages)
+        _positive_int("observation_samples", self.observation_samples)
+
+
+@dataclass(frozen=True)
+class TemperatureOptions:
+    """The temperature baseline: token shares ** tau."""
+
+    tau: float = _option(0.5, "tau of the temperature baseline", flag="temperature")
+
+    def __post_init__(self):
+        if not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ConfigError(f"ExperimentConfig: `temperature` must be >= 0, got {self.tau!r}.")
+
+
+@dataclass(frozen=True)
+class RegMixOptions:
+    """RegMix's proxy sweep (flags ``--regmix-*``)."""
+
+    proxies: int = _option(16, "RegMix proxy runs")
+    model: str = _option("micro", "RegMix proxy preset")
+    fraction: float = _option(0.25, "proxy steps as a fraction of steps")
+    regressor: str = _option("lightgbm", "lightgbm or ridge")
+    simulations: int = _option(100_000, "mixtures scored by the fit")
+    val_samples: int = _option(64, "val samples per domain scoring a proxy")
+
+    def __post_init__(self):
+        for name in ("proxies", "simulations", "val_samples"):
+            _positive_int(f"regmix_{name}", getattr(self, name))
+        if self.proxies < 4:
+            raise ConfigError(
+                f"ExperimentConfig: `regmix_proxies` must be >= 4 to fit a regressor, got {self.proxies}."
+            )
+        if self.model not in PRESETS:
+            raise ConfigError(
+                f"ExperimentConfig: `regmix_model` {self.model!r} is not a preset; use one of "
+                f"{sorted(PRESETS)}."
+            )
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(
+                f"ExperimentConfig: `regmix_fraction` must be in (0, 1], got {self.fraction!r}."
+            )
+        if self.regressor not in REGRESSORS:
+            raise ConfigError(
+                f"ExperimentConfig: `regmix_regressor` must be one of {list(REGRESSORS)}, got "
+                f"{self.regressor!r}."
+            )
+
+
+@dataclass(frozen=True)
+class TiKMiXMOptions:
+    """TiKMiX-M: decision interval, candidates and the measured look-ahead label."""
+
+    every: int | None = _option(None, "tikmix-m decision interval (None: 2 x every)", flag="m_every")
+    candidates: int = _option(32, "tikmix-m look-ahead candidates per decision", flag="m_candidates")
+    lookahead_steps: int = _option(1, "tikmix-m optimiser steps per candidate")
+    lookahead_samples: int = _option(4, "tikmix-m look-ahead samples per domain")
+    lookahead_target_samples: int = _option(8, "tikmix-m target samples per domain")
+
+    def __post_init__(self):
+        _positive_int("m_every", self.every, optional=True)
+        _positive_int("m_candidates", self.candidates)
+        for name in ("lookahead_steps", "lookahead_samples", "lookahead_target_samples"):
+            _positive_int(name, getattr(self, name))
+        if self.candidates < 8:
+            raise ConfigError(f"ExperimentConfig: `m_candidates` must be >= 8, got {self.candidates}.")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines an experiment; saved in ``results.json`` (flat, see ``to_dict``)."""
+
+    methods: tuple[str, ...] = _option(METHODS, "methods to run")
+    seeds: tuple[int, ...] = _option((0, 1, 2, 3, 4), "paired seeds (init, data order)")
+    steps: int = _option(1500, "training steps of every run")
+    batch_size: int = _option(32, "sequences per step")
+    seq_len: int = _option(128, "tokens per sequence")
+    model: str = _option("tiny", f"TinyGPT preset: {sorted(PRESETS)}")
+    lr: float = _option(2e-3, "peak learning rate (cosine schedule, 5% warmup)")
+    device: str = _option("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    init: str = _option("stratified", "initial mixture of adaptive methods", used_by=ADAPTIVE)
+    every: int = _option(
+        100, "steps between decisions (tikmix-d, odm)", used_by=("odm", "tikmix-d", "tikmix-m")
+    )
+    influence: InfluenceOptions = _group(InfluenceOptions, used_by=INFLUENCE)
+    tikmix_d: TiKMiXDOptions = _group(TiKMiXDOptions, used_by=("tikmix-d", "tikmix-d-stage"))
+    stage: StageOptions = _group(StageOptions, used_by=("tikmix-d-stage",))
+    temperature: TemperatureOptions = _group(TemperatureOptions, used_by=("temperature",))
+    regmix: RegMixOptions = _group(RegMixOptions, used_by=("regmix",), prefix="regmix_")
+    tikmix_m: TiKMiXMOptions = _group(TiKMiXMOptions, used_by=("tikmix-m",))
+    eval_samples: int | None = _option(None, "test samples per domain (None: all)")
+    eval_batch_size: int = _option(64, "batch size of test scoring")
+    num_workers: int = _option(1, "loader prefetch threads")
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+        unknown = [m for m in self.methods if m not in METHOD_BUILDERS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(
+                f"ExperimentConfig: `methods` {list(self.methods)} must be distinct names from "
+                f"{list(METHOD_BUILDERS)} (unknown: {unknown})."
+            )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"ExperimentConfig: `seeds` must be distinct ints, got {list(self.seeds)}.")
+        if self.model not in PRESETS:
+            raise ConfigError(
+                f"ExperimentConfig: `model` {self.model!r} is not a preset; use one of {sorted(PRESETS)}."
+            )
+        if self.init not in INIT_MIXTURES:
+            raise ConfigError(f"ExperimentConfig: `init` must be one of {INIT_MIXTURES}, got {self.init!r}.")
+        for name in ("steps", "batch_size", "seq_len", "every", "eval_batch_size"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("eval_samples", self.eval_samples, optional=True)
+        if self.num_workers < 0:
+            raise ConfigError(f"ExperimentConfig: `num_workers` must be >= 0, got {self.num_workers!r}.")
+        TrainConfig(steps=self.steps, lr=self.lr)  # validates the shared schedule's arguments
+
+    @classmethod
+    def from_flat(cls, **values) -> ExperimentConfig:
+        """A config from flat option names (``FLAGS``: ``regmix_proxies=8`` sets ``regmix.proxies``); the
+        options not given keep their defaults.
+
+        Raises:
+            ConfigError: a name that is no option (the message lists them), or a bad value.
+        """
+        unknown = sorted(set(values) - set(FLAG_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"ExperimentConfig: unknown options {unknown}; valid ones are {list(FLAG_NAMES)}."
+            )
+        top, groups = {}, {}
+        for flag in FLAGS:
+            if flag.name in values:
+                target = top if flag.group is None else groups.setdefault(flag.group, {})
+                target[flag.field] = values[flag.name]
+        for item in dataclasses.fields(cls):
+            if item.name in groups:
+                top[item.name] = item.metadata["options"](**groups[item.name])
+        return cls(**top)
+
+    def get(self, flag: str):
+        """The value of the option with flat name ``flag``."""
+        spec = FLAGS_BY_NAME[flag]
+        owner = self if spec.group is None else getattr(self, spec.group)
+        return getattr(owner, spec.field)
+
+    def to_dict(self) -> dict:
+        """Every option by flat name (tuples as lists): what ``results.json`` records."""
+        return {
+            flag.name: list(value) if isinstance(value, tuple) else value
+            for flag in FLAGS
+            for value in [self.get(flag.name)]
+        }
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The schedule every method's run uses."""
+        return TrainConfig(steps=self.steps, lr=self.lr)
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One option of ``ExperimentConfig`` by its flat name: ``config.<group>.<field>`` (or ``config.<field>``
+    when ``group`` is None), its default, help and the methods it configures (None: every method)."""
+
+    name: str
+    group: str | None
+    field: str
+    default: object
+    help: str
+    used_by: tuple[str, ...] | None
+
+
+def _flags() -> tuple[Flag, ...]:
+    flags = []
+    for item in dataclasses.fields(ExperimentConfig):
+        options = item.metadata.get("options")
+        if options is None:
+            flags.append(
+                Flag(
+                    item.name, None, item.name, item.default, item.metadata["help"], item.metadata["used_by"]
+                )
+            )
+            continue
+        for sub in dataclasses.fields(options):
+            flags.append(
+                Flag(
+                    name=sub.metadata["flag"] or item.metadata["prefix"] + sub.name,
+                    group=item.name,
+                    field=sub.name,
+                    default=sub.default,
+                    help=sub.metadata["help"],
+                    used_by=sub.metadata["used_by"] or item.metadata["used_by"],
+                )
+            )
+    return tuple(flags)
+
+
+FLAGS = _flags()
+FLAGS_BY_NAME = {flag.name: flag for flag in FLAGS}
+FLAG_NAMES = tuple(FLAGS_BY_NAME)

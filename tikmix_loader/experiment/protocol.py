@@ -1,0 +1,121 @@
+"""``tikmix experiment``: train the same model with each mixing method on paired seeds and score test loss.
+
+Protocol (issue 6, section 4):
+
+- Every method trains the same ``TinyGPT`` preset for the same steps, batch and sequence length (so the same
+  training tokens), with one LR schedule (``TrainConfig``: AdamW, linear warmup, cosine decay). The seed fixes
+  the initialisation and every domain's data order (the loader reads each domain in an order keyed by
+  ``(seed, domain)``, independent of the weights), so runs with equal seeds are paired.
+- Mixers and targets read only the train and val splits: the loader holds the train split, the targets are
+  samples of the val split of every domain (equally weighted), and ``train_method`` is never given the test
+  split. Test is read once per run, after training, by ``evaluate``.
+- Metric: test loss in nats/token, averaged over domains with equal weights, and the worst domain's.
+- Decision compute, in FLOPs: tokens through the influence engine's extra passes (``InfluenceMatrix.
+  processed_tokens``) times the model's training FLOPs per token; for TiKMiX-M also its look-ahead passes;
+  for RegMix the proxy sweep (training and val scoring of every proxy). Statistics collected from the
+  ordinary training backward (online mode) cost nothing extra. Training FLOPs are reported beside them.
+
+Methods (``--methods``): ``stratified`` (uniform), ``natural`` (token shares), ``temperature`` (shares **
+``tau``, 0.5), ``regmix`` (proxy sweep, LightGBM fit, simulated optimum, then a static run), ``odm`` (EXP3
+on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps), ``tikmix-d-stage``
+(observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m`` (TiKMiX-D anchor
+refined by a LightGBM surrogate of a measured look-ahead label).
+
+Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
+the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's
+final run uses the mixture found, so its decision FLOPs are counted once; paired differences are
+``method - stratified`` per seed with standard error ``std(ddof=1) / sqrt(n)``. The TiKMiX-D defaults (a
+decision every 100 steps, EMA half-life 200 steps, 64 val samples per domain per target, a trust region of
+2x per decision and a floor of 0.1 per weight) come from the investigation in ``benchmarks/RESULTS.md``;
+``--max-step none --min-weight 0`` gives the paper's unbounded solve.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tikmix_loader.experiment.config import ExperimentConfig
+from tikmix_loader.experiment.corpus_splits import load_splits
+from tikmix_loader.experiment.regmix import regmix_sweep
+from tikmix_loader.experiment.results import empty_entry, record_run, write_results
+from tikmix_loader.experiment.runs import train_method
+from tikmix_loader.experiment.stats import summarize
+from tikmix_loader.train import evaluate, resolve_device
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    corpus: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Run every method on every seed, score test loss, write ``results.json`` and ``results.md`` to ``out``.
+
+    Seeds are the outer loop, so an interrupted experiment leaves complete paired seeds behind; the files are
+    rewritten after every seed.
+
+    Returns:
+        dict: The ``results.json`` content: ``methods`` {name: {avg_test_loss, worst_test_loss, test_loss
+        {domain: [...]}, decision_flops, decision_flops_per_seed, train_flops, final_weights, initial_weights,
+        wall_seconds, train_loss, decisions, ledgers}}, ``summary``, ``domains``, ``seeds``, ``config``,
+        ``regmix`` (the sweep, when run), ``device``, ``wall_seconds``.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(corpus)
+    names = splits.names
+    entries = {method: empty_entry(names) for method in config.methods}
+    results = {
+        "config": config.to_dict(),
+        "corpus": str(corpus),
+        "device": str(resolve_device(config.device)),
+        "domains": names,
+        "seeds": [],
+        "methods": entries,
+        "regmix": None,
+    }
+    for seed in config.seeds:
+        for method in config.methods:
+            run_started = time.perf_counter()
+            static = None
+            if method == "regmix":
+                if results["regmix"] is None:
+                    results["regmix"] = regmix_sweep(
+                        config,
+                        train_domains=splits.train,
+                        val_domains=splits.val,
+                        seed=config.seeds[0],
+                        progress=progress,
+                    )
+                static = results["regmix"]["weights"]
+            ledger = out / "ledgers" / f"{method}-seed{seed}.jsonl"
+            run = train_method(
+                method,
+                seed,
+                config=config,
+                train_domains=splits.train,
+                val_domains=splits.val,
+                static_weights=static,
+                ledger=ledger,
+                progress=progress,
+            )
+            test = evaluate(
+                run.model,
+                splits.test,
+                seq_len=config.seq_len,
+                batch_size=config.eval_batch_size,
+                max_samples=config.eval_samples,
+            )
+            decision_flops = run.decision_flops + (
+                results["regmix"]["decision_flops"] if method == "regmix" else 0.0
+            )
+            record_run(entries[method], run, test, decision_flops, time.perf_counter() - run_started)
+        results["seeds"].append(seed)
+        results["summary"] = summarize(entries)
+        results["wall_seconds"] = time.perf_counter() - started
+        write_results(results, out)
+    return results
