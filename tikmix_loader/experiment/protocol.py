@@ -17,9 +17,10 @@ Protocol (issue 6, section 4):
 
 Methods (``--methods``): ``stratified`` (uniform), ``natural`` (token shares), ``temperature`` (shares **
 ``tau``, 0.5), ``regmix`` (proxy sweep, LightGBM fit, simulated optimum, then a static run), ``odm`` (EXP3
-on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps), ``tikmix-d-stage``
-(observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m`` (TiKMiX-D anchor
-refined by a LightGBM surrogate of a measured look-ahead label).
+on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps),
+``tikmix-d-fresh`` (the same schedule, each decision on a fresh observation pass instead of the online EMA),
+``tikmix-d-stage`` (observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m``
+(TiKMiX-D anchor refined by a LightGBM surrogate of a measured look-ahead label).
 
 Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
 the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's
