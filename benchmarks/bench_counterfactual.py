@@ -33,10 +33,11 @@ helped) and its regret against the best of the M branches. The third fits the st
 predictor, the step of ``--solve-steps`` that did best at the *other* checkpoints (leave one checkpoint out),
 scored at the held-out one, beside stratified's regret.
 
-Usage (the issue-14 record; about 10 minutes on a shared 2-core CPU)::
+Usage (the issue-14 records; 15-30 minutes on a shared 2-core CPU)::
 
     nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
-        [--checkpoints 100 200 300] [--branch-steps 10] [--json out/counterfactual.json]
+        [--checkpoints 100 200 300] [--branch-steps 10] [--branch-data weighted] [--ks 32] \
+        [--json out/counterfactual.json]
 """
 
 from __future__ import annotations
