@@ -11,8 +11,11 @@ Problem (paper, with the project's additions marked "ours")::
 ``max_weight`` (ours) tightened by availability caps ``w_d <= available_tokens_d * max_epochs_d /
 remaining_tokens`` (ours) and, optionally, a trust region ``w_prior_d / max_step <= w_d <= max_step *
 w_prior_d`` (ours: online decisions see a noisy S, and the box limits how far one decision can move the
-mixture, like TiKMiX-M's ``[w_D / 2, 2 w_D]`` candidate box). The problem is convex (a norm of an affine map,
-a linear term and the negative entropy), so any local solution is global.
+mixture, like TiKMiX-M's ``[w_D / 2, 2 w_D]`` candidate box). The problem is convex (a norm of an affine
+map, a linear term and the negative entropy), so any local solution is global. Optionally (ours, ``step`` <
+1) the answer is only part of the way from ``w_prior`` to the solution (:func:`partial_step`): measured
+outcomes are concave in ``w``, so the full step of this nearly linear objective overshoots (docs/methods.md
+§4).
 
 Solvers. Both are SciPy SLSQP with analytic gradients:
 
