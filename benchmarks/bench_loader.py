@@ -8,7 +8,10 @@ repeats) and the ratio against streaming's ``StreamingDataset`` with ``Stream(pr
 is timed. Also reported: the weight-switch latency in batches (how many batches after ``set_weights`` the
 realized composition follows the new weights) and the resume time (``load_state_dict`` plus the first batch).
 
-Run: ``python benchmarks/bench_loader.py`` or ``tikmix bench loader``.
+With ``--quality`` it instead times MixtureLoader with and without QuaDMix quality sampling (random scores
+for two criteria, ``QUALITY_PARAMS`` on every domain) on the same data, interleaved, and prints the ratio.
+
+Run: ``python benchmarks/bench_loader.py`` or ``tikmix bench loader`` (``--quality`` for the comparison).
 """
 
 from __future__ import annotations
@@ -182,6 +185,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs-per-domain", type=int, default=4000)
     parser.add_argument("--doc-tokens", type=int, default=600)
     parser.add_argument("--data-dir", type=Path, default=None, help="reuse/keep the generated data here")
+    parser.add_argument(
+        "--quality", action="store_true", help="compare MixtureLoader with and without quality sampling"
+    )
 
 
 def run(args) -> dict:
@@ -229,10 +235,79 @@ def run(args) -> dict:
     return summary
 
 
+# A typical QuaDMix setting: the better 60% of tokens boosted up to 2x, the rest kept with probability 0.2.
+QUALITY_PARAMS = {"alpha": (0.6, 0.4), "lam": 10.0, "omega": 0.6, "eta": 1.0, "eps": 0.2}
+
+
+def _mixture_loader_rate(directory: Path, args, quality) -> float:
+    """Delivered tokens/s of MixtureLoader on the MDS data, weights changing every 50 batches."""
+    from tikmix_loader import Domain, MixtureLoader
+
+    domains = [Domain(name, directory / "mds" / name, eos_id=256, vocab_size=258) for name in DOMAINS]
+    loader = MixtureLoader(
+        domains,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        weights=DOMAINS,
+        num_workers=args.workers,
+        seed=0,
+        quality=quality,
+    )
+    rng = np.random.default_rng(1)
+
+    def change_weights(index, batch):
+        if index % 50 == 49:
+            loader.set_weights(rng.dirichlet(np.ones(len(DOMAINS))).tolist())
+
+    elapsed = _time_batches(iter(loader), args.batches, change_weights)
+    loader.close()
+    return args.batches * args.batch_size * args.seq_len / elapsed
+
+
+def run_quality(args) -> dict:
+    """MixtureLoader with and without quality sampling, ``repeats`` times interleaved; prints the ratio."""
+    from tikmix_loader.quality import QualityConfig, QualityParams, write_scores
+
+    directory = args.data_dir or Path(tempfile.mkdtemp(prefix="tikmix-bench-loader-"))
+    if not (directory / "mds").exists():
+        write_data(directory, docs_per_domain=args.docs_per_domain, doc_tokens=args.doc_tokens)
+    rng = np.random.default_rng(2)
+    for name in DOMAINS:
+        for criterion in ("score_a", "score_b"):
+            scores = rng.random(args.docs_per_domain)
+            write_scores(directory / "mds" / name, criterion, scores, num_docs=args.docs_per_domain)
+    params = QualityParams(**QUALITY_PARAMS)
+    quality = QualityConfig(["score_a", "score_b"], {name: params for name in DOMAINS})
+    rates = {"without quality": [], "with quality": []}
+    for _ in range(args.repeats):
+        rates["without quality"].append(_mixture_loader_rate(directory, args, None))
+        rates["with quality"].append(_mixture_loader_rate(directory, args, quality))
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"batch {args.batch_size} x seq_len {args.seq_len}, {args.workers} threads, "
+        f"{args.batches} batches x {args.repeats} repeats; QualityParams {QUALITY_PARAMS}"
+    )
+    print(f"{'MixtureLoader':<18}{'tokens/s median':>16}{'p20':>12}{'p80':>12}{'vs without':>12}")
+    baseline = statistics.median(rates["without quality"])
+    summary = {}
+    for name, values in rates.items():
+        median = statistics.median(values)
+        p20, p80 = np.percentile(values, [20, 80])
+        print(f"{name:<18}{median:>16,.0f}{p20:>12,.0f}{p80:>12,.0f}{median / baseline:>11.2f}x")
+        summary[name] = {"median": median, "p20": p20, "p80": p80, "ratio": median / baseline}
+    if args.data_dir is None:
+        shutil.rmtree(directory, ignore_errors=True)
+    return summary
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_cli_arguments(parser)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.quality:
+        run_quality(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

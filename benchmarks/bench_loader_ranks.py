@@ -7,10 +7,13 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
 
 - tokens read: tokens handed out by ``DomainStream.read_at`` (the samples the rank reads), against the
   named baseline ``global_batch_tokens / W`` (ratio column; the goal is within 1.1x);
-- documents' tokens decoded from storage (``Domain.read_docs``), the I/O under those samples;
+- tokens taken from storage (``Domain.read_docs``, whole documents, and ``Domain.read_doc_ranges``, the
+  parts of documents under sparse windows), the I/O under those samples;
 - seconds per rank per global batch (median, p20, p80 over all timed batches of all sampled ranks and
   repeats), and the speedup against W = 1 measured in the same run (the goal is about W: the time falls
   as 1/W). Before per-rank reads every rank did the W = 1 work.
+- CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
+  on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
 
 Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
 """
@@ -43,7 +46,8 @@ def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, see
 
 
 class ReadCounter:
-    """Spies on ``DomainStream.read_at`` (sample tokens read) and ``Domain.read_docs`` (tokens decoded)."""
+    """Spies on ``DomainStream.read_at`` (sample tokens read) and on ``Domain.read_docs`` and
+    ``Domain.read_doc_ranges`` (tokens taken from storage)."""
 
     def __init__(self):
         from tikmix_loader.data.domain import Domain
@@ -51,7 +55,7 @@ class ReadCounter:
 
         self.sample_tokens = 0
         self.decoded_tokens = 0
-        read_at, read_docs = DomainStream.read_at, Domain.read_docs
+        read_at, read_docs, read_doc_ranges = DomainStream.read_at, Domain.read_docs, Domain.read_doc_ranges
 
         def counting_read_at(stream, indices):
             tokens, valid = read_at(stream, indices)
@@ -63,7 +67,13 @@ class ReadCounter:
             self.decoded_tokens += sum(len(document) for document in documents)
             return documents
 
+        def counting_read_doc_ranges(domain, docs, starts, stops):
+            tokens = read_doc_ranges(domain, docs, starts, stops)
+            self.decoded_tokens += len(tokens)
+            return tokens
+
         DomainStream.read_at, Domain.read_docs = counting_read_at, counting_read_docs
+        Domain.read_doc_ranges = counting_read_doc_ranges
 
     def reset(self) -> None:
         self.sample_tokens = self.decoded_tokens = 0
@@ -80,7 +90,7 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
     """Per-rank tokens read, tokens decoded and seconds per global batch, over the sampled ranks."""
     from tikmix_loader import MixtureLoader
 
-    seconds, sample_tokens, decoded_tokens = [], [], []
+    seconds, cpu_seconds, sample_tokens, decoded_tokens = [], [], [], []
     for _ in range(args.repeats):
         for rank in sampled_ranks(world_size, args.ranks):
             loader = MixtureLoader(
@@ -96,13 +106,15 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
             loader.next_batch()  # warm up: epoch layouts built, first blocks mapped
             for _ in range(args.batches):
                 counter.reset()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 loader.next_batch()
                 seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.thread_time() - cpu_start)
                 sample_tokens.append(counter.sample_tokens)
                 decoded_tokens.append(counter.decoded_tokens)
     return {
         "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu_seconds),
         "sample_tokens": statistics.median(sample_tokens),
         "decoded_tokens": statistics.median(decoded_tokens),
     }
@@ -134,6 +146,7 @@ def main(argv=None) -> None:
     global_tokens = args.global_batch * (args.seq_len + 1)  # a sample reads seq_len + 1 tokens
     smallest = min(results)
     base = statistics.median(results[smallest]["seconds"])
+    cpu_base = results[smallest]["cpu_seconds"]
     print(
         f"machine: {platform.node() or 'unknown'} {platform.machine()}, global batch {args.global_batch} x "
         f"(seq_len {args.seq_len} + 1) = {global_tokens:,} tokens; {args.batches} batches x {args.repeats} "
@@ -142,7 +155,7 @@ def main(argv=None) -> None:
     header = (
         f"{'W':>5} {'rank batch':>10} {'tokens read':>12} {'global/W':>10} {'ratio':>6} {'decoded':>10} "
         f"{'decoded/(global/W)':>18} {'s/batch med':>12} {'p20':>9} {'p80':>9} "
-        f"{f'speedup vs W={smallest}':>15}"
+        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11}"
     )
     print(header)
     for world_size, result in results.items():
@@ -153,7 +166,8 @@ def main(argv=None) -> None:
             f"{world_size:>5} {args.global_batch // world_size:>10} {result['sample_tokens']:>12,.0f} "
             f"{share:>10,.0f} {result['sample_tokens'] / share:>5.2f}x {result['decoded_tokens']:>10,.0f} "
             f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
-            f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x"
+            f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x {result['cpu_seconds']:>12.6f} "
+            f"{cpu_base / result['cpu_seconds']:>10.1f}x"
         )
 
 

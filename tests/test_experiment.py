@@ -16,7 +16,7 @@ import tikmix_loader.experiment as experiment
 import tikmix_loader.experiment.corpus_splits as corpus_splits
 import tikmix_loader.experiment.protocol as protocol
 import tikmix_loader.experiment.regmix as regmix_module
-import tikmix_loader.experiment.runs as runs
+import tikmix_loader.experiment.runs as runs_module
 import tikmix_loader.mixing.tikmix_d as tikmix_d_module
 from tikmix_loader import ConfigError, DomainError, MixtureLoader
 from tikmix_loader.cli import main
@@ -181,7 +181,7 @@ def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path,
         evaluated.append({Path(domain.path).name for domain in domains})
         return original_evaluate(model, domains, **options)
 
-    for module in (runs, regmix_module, corpus_splits):  # every loader the protocol opens
+    for module in (runs_module, regmix_module, corpus_splits):  # every loader the protocol opens
         monkeypatch.setattr(module, "MixtureLoader", SpyLoader)
     for module in (protocol, regmix_module):  # every scoring pass
         monkeypatch.setattr(module, "evaluate", spy_evaluate)

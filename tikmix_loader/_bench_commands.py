@@ -1,4 +1,4 @@
-"""``tikmix bench {counterfactual,io,kernels,loader}``: run a benchmark from the console script (extra
+"""``tikmix bench {counterfactual,io,kernels,loader,scorers}``: run a benchmark from the console script (extra
 arguments go to it)."""
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ BENCHMARKS = {
     "counterfactual": (
         "does Group Influence rank mixtures like paired training branches do? (issue 14)",
         lambda: _repo_benchmark("bench_counterfactual"),
+    ),
+    "scorers": (
+        "quality scorers vs injected noise: ROC AUC per noise kind, scoring time (issue 13)",
+        lambda: _repo_benchmark("bench_scorers"),
     ),
     "kernels": (
         "fused projected-gradient kernels vs naive and unfused torch",

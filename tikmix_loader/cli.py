@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": "tikmix_loader._bench_commands",
     "ledger": "tikmix_loader.ledger",
     "report": "tikmix_loader.report",
+    "score": "tikmix_loader.quality.scorers",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 

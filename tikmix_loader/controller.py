@@ -217,6 +217,24 @@ class MixtureController:
         self._loss_stats.zero_()
         return solution
 
+    def set_quality(self, params: Mapping, step: int) -> None:
+        """``loader.set_quality(params)`` plus a ledger record (method ``"quality"``, weights unchanged,
+        ``quality``: every domain's parameters after the change). Every rank calls it at the same step with
+        the same ``params`` (e.g. a QuaDMix search result); nothing is broadcast."""
+        weights = self.loader.weights
+        self.loader.set_quality(params)
+        if self.ledger is not None:
+            self.ledger.append(
+                {
+                    "step": int(step),
+                    "tokens_seen": int(self.tokens_seen),
+                    "method": "quality",
+                    "weights_before": weights,
+                    "weights_after": weights,
+                    "quality": {name: value.to_dict() for name, value in self.loader.quality_params.items()},
+                }
+            )
+
     def _measure_influence(self):
         if self.online:
             return self.influence.influence(self.targets, self.loss_fn)

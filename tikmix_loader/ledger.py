@@ -15,8 +15,9 @@ ASCII only, no NaN). Every record holds::
     prev_hash       the previous record's ``hash`` ("0" * 64 for the first record)
     hash            sha256 hex of the canonical JSON of this record without ``hash``
 
-Callers may add further JSON-safe keys. The ledger adds no wall-clock time, so a resumed run that makes the
-same decisions writes the same bytes.
+Callers may add further JSON-safe keys. ``MixtureController.set_quality`` writes a record with method
+``"quality"``, unchanged weights and ``quality`` ({domain: QuaDMix parameters} in force after it). The
+ledger adds no wall-clock time, so a resumed run that makes the same decisions writes the same bytes.
 
 What the chain detects, and what it cannot. Each record's hash covers its content and ``prev_hash``, and
 each record carries its ``index``. So :func:`verify` names the first line where a record was edited, where a

@@ -522,3 +522,24 @@ def test_missing_zero_gives_left_out_domains_no_weight(domains):
     assert (loader.next_batch()["domain"] == 2).all()
     with pytest.raises(ConfigError, match="`missing` must be one of"):
         loader.set_weights({"math": 1.0}, missing="ignore")
+
+
+@pytest.mark.parametrize("convention", ["shifted", "hf"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_samples_to_batch_masks_exactly_the_positions_past_each_sample(convention, rows):
+    from tikmix_loader.data.loader import samples_to_batch
+    from tikmix_loader.losses import IGNORE_INDEX
+
+    rng = np.random.default_rng(rows)
+    tokens = rng.integers(0, 258, size=(rows, 9))
+    valid = np.full(rows, 9)
+    valid[rows // 2 :] = rng.integers(1, 9, size=rows - rows // 2)  # some padded rows (document mode)
+    batch = samples_to_batch(tokens.copy(), valid, np.zeros(rows), True, label_convention=convention)
+    shift = 1 if convention == "shifted" else 0
+    for row in range(rows):
+        for t in range(8):
+            target = t + shift
+            expected = tokens[row, target] if 1 <= target < valid[row] else IGNORE_INDEX
+            assert batch["labels"][row, t] == expected
+            assert batch["input_ids"][row, t] == tokens[row, t]  # never overwritten through a shared view
+            assert batch["attention_mask"][row, t] == (t < valid[row])

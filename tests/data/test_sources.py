@@ -58,6 +58,23 @@ def test_round_trip_across_shard_boundaries(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_read_doc_ranges_gives_the_slices_of_the_documents(tmp_path, fmt):
+    docs = random_docs(53, seed=2, max_len=40)
+    domain = Domain("d", make_domain_files(tmp_path, fmt, docs, **SPLIT_OPTIONS[fmt]))
+    rng = np.random.default_rng(1)
+    picks = rng.integers(0, 53, size=60)  # unsorted, repeated, across shards / row groups
+    starts = np.array([rng.integers(0, len(docs[pick]) + 1) for pick in picks])
+    stops = np.array([rng.integers(start, len(docs[pick]) + 1) for pick, start in zip(picks, starts)])
+    expected = np.concatenate([docs[pick][a:b] for pick, a, b in zip(picks, starts, stops)])
+    np.testing.assert_array_equal(domain.read_doc_ranges(picks, starts, stops), expected)
+    assert len(domain.read_doc_ranges([], [], [])) == 0
+    with pytest.raises(IndexError, match="outside document 3"):
+        domain.read_doc_ranges([3], [0], [len(docs[3]) + 1])
+    with pytest.raises(IndexError, match=r"outside \[0, 53\)"):
+        domain.read_doc_ranges([53], [0], [0])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_int32_ids_beyond_uint16(tmp_path, fmt):
     docs = [np.array([0, 70_000, 99_999]), np.array([65_536])]
     path = make_domain_files(

@@ -5,7 +5,7 @@ import pytest
 from testkit.domains import random_documents, write_domains
 
 from tikmix_loader import Domain
-from tikmix_loader.data.shuffle import BlockShuffle
+from tikmix_loader.data.shuffle import BlockShuffle, stable_key
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.stream import DomainStream
 
@@ -100,14 +100,94 @@ def test_read_at_gives_the_rows_read_gives_in_any_order_across_epochs(tmp_path, 
     assert empty_tokens.shape == (0, seq_len + 1) and empty_valid.shape == (0,)
 
 
-def test_a_single_window_reads_only_the_documents_under_it(tmp_path, monkeypatch):
-    (domain,) = write_domains(tmp_path, {"d": 400}, max_len=60)
-    stream = DomainStream(domain, seq_len=16, seed=2, block_docs=64, shuffle_window=64)
-    decoded = []
-    original = domain.read_docs
-    monkeypatch.setattr(domain, "read_docs", lambda a, b: decoded.append(b - a) or original(a, b))
-    stream.read_at(np.array([100]))
-    assert 1 <= sum(decoded) <= 17  # a window of 17 tokens covers at most 17 documents (not the block's 64)
-    decoded.clear()
-    stream.read(0, 64)
-    assert sum(decoded) >= 64  # a whole chunk reads whole blocks
+class RangeCounter:
+    """Counts the tokens a domain hands out: by ``read_doc_ranges`` and by whole-document ``read_docs``."""
+
+    def __init__(self, domain, monkeypatch):
+        self.range_tokens = self.document_tokens = 0
+        read_ranges, read_docs = domain.read_doc_ranges, domain.read_docs
+
+        def counting_ranges(docs, starts, stops):
+            tokens = read_ranges(docs, starts, stops)
+            self.range_tokens += len(tokens)
+            return tokens
+
+        def counting_docs(start, stop):
+            documents = read_docs(start, stop)
+            self.document_tokens += sum(len(document) for document in documents)
+            return documents
+
+        monkeypatch.setattr(domain, "read_doc_ranges", counting_ranges)
+        monkeypatch.setattr(domain, "read_docs", counting_docs)
+
+
+def test_a_window_of_a_long_document_reads_only_its_tokens(tmp_path, monkeypatch):
+    # Documents of 500-1,000 tokens and windows of 17: a rank's few windows must not decode whole documents.
+    documents = random_documents(40, seed=4, min_len=500, max_len=1000)
+    domain = Domain("long", write_memmap(tmp_path / "long.bin", documents, vocab_size=258))
+    options = {"seq_len": 16, "seed": 2, "block_docs": 8, "shuffle_window": 64}
+    expected, _ = DomainStream(domain, **options).read(0, 3 * 64)
+    stream = DomainStream(domain, **options)
+    counter = RangeCounter(domain, monkeypatch)
+    picks = np.array([5, 70, 150])  # one window in each of three chunks: the sparse path
+    tokens, _ = stream.read_at(picks)
+    np.testing.assert_array_equal(tokens, expected[picks])
+    eos = int((tokens == domain.eos_id).sum())
+    assert counter.document_tokens == 0
+    assert counter.range_tokens == 3 * 17 - eos  # exactly the windows' tokens, EOS separators excepted
+
+
+def test_document_mode_reads_only_the_first_seq_len_plus_one_tokens(tmp_path, monkeypatch):
+    documents = random_documents(40, seed=5, min_len=1, max_len=1000)
+    domain = Domain("docs", write_memmap(tmp_path / "docs.bin", documents, vocab_size=258), mode="document")
+    options = {"seq_len": 32, "seed": 1, "block_docs": 8}
+    counter = RangeCounter(domain, monkeypatch)
+    tokens, valid = DomainStream(domain, **options).read_at(np.array([39, 3, 17]))
+    assert counter.document_tokens == 0
+    assert counter.range_tokens == int(np.minimum(valid, 33).sum() - (valid < 33).sum())
+    # Independent reference: the sample is the document at that position of the epoch's shuffled order.
+    shuffle = BlockShuffle(40, 8, 1, stable_key("docs"), 0)
+    order = np.concatenate(
+        [np.arange(*shuffle.block_range(b))[shuffle.within_block(b)] for b in shuffle.block_order]
+    )
+    for row, position in enumerate([39, 3, 17]):
+        document = documents[order[position]]
+        content = np.append(document, domain.eos_id)[:33]
+        assert valid[row] == len(content)
+        np.testing.assert_array_equal(tokens[row, : len(content)], content)
+        assert (tokens[row, len(content) :] == domain.pad_id).all()
+
+
+@pytest.mark.parametrize(
+    ("share", "whole_chunks"), [(1.0, True), (0.25, True), (1 / 8, False), (None, False)]
+)
+def test_a_reader_of_a_large_share_reads_whole_chunks_in_small_runs(
+    tmp_path, monkeypatch, share, whole_chunks
+):
+    # One rank of one (or a few) takes every window of a chunk over several small reads: reading the chunk
+    # whole once beats decoding each document once per window over it. A rank of many reads token ranges.
+    (domain,) = write_domains(tmp_path, {"d": 200}, max_len=60)
+    options = {"seq_len": 16, "seed": 3, "block_docs": 32, "shuffle_window": 64}
+    expected, _ = DomainStream(domain, **options).read(0, 128)
+    stream = DomainStream(domain, **options, share=share)
+    counter = RangeCounter(domain, monkeypatch)
+    for start in range(0, 128, 8):  # runs of 8 rows, under 1/4 of a chunk
+        tokens, _ = stream.read_at(np.arange(start, start + 8))
+        np.testing.assert_array_equal(tokens, expected[start : start + 8])
+    assert (counter.document_tokens > 0) == whole_chunks
+    assert (counter.range_tokens > 0) != whole_chunks
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 40])
+def test_token_range_reads_match_whole_chunk_reads_with_empty_and_tiny_documents(tmp_path, seq_len):
+    # Empty documents are a lone EOS; with seq_len 40 a window spans many documents and several blocks.
+    rng = np.random.default_rng(seq_len)
+    documents = [rng.integers(0, 256, size=int(n)) for n in rng.choice([0, 0, 1, 2, 5, 30], size=300)]
+    domain = Domain("z", write_memmap(tmp_path / "z.bin", documents, vocab_size=258))
+    options = {"seq_len": seq_len, "seed": 1, "block_docs": 7, "shuffle_window": 16}
+    whole = DomainStream(domain, **options, share=1.0)
+    span = 2 * whole.samples_per_epoch
+    expected, _ = whole.read(0, span)
+    picks = rng.choice(span, size=40, replace=False)
+    got, _ = DomainStream(domain, **options, share=1 / 64).read_at(picks)
+    np.testing.assert_array_equal(got, expected[picks])

@@ -24,6 +24,12 @@ Layout: ``OUTDIR/<domain>/{train,val,test}/`` (each a ``tikmix convert`` dataset
 ``test_fraction``, topped up to ``min_eval_docs`` from train). The manifest lists every document and
 every candidate left out, with the sha256 of its source file; building again into the same OUTDIR with
 unchanged inputs and options reuses the corpus instead of rebuilding it.
+
+``--inject-noise RATE`` adds damaged copies of real documents to each domain's train split (val and test
+stay clean) so that they are ``RATE`` of it (kinds and recipe in ``tikmix_loader/data/noise.py``). Their
+ground truth is ``OUTDIR/<domain>/train/noise_labels.npy`` (int8 per stored document: 0 clean, ``k`` the
+``k``-th of the manifest's ``noise_kinds``), read with ``noise_labels(OUTDIR, domain)``; the manifest
+counts each kind per domain under ``noise``.
 """
 
 from __future__ import annotations
@@ -45,15 +51,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from tikmix_loader.data.convert import FORMATS, atomic_directory, expand_inputs, write_dataset
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.metadata import read_dataset_meta
+from tikmix_loader.data.noise import NOISE_KINDS, check_noise_options, inject_noise
 from tikmix_loader.data.tokenizer import load_tokenizer
 from tikmix_loader.errors import ConfigError, ConversionError
 
 SPLITS = ("train", "val", "test")
+NOISE_LABELS_FILE = "noise_labels.npy"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_KIND = "tikmix-corpus"
 # Bump when the selection or extraction rules change, so an old corpus is rebuilt rather than reused.
@@ -94,6 +103,15 @@ class CorpusConfig:
     man_dir: str = field(default="/usr/share/man", metadata={"help": "Root of the man pages (man domain)."})
     include_dir: str = field(default="/usr/include", metadata={"help": "C headers (c_headers domain)."})
     doc_dir: str = field(default="/usr/share/doc", metadata={"help": "Package documentation (prose domain)."})
+    inject_noise: float = field(
+        default=0.0,
+        metadata={"help": "Share of noisy documents added to each train split (0: none); see data/noise.py."},
+    )
+    noise_kinds: str = field(
+        default="",
+        metadata={"help": f"Comma-separated kinds of noise, of {', '.join(NOISE_KINDS)} (default: all)."},
+    )
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the injected noise."})
 
     def __post_init__(self):
         if self.max_mb_per_domain is not None and not self.max_mb_per_domain > 0:
@@ -113,9 +131,19 @@ class CorpusConfig:
             raise ConfigError(f"`min_eval_docs` must be >= 1, got {self.min_eval_docs}.")
         if self.format not in FORMATS:
             raise ConfigError(f"`format` {self.format!r} is not one of {FORMATS}.")
+        check_noise_options(self.inject_noise, self.kinds_of_noise)
+
+    @property
+    def kinds_of_noise(self) -> tuple[str, ...]:
+        """The noise kinds to inject, in ``NOISE_KINDS`` spelling (all when ``noise_kinds`` is empty)."""
+        return tuple(kind.strip() for kind in self.noise_kinds.split(",") if kind.strip()) or NOISE_KINDS
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        config = dataclasses.asdict(self)
+        if not self.inject_noise:  # a clean corpus keeps the manifest it had before noise existed
+            for name in ("inject_noise", "noise_kinds", "noise_seed"):
+                del config[name]
+        return config
 
 
 @dataclass(frozen=True)
@@ -460,6 +488,16 @@ def _build(
                     for doc, text in zip(entry["documents"], texts, strict=True)
                     if doc["split"] == split
                 ]
+                split_texts = [text for _, text in chosen]
+                labels = None
+                if split == "train" and config.inject_noise:
+                    split_texts, labels = inject_noise(
+                        split_texts,
+                        config.inject_noise,
+                        config.kinds_of_noise,
+                        seed=config.noise_seed,
+                        domain=domain,
+                    )
                 sources = {
                     doc["source"]: {
                         "path": doc["source"],
@@ -470,22 +508,49 @@ def _build(
                 }
                 meta = write_dataset(
                     temp / domain / split,
-                    (tokenizer.encode(text) for _, text in chosen),
+                    (tokenizer.encode(text) for text in split_texts),
                     name=f"{domain}/{split}",
                     format=config.format,
                     tokenizer=tokenizer,
                     sources=list(sources.values()),
                 )
                 entry["splits"][split] = {"num_docs": meta.num_docs, "num_tokens": meta.num_tokens}
+                if labels is not None:
+                    entry["noise"] = _save_noise_labels(temp / domain / split, labels, meta.num_docs)
         if not any("splits" in entry for entry in manifest["domains"].values()):
             raise ConversionError(
                 f"corpus {outdir}: no domain has enough text "
                 f"({ {name: entry.get('excluded') for name, entry in manifest['domains'].items()} }); "
                 f"lower --min-mb-per-domain or add text."
             )
+        if config.inject_noise:
+            manifest["noise_kinds"] = list(NOISE_KINDS)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "reused": False}
+
+
+def _save_noise_labels(directory: Path, labels: np.ndarray, num_docs: int) -> dict:
+    """Store the noise label of every train document; returns the per-kind counts for the manifest."""
+    if len(labels) != num_docs:  # a document that encodes to no tokens is dropped, which would shift labels
+        raise ConversionError(
+            f"{directory}: {num_docs} documents were stored but {len(labels)} were written with noise "
+            f"labels; a document encoded to no tokens. Use another tokenizer or leave out --inject-noise."
+        )
+    np.save(directory / NOISE_LABELS_FILE, labels)
+    counts = np.bincount(labels, minlength=len(NOISE_KINDS) + 1)
+    return {"clean": int(counts[0]), **{kind: int(counts[k + 1]) for k, kind in enumerate(NOISE_KINDS)}}
+
+
+def noise_labels(outdir: str | Path, domain: str) -> np.ndarray:
+    """Noise label of each train document of ``domain`` (0 clean, ``k`` = ``NOISE_KINDS[k-1]``), int8."""
+    file = Path(outdir) / domain / "train" / NOISE_LABELS_FILE
+    try:
+        return np.load(file)
+    except OSError as exc:
+        raise ConfigError(
+            f"{file}: no noise labels for domain {domain!r} ({exc}); build the corpus with --inject-noise."
+        ) from exc
 
 
 def build_corpus(
@@ -601,6 +666,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             ("min_eval_docs", int),
             ("format", str),
             ("tokenizer", str),
+            ("inject_noise", float),
+            ("noise_kinds", str),
+            ("noise_seed", int),
         ):
             help_text = CorpusConfig.__dataclass_fields__[option].metadata["help"]
             command.add_argument(
@@ -628,6 +696,9 @@ def _run(args: argparse.Namespace) -> int:
         "min_eval_docs",
         "format",
         "tokenizer",
+        "inject_noise",
+        "noise_kinds",
+        "noise_seed",
     )
     config = CorpusConfig(**{name: getattr(args, name) for name in names})
     options = {"force": args.force, "progress": not args.no_progress}
@@ -658,4 +729,6 @@ def format_summary(outdir: str | Path, manifest: dict) -> str:
             for split, c in entry["splits"].items()
         )
         lines.append(f"  {name:<10} {splits}; {len(entry['rejected'])} candidates left out")
+        if "noise" in entry:
+            lines.append(f"  {'':<10} train noise: {entry['noise']}")
     return "\n".join(lines)

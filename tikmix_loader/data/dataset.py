@@ -16,9 +16,11 @@ batches more than it delivered (``torch.utils.data`` keeps that many in flight, 
 planned by a copy of the loader's planner running ``P`` batches ahead, so ``set_weights`` called after
 ``m`` delivered batches applies from batch ``m + P``, the first one not yet planned. ``loader.weights`` and
 ``state_dict()`` show the change at once: it is stored as a change scheduled at batch ``m + P``, so a
-resume reproduces it. The main process replays each delivered batch's plan (counts only) on the loader, so
-``state_dict()`` is always the state after the last delivered batch, and a new iterator (also with
-``persistent_workers=True``) continues from there; batches in flight from an abandoned iterator are dropped.
+resume reproduces it. ``set_quality`` applies at the same batch; each plan carries the quality segments it
+was planned under, so the workers' loader copies read what the plan meant. The main process replays each
+delivered batch's plan (counts only) on the loader, so ``state_dict()`` is always the state after the last
+delivered batch, and a new iterator (also with ``persistent_workers=True``) continues from there; batches
+in flight from an abandoned iterator are dropped.
 
 State: ``dataloader.state_dict()`` / ``load_state_dict()`` (Lightning 2.x and ``StatefulDataLoader`` look
 for these) and ``dataloader.dataset.state_dict(num_samples, from_beginning)`` / ``load_state_dict`` (the
@@ -123,7 +125,8 @@ class _MixtureDataLoaderMixin:
         if self.held_batches > self._MAX_HELD:
             raise ConfigError(f"`held_batches` must be at most {self._MAX_HELD}, got {self.held_batches}.")
         before = recent[max(len(recent) - 1 - self.held_batches, 0)]
-        return {**before, "weight_history": state["weight_history"]}
+        changes = {key: state[key] for key in ("weight_history", "quality_segments") if key in state}
+        return {**before, **changes}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``: the next iterator starts with the batch after the saved one."""

@@ -135,5 +135,9 @@ class Domain:
         """Documents ``start .. stop-1`` in storage order."""
         return self.source.read_docs(start, stop)
 
+    def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Tokens ``starts[i] .. stops[i]-1`` of document ``docs[i]`` (storage ids), concatenated."""
+        return self.source.read_doc_ranges(docs, starts, stops)
+
     def __repr__(self) -> str:
         return f"Domain(name={self.name!r}, path={self.path!r}, mode={self.mode!r}, docs={self.num_docs})"

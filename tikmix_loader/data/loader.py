@@ -22,8 +22,10 @@ from tikmix_loader.data.planner import BatchPlan, MixturePlanner, normalize_weig
 from tikmix_loader.data.prefetch import DomainPrefetcher
 from tikmix_loader.data.shuffle import OBSERVATION, rng_for, stable_key
 from tikmix_loader.data.stream import DomainStream
-from tikmix_loader.errors import ConfigError, DomainError
+from tikmix_loader.errors import ConfigError, DomainError, TikmixError
 from tikmix_loader.losses import IGNORE_INDEX, LABEL_SHIFT_KEY, check_convention
+from tikmix_loader.quality.config import QualityConfig
+from tikmix_loader.quality.sampler import QualityParams
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ class MixtureLoader:
     ``seq_len``, ``block_docs``, ``shuffle_window``, each domain's mode, EOS and pad ids), and
     ``load_state_dict`` refuses a state saved under other values, naming each.
 
+    Quality sampling (QuaDMix, ``docs/quadmix.md``): with ``quality=QualityConfig(criteria, params)`` each
+    epoch of a domain with parameters holds each document as many times as its quality scores give
+    (``DomainStream``); ``set_quality`` changes parameters at a step boundary like ``set_weights``, and
+    ``served_document_tokens()`` counts what each document has served.
+
     Args:
         domains (Sequence[Domain]): The domains, with unique names.
         batch_size (int): Samples per batch on this rank.
@@ -76,6 +83,10 @@ class MixtureLoader:
         label_convention (str): ``"shifted"``: ``labels`` are the next tokens (nanoGPT, torchtitan, TinyGPT);
             ``"hf"``: ``labels`` are aligned with ``input_ids`` and the model shifts them (Hugging Face causal
             LMs). Default: ``"shifted"`` (what the loader has always produced).
+        quality (QualityConfig, optional): Quality criteria and per-domain ``QualityParams``; domains it
+            does not name take every document once per epoch until ``set_quality`` names them. Epochs then
+            vary in size; ``max_epochs`` counts them (an epoch cut short by ``set_quality`` counts as one).
+            Default: ``None``.
     """
 
     def __init__(
@@ -95,6 +106,7 @@ class MixtureLoader:
         block_docs: int = 256,
         shuffle_window: int = 256,
         label_convention: str = "shifted",
+        quality: QualityConfig | None = None,
     ):
         domains = list(domains)
         _check_positive_int("batch_size", batch_size)
@@ -116,6 +128,7 @@ class MixtureLoader:
                     f"Domain {domain.name!r} ({domain.path}) has {domain.num_tokens} tokens, too few for one "
                     f"sample of seq_len + 1 = {seq_len + 1} tokens; lower `seq_len` or add data."
                 )
+        _check_quality(quality, names)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         check_convention(label_convention)
         self.label_convention = label_convention
@@ -130,8 +143,16 @@ class MixtureLoader:
             "seed": seed,
             "block_docs": block_docs,
             "shuffle_window": shuffle_window,
+            "criteria": None if quality is None else quality.criteria,
         }
-        self._streams = [DomainStream(domain, **self._stream_options) for domain in domains]
+        self._quality = quality
+        share = 1 / self.world_size  # of each domain's stream, which this rank reads
+        self._streams = [DomainStream(domain, **self._stream_options, share=share) for domain in domains]
+        segments = None
+        if quality is not None:
+            segments = [((0, 0, quality.params.get(name)),) for name in names]
+            for stream, domain_segments in zip(self._streams, segments):
+                stream.set_segments(domain_segments)  # reads the scores: a missing one fails here
         self._planner = MixturePlanner(
             names=names,
             samples_per_epoch=[stream.samples_per_epoch for stream in self._streams],
@@ -149,13 +170,17 @@ class MixtureLoader:
                 "modes": [domain.mode for domain in domains],
                 "eos_ids": [domain.eos_id for domain in domains],
                 "pad_ids": [domain.pad_id for domain in domains],
+                **({} if quality is None else _quality_settings(quality)),
             },
+            quality_segments=segments,
         )
         self._lookahead = -(-prefetch * len(domains) // batch_size)
         self._prefetcher: DomainPrefetcher | None = None
         self._scout: MixturePlanner | None = None  # a fork of the planner that plans ahead for the prefetcher
         self._ahead: MixturePlanner | None = None  # planning ahead for DataLoader worker processes
         self._needs_mask = any(domain.mode == "document" for domain in domains)
+        if quality is not None:
+            self._set_capacity()
 
     # -- mixture ----------------------------------------------------------------------------------
 
@@ -196,6 +221,85 @@ class MixtureLoader:
         self._planner.set_weights(values, at_batch=at_batch)
         self._scout = None  # what it planned ahead assumed the old weights
         logger.info("weights set to %s from batch %d", self.weights, self._planner.weight_history[-1][0])
+
+    @property
+    def quality_params(self) -> dict[str, QualityParams]:
+        """The quality parameters by domain name as last set; domains taking every document once are left
+        out (empty without ``quality=``)."""
+        segments = self._planner.quality_segments or ()
+        return {
+            name: domain[-1][2]
+            for name, domain in zip(self.domain_names, segments)
+            if domain[-1][2] is not None
+        }
+
+    def set_quality(self, params: Mapping[str, QualityParams | Mapping | None]) -> None:
+        """Use new quality parameters for the named domains (``None``: every document once) from the next
+        batch on; other domains keep theirs.
+
+        Each named domain whose parameters change starts a fresh epoch under the new ones at its first
+        sample not yet planned; the rest of its current epoch is skipped (a domain given its current
+        parameters is left as it is). Like ``set_weights``: every rank calls it at the same step; with
+        DataLoader worker processes it applies from the first batch not yet planned; the change is part of
+        ``state_dict()``.
+
+        Raises:
+            ConfigError: The loader was built without ``quality=``.
+            DomainError: A name is not a domain of the loader.
+            ScoreError: Parameters are malformed, have the wrong number of ``alpha`` weights, or keep less
+                than one sample per epoch. Nothing is changed then.
+        """
+        if self._quality is None:
+            raise ConfigError("set_quality() needs a loader built with `quality=QualityConfig(...)`.")
+        unknown = sorted(set(params) - set(self.domain_names))
+        if unknown:
+            raise DomainError(
+                f"Unknown domain(s) {unknown} in `set_quality`; the domains are {self.domain_names}."
+            )
+        checked = {name: self._quality.checked_params(name, value) for name, value in params.items()}
+        current = self._planner.quality_segments
+        checked = {  # unchanged parameters keep their epoch going
+            name: value
+            for name, value in checked.items()
+            if value != current[self.domain_names.index(name)][-1][2]
+        }
+        for name, value in checked.items():
+            if value is not None:
+                self._streams[self.domain_names.index(name)].check_params(value)
+        if not checked:
+            return
+        self.close()  # samples read ahead past the change were read under the old parameters
+        planners = [planner for planner in (self._planner, self._ahead) if planner is not None]
+        for name, value in checked.items():
+            domain = self.domain_names.index(name)
+            stream = self._streams[domain]
+            start = int(planners[-1].consumed[domain])  # the first sample not yet planned
+            epoch = stream.next_epoch(start)
+            for planner in planners:
+                planner.set_quality_segment(domain, start, epoch, value)
+            stream.set_segments(self._planner.quality_segments[domain])
+            logger.info("quality of domain %r set to %s from sample %d (epoch %d)", name, value, start, epoch)
+        self._set_capacity()
+
+    def _set_capacity(self) -> None:
+        """Under quality sampling, end each domain's ``max_epochs`` where its epoch ``max_epochs`` starts
+        (epochs vary in size, so the planner cannot count them itself)."""
+        capacity = [
+            math.inf if math.isinf(limit) else stream.epoch_start(int(limit))
+            for stream, limit in zip(self._streams, self._planner.max_epochs)
+        ]
+        for planner in (self._planner, self._ahead):
+            if planner is not None:
+                planner.set_capacity(capacity)
+
+    def served_document_tokens(self) -> dict[str, np.ndarray]:
+        """Per domain, the tokens each stored document (storage order) has served as inputs so far, over all
+        ranks: int64 ``[num_docs]``. Index math over the planned counts and the epoch layouts (see
+        ``DomainStream.served_tokens``); nothing is read."""
+        return {
+            name: stream.served_tokens(int(count))
+            for name, stream, count in zip(self.domain_names, self._streams, self._planner.consumed)
+        }
 
     def natural_weights(self) -> dict[str, float]:
         """Each domain's share of all tokens."""
@@ -265,6 +369,8 @@ class MixtureLoader:
             rows = np.flatnonzero(domains == domain)
             rows = rows[np.argsort(indices[rows], kind="stable")]  # ascending stream order reads fastest
             if prefetcher is None:
+                if plan.segments is not None:  # a worker process's copy learns changes from the plan
+                    self._streams[int(domain)].set_segments(plan.segments[int(domain)])
                 tokens[rows], valid[rows] = self._streams[int(domain)].read_at(indices[rows])
             else:
                 tokens[rows], valid[rows] = prefetcher.take(int(domain), indices[rows])
@@ -322,15 +428,14 @@ class MixtureLoader:
             raise DomainError(f"Unknown domain {name!r}; the domains are {self.domain_names}.")
         _check_positive_int("num_samples", num_samples)
         index = self.domain_names.index(name)
-        stream = DomainStream(self.domains[index], **self._stream_options)
+        stream = copy.copy(self._streams[index])  # shares the scores, not the caches
+        stream.set_segments(((0, 0, self.quality_params.get(name)),))  # epoch 0 under today's quality
+        stream.share = None  # a few scattered picks: read only the windows under them
         key = self._planner.batch_index if seed is None else seed
         rng = rng_for(self.seed, stable_key(name), OBSERVATION, key)
-        picks = rng.choice(
-            stream.samples_per_epoch, size=num_samples, replace=num_samples > stream.samples_per_epoch
-        )
-        rows = [stream.read(int(pick), 1) for pick in picks]
-        tokens = np.concatenate([row[0] for row in rows])
-        valid = np.concatenate([row[1] for row in rows])
+        epoch_samples = stream.epoch_samples(0)
+        picks = rng.choice(epoch_samples, size=num_samples, replace=num_samples > epoch_samples)
+        tokens, valid = stream.read_at(picks)
         return samples_to_batch(
             tokens,
             valid,
@@ -359,7 +464,8 @@ class MixtureLoader:
         return self._planner.batch_index
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per domain: samples and tokens consumed (all ranks), target share, realized share and epochs."""
+        """Per domain: samples and tokens consumed (all ranks), target share, realized share and epochs
+        (under quality sampling: the current epoch plus the share of it consumed)."""
         consumed = self._planner.consumed
         total = max(int(consumed.sum()), 1)
         targets = self._planner.effective_weights()
@@ -369,10 +475,17 @@ class MixtureLoader:
                 "tokens": int(consumed[index]) * self.seq_len,
                 "target_share": float(targets[index]),
                 "realized_share": float(consumed[index]) / total,
-                "epochs": float(consumed[index]) / self._streams[index].samples_per_epoch,
+                "epochs": self._epochs_consumed(index),
             }
             for index, name in enumerate(self._planner.names)
         }
+
+    def _epochs_consumed(self, domain: int) -> float:
+        stream, count = self._streams[domain], int(self._planner.consumed[domain])
+        if self._quality is None:
+            return count / stream.samples_per_epoch
+        epochs, positions = stream.locate(np.array([count]))
+        return int(epochs[0]) + int(positions[0]) / max(stream.epoch_samples(int(epochs[0])), 1)
 
     def tokens_left(self) -> dict[str, float]:
         """Training tokens each domain can still supply before its ``max_epochs`` (``inf`` when unlimited)."""
@@ -395,8 +508,19 @@ class MixtureLoader:
                 A version-1 state (saved before the settings were recorded) loads with a warning that the
                 settings it lacks are assumed to match.
         """
+        previous = self._planner.state_dict()
         self._planner.load_state_dict(state)
         self.close()
+        if self._planner.quality_segments is not None:
+            try:
+                for stream, segments in zip(self._streams, self._planner.quality_segments):
+                    stream.set_segments(segments)
+            except TikmixError:
+                self._planner.load_state_dict(previous)
+                for stream, segments in zip(self._streams, self._planner.quality_segments):
+                    stream.set_segments(segments)
+                raise
+            self._set_capacity()
 
     def as_dataloader(self, **kwargs):
         """A ``torch.utils.data.DataLoader`` over ``dataset`` that yields this loader's batches."""
@@ -421,11 +545,17 @@ def samples_to_batch(
     """
     shift = check_convention(label_convention)
     positions = np.arange(tokens.shape[1] - 1)
-    targets = tokens[:, shift : shift + len(positions)]
-    counted = (positions[None, :] + shift < valid[:, None]) & (positions[None, :] + shift >= 1)
+    labels = tokens[:, shift : shift + len(positions)].copy()  # a copy, never a view of the inputs
+    # Only padded rows have positions past their end; full ones (every packed row) keep all their targets.
+    padded = np.flatnonzero(valid < tokens.shape[1])
+    if len(padded):
+        past_end = positions[None, :] + shift >= valid[padded, None]
+        labels[padded] = np.where(past_end, IGNORE_INDEX, labels[padded])
+    if shift == 0:
+        labels[:, 0] = IGNORE_INDEX
     batch = {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-        "labels": torch.from_numpy(np.where(counted, targets, IGNORE_INDEX)),
+        "labels": torch.from_numpy(labels),
         LABEL_SHIFT_KEY: torch.full((len(tokens),), shift, dtype=torch.long),
         "domain": torch.from_numpy(domain_ids.astype(np.int64)),
     }
@@ -449,6 +579,22 @@ def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ConfigError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}.")
     return int(rank), int(world_size)
+
+
+def _check_quality(quality, names: list[str]) -> None:
+    if quality is None:
+        return
+    if not isinstance(quality, QualityConfig):
+        raise ConfigError(f"`quality` must be a QualityConfig, got {type(quality).__name__}.")
+    unknown = sorted(set(quality.params) - set(names))
+    if unknown:
+        raise DomainError(f"Unknown domain(s) {unknown} in `quality.params`; the domains are {names}.")
+
+
+def _quality_settings(quality: QualityConfig) -> dict:
+    """The quality configuration as loader settings: a state saved under another one is refused."""
+    values = quality.to_dict()
+    return {"quality_criteria": values["criteria"], "quality_params": values["params"]}
 
 
 def _resolve_max_epochs(max_epochs, exhaustion: str, names: list[str]) -> np.ndarray:

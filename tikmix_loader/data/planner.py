@@ -19,7 +19,8 @@ import numpy as np
 
 from tikmix_loader.data.quota import allocate_quota
 from tikmix_loader.data.shuffle import BATCH_ORDER, rng_for
-from tikmix_loader.errors import ConfigError, MixtureWeightError, StateError
+from tikmix_loader.errors import ConfigError, MixtureWeightError, ScoreError, StateError
+from tikmix_loader.quality.sampler import QualityParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,16 @@ class BatchPlan:
     """One global batch: ``quota[d]`` samples of domain ``d`` starting at stream index ``starts[d]``.
 
     The batch is the concatenation of the domains' samples in domain order, permuted by ``order``:
-    position ``i`` of the global batch is concatenated sample ``order[i]``.
+    position ``i`` of the global batch is concatenated sample ``order[i]``. ``segments`` (under quality
+    sampling) are the domains' quality segments the plan was made under (see ``DomainStream``), so that a
+    DataLoader worker process reading the plan reads the same samples.
     """
 
     index: int
     quota: np.ndarray
     starts: np.ndarray
     order: np.ndarray
+    segments: tuple | None = None
 
     def samples(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Domain and stream index of the samples at global-batch positions ``start .. stop-1``.
@@ -139,6 +143,7 @@ class MixturePlanner:
         exhaustion,
         max_epochs,
         settings=None,
+        quality_segments=None,
     ):
         if exhaustion not in EXHAUSTION_POLICIES:
             raise ConfigError(f"`exhaustion` must be one of {EXHAUSTION_POLICIES}, got {exhaustion!r}.")
@@ -147,7 +152,8 @@ class MixturePlanner:
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
         self.exhaustion = exhaustion
-        self.capacity = np.asarray(max_epochs, dtype=np.float64) * self.samples_per_epoch
+        self.max_epochs = np.asarray(max_epochs, dtype=np.float64)
+        self.capacity = self.max_epochs * self.samples_per_epoch
         self.settings = {
             "domains": list(self.names),
             "seed": self.seed,
@@ -164,6 +170,7 @@ class MixturePlanner:
         self.finished = False
         self.weight_history: list[tuple[int, list[float]]] = [(0, self.weights.tolist())]
         self.events: list[dict] = []
+        self.quality_segments = None if quality_segments is None else tuple(map(tuple, quality_segments))
 
     # -- weights ----------------------------------------------------------------------------------
 
@@ -184,6 +191,24 @@ class MixturePlanner:
         self.weight_history = [entry for entry in self.weight_history if entry[0] < at_batch]
         self.weight_history.append((at_batch, weights.tolist()))
         self.weights = self._weights_at(self.batch_index)
+
+    def set_quality_segment(self, domain: int, start: int, epoch: int, params: QualityParams | None) -> None:
+        """Read ``domain`` from stream index ``start`` (not yet planned) on as epochs ``epoch``,
+        ``epoch + 1``, ... under ``params``; segments from ``start`` on set by earlier calls are dropped."""
+        if start < self.consumed[domain]:
+            raise StateError(
+                f"Cannot change the quality of domain {self.names[domain]!r} at sample {start}: samples up "
+                f"to {int(self.consumed[domain])} are already planned."
+            )
+        segments = list(self.quality_segments)
+        kept = tuple(segment for segment in segments[domain] if segment[0] < start)
+        segments[domain] = (*kept, (int(start), int(epoch), params))
+        self.quality_segments = tuple(segments)
+
+    def set_capacity(self, capacity) -> None:
+        """Samples each domain may supply in all, for epochs of varying size (quality sampling): where its
+        epoch ``max_epochs`` would start."""
+        self.capacity = np.asarray(capacity, dtype=np.float64)
 
     @property
     def latest_weights(self) -> np.ndarray:
@@ -239,7 +264,9 @@ class MixturePlanner:
         quota = quota + fixed
         starts = self.consumed.copy()
         order = rng_for(self.seed, BATCH_ORDER, self.batch_index).permutation(size)
-        plan = BatchPlan(index=self.batch_index, quota=quota, starts=starts, order=order)
+        plan = BatchPlan(
+            index=self.batch_index, quota=quota, starts=starts, order=order, segments=self.quality_segments
+        )
         self.carry = carry
         self.consumed = self.consumed + quota
         self.batch_index += 1
@@ -263,6 +290,12 @@ class MixturePlanner:
     def _log_epoch_transitions(self, starts: np.ndarray) -> None:
         before = starts // self.samples_per_epoch
         after = self.consumed // self.samples_per_epoch
+        if self.quality_segments is not None:  # quality-sampled epochs vary in size: no epoch events
+            after = np.where(
+                [len(segments) == 1 and segments[0][2] is None for segments in self.quality_segments],
+                after,
+                before,
+            )
         for domain in np.flatnonzero(after > before):
             self._event("epoch", int(domain), f"starts epoch {int(after[domain])} (new shuffle)")
 
@@ -281,7 +314,17 @@ class MixturePlanner:
             "finished": self.finished,
             "weight_history": [[index, list(weights)] for index, weights in self.weight_history],
             "events": list(self.events),
+            **({} if self.quality_segments is None else {"quality_segments": self._segments_state()}),
         }
+
+    def _segments_state(self) -> list:
+        return [
+            [
+                [start, epoch, None if params is None else params.to_dict()]
+                for start, epoch, params in segments
+            ]
+            for segments in self.quality_segments
+        ]
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()`` output after checking its form and that it was saved under these settings.
@@ -308,6 +351,7 @@ class MixturePlanner:
                 f"loader with the same domains in the same order."
             )
         values = {key: _checked(state, key, kind, num_domains) for key, kind in _STATE_FORM.items()}
+        segments = self._checked_segments(state)
         self._check_settings(state, version)
         self.batch_index = values["batch_index"]
         self.consumed = np.asarray(values["consumed"], dtype=np.int64)
@@ -317,6 +361,49 @@ class MixturePlanner:
         self.finished = values["finished"]
         self.weight_history = [(int(index), list(weights)) for index, weights in values["weight_history"]]
         self.events = list(values["events"])
+        self.quality_segments = segments
+
+    def _checked_segments(self, state: Mapping) -> tuple | None:
+        """The state's quality segments as tuples of ``(start, epoch, QualityParams | None)`` per domain."""
+        if self.quality_segments is None:
+            if "quality_segments" in state:
+                raise StateError(
+                    "Loader state `quality_segments` was saved with quality sampling on, but this loader has "
+                    "no `quality=`; build it with the saved quality configuration to resume."
+                )
+            return None
+        if "quality_segments" not in state:
+            raise StateError(
+                "Loader state has no `quality_segments`: it was saved without quality sampling, but this "
+                "loader has `quality=`; build it without quality to resume."
+            )
+        value = state["quality_segments"]
+        try:
+            if not isinstance(value, (list, tuple)) or len(value) != len(self.names):
+                raise ValueError(f"expected one list per domain ({len(self.names)})")
+            segments = tuple(
+                tuple(
+                    (
+                        _index(start),
+                        _index(epoch),
+                        None if params is None else QualityParams.from_dict(params),
+                    )
+                    for start, epoch, params in domain
+                )
+                for domain in value
+            )
+            for domain in segments:
+                starts = [start for start, _, _ in domain]
+                if not domain or domain[0][:2] != (0, 0) or starts != sorted(set(starts)):
+                    raise ValueError("each domain's segments must start at (0, 0) with increasing starts")
+        except (ValueError, TypeError, ScoreError) as error:
+            shown = repr(value)
+            raise StateError(
+                f"Loader state key 'quality_segments' must hold, per domain, [start, epoch, params] "
+                f"segments; got {shown if len(shown) <= 80 else shown[:77] + '...'} ({error}); the state is "
+                f"corrupt or was edited."
+            ) from None
+        return segments
 
     def _check_settings(self, state: Mapping, version: int) -> None:
         unchecked = [key for key in self.settings if key not in state]
@@ -376,6 +463,12 @@ def _checked(state: Mapping, key: str, kind: str, num_domains: int):
             f"state is corrupt or was edited."
         )
     return value
+
+
+def _index(value) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{value!r} is not an int >= 0")
+    return int(value)
 
 
 def _is_int(value) -> bool:

@@ -116,7 +116,9 @@ class DomainPrefetcher:
                     if self._todo[domains[(turn + step) % len(domains)]]
                 )
                 turn = domains.index(domain) + 1
-                indices = self._todo[domain].popleft()
+                # Every pending request of the domain in one read: fewer, larger reads (whole chunks).
+                todo = self._todo[domain]
+                indices = np.sort(np.concatenate([todo.popleft() for _ in range(len(todo))]))
                 indices = indices[indices >= self._floor[domain]]
             if len(indices) == 0:
                 continue

@@ -62,3 +62,16 @@ class BlockShuffle:
         """Permutation of the documents of block id ``block`` (offsets into its range)."""
         start, stop = self.block_range(block)
         return rng_for(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block).permutation(stop - start)
+
+    def documents(self, block: int, copies: np.ndarray | None = None) -> np.ndarray:
+        """Storage ids of block id ``block``'s documents in shuffled order.
+
+        With ``copies`` (one count per document of the domain, from quality sampling) each document appears
+        that many times and the expanded list is permuted with the same key; without, or with every count
+        1, the order is exactly ``block_range(block)[0] + within_block(block)``.
+        """
+        start, stop = self.block_range(block)
+        ids = np.arange(start, stop, dtype=np.int64)
+        if copies is not None:
+            ids = np.repeat(ids, copies[start:stop])
+        return ids[rng_for(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block).permutation(len(ids))]

@@ -65,7 +65,8 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         """Text of ``ids``; special ids are dropped, invalid UTF-8 is replaced."""
-        data = bytes(int(i) for i in np.asarray(ids).ravel() if 0 <= int(i) < 256)
+        ids = np.asarray(ids).ravel()
+        data = ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
 
 

@@ -167,6 +167,12 @@ class ExperimentConfig:
     model: str = _option("tiny", f"TinyGPT preset: {sorted(PRESETS)}")
     lr: float = _option(2e-3, "peak learning rate (cosine schedule, 5% warmup)")
     device: str = _option("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    hold_out: str | None = _option(
+        None, "train on the other domains; the targets are NAME's val split, the metric its test split"
+    )
+    targets: str | None = _option(
+        None, "a directory of text files as the target set: a val half for decisions, a test half scored"
+    )
     init: str = _option("stratified", "initial mixture of adaptive methods", used_by=ADAPTIVE)
     every: int = _option(
         100,
@@ -197,6 +203,11 @@ class ExperimentConfig:
         if self.model not in PRESETS:
             raise ConfigError(
                 f"ExperimentConfig: `model` {self.model!r} is not a preset; use one of {sorted(PRESETS)}."
+            )
+        if self.hold_out is not None and self.targets is not None:
+            raise ConfigError(
+                f"ExperimentConfig: give `hold_out` ({self.hold_out!r}) or `targets` ({self.targets!r}), not "
+                "both."
             )
         if self.init not in INIT_MIXTURES:
             raise ConfigError(f"ExperimentConfig: `init` must be one of {INIT_MIXTURES}, got {self.init!r}.")

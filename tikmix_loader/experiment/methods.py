@@ -47,7 +47,8 @@ class MethodSetup:
 
 @dataclass(frozen=True)
 class MethodInputs:
-    """What a method's builder may use: the run's config, seed, model, training loader and val domains."""
+    """What a method's builder may use: the run's config, seed, model, training loader and the val
+    domains of its targets (see ``targets.py``)."""
 
     method: str
     seed: int

@@ -43,6 +43,46 @@ class TokenSource(abc.ABC):
     def read_docs(self, start: int, stop: int) -> list[np.ndarray]:
         """Documents ``start .. stop-1`` in storage order."""
 
+    def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Tokens ``starts[i] .. stops[i]-1`` of document ``docs[i]``, for every ``i``, concatenated.
+
+        What a rank reading a few packed windows needs: only the part of each document under a window.
+        This default decodes each distinct document once, in storage order, and slices it; formats that
+        can read part of a document (memmap) override it.
+        """
+        docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
+        if len(docs) == 0:
+            return np.zeros(0, dtype=np.int64)
+        decoded = {int(doc): self.read_docs(int(doc), int(doc) + 1)[0] for doc in np.unique(docs)}
+        return np.concatenate(
+            [
+                decoded[doc][start:stop]
+                for doc, start, stop in zip(docs.tolist(), starts.tolist(), stops.tolist())
+            ]
+        )
+
+    def lengths_of(self, docs: np.ndarray) -> np.ndarray:
+        """Token counts of documents ``docs`` (valid storage ids)."""
+        return np.asarray(self.doc_lengths())[docs]
+
+    def check_doc_ranges(self, docs, starts, stops) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``docs, starts, stops`` as int64 arrays; ``IndexError`` naming the source when one is out of range
+        (like ``read_docs``)."""
+        docs, starts, stops = (np.asarray(values, dtype=np.int64) for values in (docs, starts, stops))
+        if not len(docs):
+            return docs, starts, stops
+        outside = (docs < 0) | (docs >= self.num_docs)
+        if outside.any():
+            raise IndexError(f"{self.path}: document {docs[outside][0]} is outside [0, {self.num_docs}).")
+        bad = (starts < 0) | (starts > stops) | (stops > self.lengths_of(docs))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise IndexError(
+                f"{self.path}: token range [{starts[i]}, {stops[i]}) is outside document {docs[i]} "
+                f"({self.lengths_of(docs[i : i + 1])[0]} tokens)."
+            )
+        return docs, starts, stops
+
     @property
     def num_tokens(self) -> int:
         """Total number of tokens over all documents (separators not included)."""
@@ -60,3 +100,10 @@ class TokenSource(abc.ABC):
                 f"`vocab_size` to Domain."
             )
         return tokens
+
+
+def concatenated_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])`` without a Python loop."""
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths  # output position where each range begins
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)

@@ -18,7 +18,7 @@ import numpy as np
 
 from tikmix_loader.data.sources._token_info import read_token_info
 from tikmix_loader.data.sources._tokens import WRITE_DTYPES, cast_tokens
-from tikmix_loader.data.sources.base import TokenSource
+from tikmix_loader.data.sources.base import TokenSource, concatenated_ranges
 from tikmix_loader.errors import ShardError
 
 SIDECAR_FORMAT = "tikmix-memmap"
@@ -63,12 +63,14 @@ class MemmapSource(TokenSource):
                 f"{self.dtype} tokens ({expected_bytes} bytes); the file is truncated or the sidecar is "
                 f"stale. Re-run `tikmix convert`."
             )
-        self._tokens = (
+        # Plain ndarray views of the mappings: indexing an ``np.memmap`` wraps every result in a memmap
+        # object, a cost each of a rank's small reads would pay.
+        self._tokens = np.asarray(
             np.memmap(path, dtype=self.dtype, mode="r") if expected_bytes else np.zeros(0, self.dtype)
         )
         offsets_file = Path(path).parent / meta["doc_offsets"]
         try:
-            self._offsets = np.load(offsets_file, mmap_mode="r")
+            self._offsets = np.asarray(np.load(offsets_file, mmap_mode="r"))
         except (OSError, ValueError) as exc:
             raise ShardError(
                 f"{offsets_file}: cannot read the document offsets of {self.path}: {exc}"
@@ -93,6 +95,9 @@ class MemmapSource(TokenSource):
     def doc_lengths(self) -> np.ndarray:
         return np.diff(self._offsets).astype(np.int64, copy=False)
 
+    def lengths_of(self, docs: np.ndarray) -> np.ndarray:
+        return self._offsets[docs + 1] - self._offsets[docs]
+
     def read_docs(self, start: int, stop: int) -> list[np.ndarray]:
         if not 0 <= start <= stop <= self.num_docs:
             raise IndexError(f"{self.path}: document range [{start}, {stop}) outside [0, {self.num_docs}).")
@@ -102,6 +107,15 @@ class MemmapSource(TokenSource):
         tokens = np.asarray(self._tokens[offsets[0] : offsets[-1]])
         self.check_token_ids(tokens, f"{self.path} (documents {start}..{stop - 1})")
         return np.split(tokens, offsets[1:-1] - offsets[0])
+
+    def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        # One gather from the mapped file: only the wanted tokens are touched, with no per-document call.
+        docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
+        first = self._offsets[docs] + starts
+        tokens = self._tokens[concatenated_ranges(first, stops - starts)]
+        return self.check_token_ids(
+            tokens, f"{self.path} (documents {docs.min(initial=0)}..{docs.max(initial=0)})"
+        )
 
     def __getstate__(self) -> dict:
         # Pickling a memmap copies its data; spawned loader workers re-map the file instead.
