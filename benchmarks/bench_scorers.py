@@ -11,7 +11,10 @@ what scoring costs.
      because QuaDMix ranks documents within their domain; reported as the mean and minimum over domains;
    - per scorer, the median scoring time and its ratio to the baseline: reading and decoding the same
      documents without scoring them;
-   - ``score_dataset`` (all criteria, written to disk) on 2 worker processes against 1 (the baseline).
+   - ``score_dataset`` (all criteria, written to disk) on 2 worker processes against 1 (the baseline);
+   - how criteria merge: with equal ``alpha`` over ``MERGED``, the share of clean and of each noise kind's
+     tokens that a cut-off ``omega`` keeps, for a mean of plain percentiles (the baseline) against the
+     sampler's tail scores ``-ln(1 - p)`` (``tikmix_loader/quality/sampler.py``).
 
 Run: ``python benchmarks/bench_scorers.py`` or ``tikmix bench scorers``.
 """
@@ -31,6 +34,7 @@ from scipy.stats import mannwhitneyu
 from tikmix_loader.data.corpus import CorpusConfig, build_corpus, corpus_paths, noise_labels
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.noise import NOISE_KINDS
+from tikmix_loader.quality import read_scores, tail_scores, weighted_percentiles
 from tikmix_loader.quality.scorers import (
     DEFAULT_CRITERIA,
     KneserNeyLM,
@@ -40,6 +44,9 @@ from tikmix_loader.quality.scorers import (
     score_dataset,
     score_texts,
 )
+
+MERGED = ("ref_ppl", "word_order", "repetition", "lines")  # one criterion that sees each noise kind
+CUTOFFS = (0.6, 0.7, 0.8)
 
 
 def auc(noisy: np.ndarray, clean: np.ndarray) -> float:
@@ -137,7 +144,42 @@ def run(outdir: Path, repeats: int) -> None:
         f"  1 worker (baseline) {timings[1]:.2f}s, 2 workers {timings[2]:.2f}s, "
         f"speedup {timings[1] / timings[2]:.2f}x"
     )
+    print_merges(outdir)
     print(f"\nmachine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+
+
+def print_merges(outdir: Path) -> None:
+    """Share of clean and noisy tokens inside the cut-off, mean of percentiles vs mean of tail scores."""
+    kinds = ("clean", *NOISE_KINDS)
+    print(f"\nshare of tokens kept by r <= omega, equal alpha over {', '.join(MERGED)}:")
+    print(
+        f"{'merge':<12} {'omega':>5} " + " ".join(f"{kind:>14}" for kind in kinds) + f" {'noise in kept':>13}"
+    )
+    domains = {name: Domain(name, path) for name, path in corpus_paths(outdir, "train").items()}
+    percentiles = {
+        name: [
+            weighted_percentiles(values, domain.doc_lengths)
+            for values in read_scores(domain, MERGED).values()
+        ]
+        for name, domain in domains.items()
+    }
+    for merge, transform in (("percentiles", lambda p: p), ("tail scores", tail_scores)):
+        for omega in CUTOFFS:
+            total, kept = np.zeros(len(kinds)), np.zeros(len(kinds))
+            for name, domain in domains.items():
+                lengths = domain.doc_lengths.astype(np.float64)
+                merged = sum(transform(p) for p in percentiles[name])
+                inside = weighted_percentiles(merged, lengths) <= omega
+                kind = noise_labels(outdir, name)
+                total += np.bincount(kind, weights=lengths, minlength=len(kinds))
+                kept += np.bincount(kind, weights=lengths * inside, minlength=len(kinds))
+            shares = kept / np.maximum(total, 1)
+            noise = kept[1:].sum() / kept.sum()
+            print(
+                f"{merge:<12} {omega:>5} "
+                + " ".join(f"{share:>14.3f}" for share in shares)
+                + f" {noise:>13.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tikmix_loader.errors import ScoreError
-from tikmix_loader.quality import QualityParams, QualitySampler, weighted_percentiles
+from tikmix_loader.quality import QualityParams, QualitySampler, tail_scores, weighted_percentiles
 
 
 def test_weighted_percentiles_by_hand():
@@ -71,3 +71,26 @@ def test_params_round_trip_and_mismatched_alpha():
         QualitySampler("web", {"q": np.zeros(3)}, np.ones(3), {"q": "lower"}, params)
     with pytest.raises(ScoreError, match="expected keys"):
         QualityParams.from_dict({"alpha": [1.0]})
+
+
+def test_one_criterion_flagging_a_document_ranks_it_last():
+    # Document 0 is the worst of 100 on criterion "a" and median on "b" and "c"; document 1 is mediocre
+    # (70th percentile) on all three. A mean of plain percentiles ranks document 1 worse; the tail scores
+    # rank the single-criterion outlier worse, which is what lets a cut-off drop it.
+    rng = np.random.default_rng(0)
+    scores = {name: rng.permutation(100).astype(float) for name in "abc"}
+    scores["a"][0], scores["b"][0], scores["c"][0] = 1000.0, 49.5, 49.5
+    for name in "abc":
+        scores[name][1] = 69.5
+    params = QualityParams((1.0, 1.0, 1.0), 0.0, 0.5, 1.0, 0.0)
+    sampler = QualitySampler("web", scores, np.ones(100), dict.fromkeys("abc", "lower"), params)
+    assert sampler.percentiles[0] > sampler.percentiles[1]
+    plain = sum(weighted_percentiles(scores[name], np.ones(100)) for name in "abc")
+    assert plain[0] < plain[1]  # the linear merge of percentiles would keep the outlier
+    expected = sum(tail_scores(weighted_percentiles(scores[name], np.ones(100))) for name in "abc")
+    np.testing.assert_allclose(sampler.percentiles, weighted_percentiles(expected, np.ones(100)))
+
+
+def test_tail_scores_by_hand():
+    np.testing.assert_allclose(tail_scores(np.array([0.0, 0.5, 0.99])), [0.0, math.log(2), math.log(100)])
+    assert np.isfinite(tail_scores(np.array([1.0])))

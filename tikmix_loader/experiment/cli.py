@@ -11,6 +11,7 @@ from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import protocol
 from tikmix_loader.experiment.config import FLAGS, ExperimentConfig
 from tikmix_loader.experiment.corpus_splits import ensure_corpus
+from tikmix_loader.experiment.leave_one_out import LOO_FILE, LOO_TABLE, loo_markdown, run_leave_one_out
 from tikmix_loader.experiment.methods import METHOD_BUILDERS
 from tikmix_loader.experiment.results import RESULTS_FILE, TABLE_FILE, merge_results
 from tikmix_loader.experiment.stats import markdown_table
@@ -25,7 +26,14 @@ def _optional(kind):
 
 
 # Options that also take `none` on the command line, and the type of their other values.
-_OPTIONAL_TYPES = {"half_life": float, "max_step": float, "m_every": int, "eval_samples": int}
+_OPTIONAL_TYPES = {
+    "half_life": float,
+    "max_step": float,
+    "m_every": int,
+    "eval_samples": int,
+    "hold_out": str,
+    "targets": str,
+}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:
@@ -77,6 +85,11 @@ def _run(args: argparse.Namespace) -> int:
         corpus = (
             ensure_corpus(args.corpus, progress=not args.no_progress) if args.build else Path(args.corpus)
         )
+        if args.leave_one_out:
+            pooled = run_leave_one_out(config, corpus, args.out, progress=not args.no_progress)
+            print(loo_markdown(pooled))
+            print(f"wrote {Path(args.out) / LOO_FILE} and {Path(args.out) / LOO_TABLE}")
+            return 0
         results = protocol.run_experiment(config, corpus, args.out, progress=not args.no_progress)
     print(markdown_table(results["summary"], seeds=results["seeds"]))
     print(
@@ -101,6 +114,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="hold out every domain in turn (OUT/hold-out-NAME/) and pool the paired differences over "
+        "hold-outs x seeds into OUT/leave_one_out.{json,md}",
+    )
     parser.add_argument(
         "--merge",
         nargs="+",

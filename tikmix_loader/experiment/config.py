@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from tikmix_loader.errors import ConfigError
-from tikmix_loader.experiment.methods import ADAPTIVE, INFLUENCE, METHOD_BUILDERS, METHODS
+from tikmix_loader.experiment.methods import ADAPTIVE, INFLUENCE, METHOD_BUILDERS, METHODS, TIKMIX_D
 from tikmix_loader.influence import PRECONDITIONERS
 from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
 from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig
@@ -69,9 +69,10 @@ class TiKMiXDOptions:
     )
     max_step: float | None = _option(2.0, "tikmix-d trust region: w_d moves at most this factor per decision")
     min_weight: float = _option(0.1, "tikmix-d lower bound of every weight")
+    step: float = _option(1.0, "tikmix-d partial step towards the solution, in (0, 1]", flag="d_step")
 
     def __post_init__(self):
-        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight)  # validates both
+        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight, step=self.step)  # validates them
         if self.half_life is not None and not self.half_life > 0:
             raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
 
@@ -81,7 +82,9 @@ class StageOptions:
     """Stage-wise TiKMiX-D: observation passes at token milestones."""
 
     stages: int = _option(3, "tikmix-d-stage: evenly spaced token milestones")
-    observation_samples: int = _option(64, "tikmix-d-stage: samples per domain")
+    observation_samples: int = _option(
+        64, "samples per domain of each observation pass", used_by=("tikmix-d-fresh", "tikmix-d-stage")
+    )
 
     def __post_init__(self):
         _positive_int("stages", self.stages)
@@ -164,12 +167,20 @@ class ExperimentConfig:
     model: str = _option("tiny", f"TinyGPT preset: {sorted(PRESETS)}")
     lr: float = _option(2e-3, "peak learning rate (cosine schedule, 5% warmup)")
     device: str = _option("auto", "auto (CUDA if present), cpu, cuda, cuda:N")
+    hold_out: str | None = _option(
+        None, "train on the other domains; the targets are NAME's val split, the metric its test split"
+    )
+    targets: str | None = _option(
+        None, "a directory of text files as the target set: a val half for decisions, a test half scored"
+    )
     init: str = _option("stratified", "initial mixture of adaptive methods", used_by=ADAPTIVE)
     every: int = _option(
-        100, "steps between decisions (tikmix-d, odm)", used_by=("odm", "tikmix-d", "tikmix-m")
+        100,
+        "steps between decisions (tikmix-d, tikmix-d-fresh, odm)",
+        used_by=("odm", "tikmix-d", "tikmix-d-fresh", "tikmix-m"),
     )
     influence: InfluenceOptions = _group(InfluenceOptions, used_by=INFLUENCE)
-    tikmix_d: TiKMiXDOptions = _group(TiKMiXDOptions, used_by=("tikmix-d", "tikmix-d-stage"))
+    tikmix_d: TiKMiXDOptions = _group(TiKMiXDOptions, used_by=TIKMIX_D)
     stage: StageOptions = _group(StageOptions, used_by=("tikmix-d-stage",))
     temperature: TemperatureOptions = _group(TemperatureOptions, used_by=("temperature",))
     regmix: RegMixOptions = _group(RegMixOptions, used_by=("regmix",), prefix="regmix_")
@@ -192,6 +203,11 @@ class ExperimentConfig:
         if self.model not in PRESETS:
             raise ConfigError(
                 f"ExperimentConfig: `model` {self.model!r} is not a preset; use one of {sorted(PRESETS)}."
+            )
+        if self.hold_out is not None and self.targets is not None:
+            raise ConfigError(
+                f"ExperimentConfig: give `hold_out` ({self.hold_out!r}) or `targets` ({self.targets!r}), not "
+                "both."
             )
         if self.init not in INIT_MIXTURES:
             raise ConfigError(f"ExperimentConfig: `init` must be one of {INIT_MIXTURES}, got {self.init!r}.")

@@ -7,9 +7,13 @@ Protocol (issue 6, section 4):
   the initialisation and every domain's data order (the loader reads each domain in an order keyed by
   ``(seed, domain)``, independent of the weights), so runs with equal seeds are paired.
 - Mixers and targets read only the train and val splits: the loader holds the train split, the targets are
-  samples of the val split of every domain (equally weighted), and ``train_method`` is never given the test
-  split. Test is read once per run, after training, by ``evaluate``.
-- Metric: test loss in nats/token, averaged over domains with equal weights, and the worst domain's.
+  samples of the target val split (equally weighted), and ``train_method`` is never given the test split.
+  Test is read once per run, after training, by ``evaluate``.
+- Targets (``targets.py``): by default every domain's val split, scored on every domain's test split;
+  ``--hold-out NAME`` trains on the other domains, targets NAME's val split and scores its test split;
+  ``--targets DIR`` targets the val half of a directory of text and scores its test half;
+  ``--leave-one-out`` runs every hold-out in turn and pools the paired differences (``leave_one_out.py``).
+- Metric: test loss in nats/token over the scored domains, averaged with equal weights, and the worst one's.
 - Decision compute, in FLOPs: tokens through the influence engine's extra passes (``InfluenceMatrix.
   processed_tokens``) times the model's training FLOPs per token; for TiKMiX-M also its look-ahead passes;
   for RegMix the proxy sweep (training and val scoring of every proxy). Statistics collected from the
@@ -17,9 +21,10 @@ Protocol (issue 6, section 4):
 
 Methods (``--methods``): ``stratified`` (uniform), ``natural`` (token shares), ``temperature`` (shares **
 ``tau``, 0.5), ``regmix`` (proxy sweep, LightGBM fit, simulated optimum, then a static run), ``odm`` (EXP3
-on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps), ``tikmix-d-stage``
-(observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m`` (TiKMiX-D anchor
-refined by a LightGBM surrogate of a measured look-ahead label).
+on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps),
+``tikmix-d-fresh`` (the same schedule, each decision on a fresh observation pass instead of the online EMA),
+``tikmix-d-stage`` (observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m``
+(TiKMiX-D anchor refined by a LightGBM surrogate of a measured look-ahead label).
 
 Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
 the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's
@@ -42,6 +47,7 @@ from tikmix_loader.experiment.regmix import regmix_sweep
 from tikmix_loader.experiment.results import empty_entry, record_run, write_results
 from tikmix_loader.experiment.runs import train_method
 from tikmix_loader.experiment.stats import summarize
+from tikmix_loader.experiment.targets import select_targets
 from tikmix_loader.train import evaluate, resolve_device
 
 
@@ -60,20 +66,29 @@ def run_experiment(
     Returns:
         dict: The ``results.json`` content: ``methods`` {name: {avg_test_loss, worst_test_loss, test_loss
         {domain: [...]}, decision_flops, decision_flops_per_seed, train_flops, final_weights, initial_weights,
-        wall_seconds, train_loss, decisions, ledgers}}, ``summary``, ``domains``, ``seeds``, ``config``,
-        ``regmix`` (the sweep, when run), ``device``, ``wall_seconds``.
+        wall_seconds, train_loss, decisions, ledgers}} (``test_loss`` over the scored domains), ``summary``,
+        ``domains`` (trained on, the order of the weights), ``targets`` (``TargetSet.describe()``: the mode
+        and the trained, target and scored domains), ``seeds``, ``config``, ``regmix`` (the sweep, when run),
+        ``device``, ``wall_seconds``.
     """
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(corpus)
-    names = splits.names
-    entries = {method: empty_entry(names) for method in config.methods}
+    targets = select_targets(
+        load_splits(corpus),
+        hold_out_name=config.hold_out,
+        directory=config.targets,
+        corpus=corpus,
+        out=out,
+        seq_len=config.seq_len,
+    )
+    entries = {method: empty_entry([domain.name for domain in targets.test]) for method in config.methods}
     results = {
         "config": config.to_dict(),
         "corpus": str(corpus),
         "device": str(resolve_device(config.device)),
-        "domains": names,
+        "domains": [domain.name for domain in targets.train],
+        "targets": targets.describe(),
         "seeds": [],
         "methods": entries,
         "regmix": None,
@@ -86,8 +101,8 @@ def run_experiment(
                 if results["regmix"] is None:
                     results["regmix"] = regmix_sweep(
                         config,
-                        train_domains=splits.train,
-                        val_domains=splits.val,
+                        train_domains=targets.train,
+                        val_domains=targets.val,
                         seed=config.seeds[0],
                         progress=progress,
                     )
@@ -97,15 +112,15 @@ def run_experiment(
                 method,
                 seed,
                 config=config,
-                train_domains=splits.train,
-                val_domains=splits.val,
+                train_domains=targets.train,
+                val_domains=targets.val,
                 static_weights=static,
                 ledger=ledger,
                 progress=progress,
             )
             test = evaluate(
                 run.model,
-                splits.test,
+                targets.test,
                 seq_len=config.seq_len,
                 batch_size=config.eval_batch_size,
                 max_samples=config.eval_samples,

@@ -63,20 +63,20 @@ def record_run(
     entry["ledgers"].append(None if run.ledger is None else str(run.ledger))
 
 
-def _json_safe(value):
+def json_safe(value):
     """``value`` with NaN and infinity as None (JSON has neither)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
 def write_results(results: dict, out: Path) -> None:
     """Write ``results.json`` (NaN and infinity as null) and the markdown table ``results.md`` to ``out``."""
-    (out / RESULTS_FILE).write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    (out / RESULTS_FILE).write_text(json.dumps(json_safe(results), indent=1) + "\n")
     (out / TABLE_FILE).write_text(markdown_table(results["summary"], seeds=results["seeds"]))
 
 

@@ -80,7 +80,7 @@ def summarize(methods: Mapping[str, dict], baseline: str = BASELINE) -> dict:
     return summary
 
 
-def _pm(mean: float, spread: float | None, digits: int = 4) -> str:
+def plus_minus(mean: float, spread: float | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
@@ -102,11 +102,11 @@ def markdown_table(
             + " | ".join(
                 [
                     name,
-                    _pm(avg["mean"], avg["std"]),
-                    "—" if diff_avg is None else _pm(diff_avg["mean"], diff_avg["se"]),
+                    plus_minus(avg["mean"], avg["std"]),
+                    "—" if diff_avg is None else plus_minus(diff_avg["mean"], diff_avg["se"]),
                     "—" if diff_avg is None else f"{diff_avg['wins']}/{diff_avg['n']}",
-                    _pm(worst["mean"], worst["std"]),
-                    "—" if diff_worst is None else _pm(diff_worst["mean"], diff_worst["se"]),
+                    plus_minus(worst["mean"], worst["std"]),
+                    "—" if diff_worst is None else plus_minus(diff_worst["mean"], diff_worst["se"]),
                     f"{row['decision_flops']:.3g}",
                     f"{row['decision_flops'] / row['train_flops']:.3f}",
                     f"{row['wall_seconds']:.0f}",

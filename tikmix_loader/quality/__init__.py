@@ -1,7 +1,13 @@
 """QuaDMix quality sampling: per-document scores stored with the data and the sampling function over them."""
 
 from tikmix_loader.quality.config import QualityConfig
-from tikmix_loader.quality.sampler import QualityParams, QualitySampler, criteria_from, weighted_percentiles
+from tikmix_loader.quality.sampler import (
+    QualityParams,
+    QualitySampler,
+    criteria_from,
+    tail_scores,
+    weighted_percentiles,
+)
 from tikmix_loader.quality.scores import list_criteria, read_scores, scores_dir, write_scores
 
 __all__ = [
@@ -12,6 +18,7 @@ __all__ = [
     "list_criteria",
     "read_scores",
     "scores_dir",
+    "tail_scores",
     "weighted_percentiles",
     "write_scores",
 ]

@@ -2,14 +2,21 @@
 
 For one domain (``docs/methods.md`` §8, choices in ``docs/quadmix.md``):
 
-1. each criterion's scores become token-weighted percentiles in ``[0, 1]`` within the domain, oriented so
-   that 0 is the best document (ours: the paper's ``sigma``);
-2. the merged score ``q = sum_n alpha[n] * percentile_n``;
+1. each criterion's scores become token-weighted percentiles ``p`` in ``[0, 1]`` within the domain, oriented
+   so that 0 is the best document, then tail scores ``-ln(1 - p)`` (ours: the paper's ``sigma``; see below);
+2. the merged score ``q = sum_n alpha[n] * sigma_n``;
 3. ``r`` = the token-weighted percentile of ``q`` within the domain;
 4. expected copies ``S(r) = (2 / (1 + exp(-lambda (omega - r)))) ** eta + eps`` for ``r <= omega``,
    else ``eps``;
 5. an epoch takes ``floor(S)`` copies of each document plus one more with probability ``frac(S)``, drawn from
    a generator keyed by ``(seed, domain, epoch)`` so that every rank and every resume draws the same copies.
+
+Why tail scores rather than plain percentiles: each kind of bad document is usually flagged by one criterion
+alone (boilerplate by repetition, fragments by line structure). A weighted mean of percentiles puts such a
+document mid-rank (0.99 on one criterion, 0.5 on three others merges to about 0.6), so no cut-off drops it
+without dropping clean documents too. ``-ln(1 - p)`` is the standard exponential quantile of ``p``: the
+scores of a criterion average 1 while its worst 1% score above 4.6, so one criterion that flags a
+document is enough to rank it last. Measured in ``docs/quadmix.md`` ("Merging criteria").
 """
 
 from __future__ import annotations
@@ -91,6 +98,14 @@ def weighted_percentiles(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return ((below + 0.5 * group_weight) / total)[inverse] if total > 0 else np.full(len(values), 0.5)
 
 
+def tail_scores(percentiles: np.ndarray) -> np.ndarray:
+    """``-ln(1 - p)``: percentiles mapped to the standard exponential quantiles, so a bad tail stands out."""
+    return -np.log1p(-np.minimum(percentiles, _MAX_PERCENTILE))
+
+
+_MAX_PERCENTILE = 1 - 1e-12  # a zero-token document can sit at exactly 1
+
+
 class QualitySampler:
     """Copies of each document of one domain under QuaDMix parameters.
 
@@ -134,7 +149,8 @@ class QualitySampler:
                     f"Domain {domain_name!r}: criterion {name!r} has {raw.shape} scores for "
                     f"{len(lengths)} documents."
                 )
-            merged += weight * weighted_percentiles(raw if orientation == "lower" else -raw, lengths)
+            oriented = raw if orientation == "lower" else -raw
+            merged += weight * tail_scores(weighted_percentiles(oriented, lengths))
         self.percentiles = weighted_percentiles(merged, lengths)
         self.expected_copies = params.copies_at(self.percentiles)
 
