@@ -443,8 +443,8 @@ class DomainStream:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def _block_index(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Storage ids of the block's documents in shuffled order, and where each starts and ends (after
-        its EOS) in the epoch's packed stream.
+        """Storage ids of the block's documents in shuffled order, and (packed mode) where each starts and
+        ends (after its EOS) in the epoch's packed stream.
 
         Computed from the document lengths alone (no data read); the last ``_INDEX_CACHE`` are kept, since
         a rank's next sample is often in a block it just read from.
@@ -498,12 +498,11 @@ class DomainStream:
             docs[piece_doc], piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
         )
         # Pieces tile each window in order, so the content fills every position that is not an EOS.
+        eos = np.zeros(len(starts) * width, dtype=bool)
+        eos[(piece_window * width + piece_ends - 1 - starts[piece_window])[with_eos]] = True
         windows = np.empty(len(starts) * width, dtype=np.int64)
-        eos = (piece_window * width + piece_ends - 1 - starts[piece_window])[with_eos]
         windows[eos] = self.domain.eos_id
-        not_eos = np.ones(len(windows), dtype=bool)
-        not_eos[eos] = False
-        windows[not_eos] = content
+        windows[~eos] = content
         return windows.reshape(len(starts), width)
 
     # -- document mode ----------------------------------------------------------------------------
