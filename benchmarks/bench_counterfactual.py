@@ -5,13 +5,20 @@ copied, the schedule continued), and each branch trains ``--branch-steps`` more 
 stratified, one "leaning" mixture per domain (``--lean`` on it, the rest spread evenly) and ``--dirichlet``
 draws from ``Dirichlet(1)``. Every branch reads the same data: at branch step j, domain d contributes the
 first ``n_d(w)`` rows of one fixed sample of d drawn for (checkpoint, j), so two branches differ only in how
-many rows each domain gives, not in which. The measured outcome is each target's loss change (mean loss per
+many rows each domain gives, not in which (``--branch-data sampled``). Rows are whole, so a branch resolves
+``w`` only to ``1 / batch_size``, and moving one row between domains also swaps which sequences are seen, an
+effect of the particular rows, not of the mixture. ``--branch-data weighted`` removes both: every branch
+trains on the same ``--weighted-rows`` rows of every domain per step with the loss ``sum_d w_d L_d`` (``L_d``
+the mean loss per token of domain d's rows), the expected loss of a batch drawn with mixture w, so branches
+differ in w alone, continuously. The measured outcome is each target's loss change (mean loss per
 token on fixed val samples after minus before); the targets are every domain's val split.
 
 Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
 observed every base training step (one per preconditioner, at ``--k``), and fresh matrices measured at the
-checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``). A predictor's
-prediction for mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
+checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``), and, as the
+floor any of them must beat, ``own domain (S = I)``: each target is helped by its own domain only, so its
+ranking is that of the domain's weight. A predictor's prediction for mixture w is ``S w`` (first order: a
+step on w lowers target b by about ``eta (S w)_b``).
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -19,13 +26,18 @@ over targets: its measured mean loss change minus the best branch's. The named b
 branch every method starts from), whose regret is printed in the same table.
 
 Then the decision itself: from every predictor at ``--k``, TiKMiX-D (the experiment's defaults: trust region
-``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, which gets its own branch on the
-same data; the second table gives its measured mean change minus stratified's (negative: the decision helped).
+``--max-step``, floor ``--min-weight``, prior stratified) solves a mixture, and each partial step ``t`` of
+``--solve-steps`` towards it (``w = w_prior + t (w* - w_prior)``, TiKMiX-D's ``step``) gets its own branch on
+the same data; the second table gives its measured mean change minus stratified's (negative: the decision
+helped) and its regret against the best of the M branches. The third fits the step on measured branches: per
+predictor, the step of ``--solve-steps`` that did best at the *other* checkpoints (leave one checkpoint out),
+scored at the held-out one, beside stratified's regret.
 
-Usage (the issue-14 record; about 10 minutes on a shared 2-core CPU)::
+Usage (the issue-14 records; 15-30 minutes on a shared 2-core CPU)::
 
     nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
-        [--checkpoints 100 200 300] [--branch-steps 10] [--json out/counterfactual.json]
+        [--checkpoints 100 200 300] [--branch-steps 10] [--branch-data weighted] [--ks 32] \
+        [--json out/counterfactual.json]
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ from tikmix_loader.losses import IGNORE_INDEX, per_token_loss
 from tikmix_loader.mixing import MixingContext, get_mixer
 from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
+BRANCH_DATA = ("sampled", "weighted")
+OWN_DOMAIN = "own domain (S = I)"
+
 
 @dataclass(frozen=True)
 class CounterfactualConfig:
@@ -67,6 +82,12 @@ class CounterfactualConfig:
     batch_size: int = field(default=16, metadata={"help": "sequences per step"})
     seq_len: int = field(default=128, metadata={"help": "tokens per sequence"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    branch_data: str = field(
+        default="sampled", metadata={"help": "'sampled' (rows per domain) or 'weighted' (loss weights)"}
+    )
+    weighted_rows: int = field(
+        default=4, metadata={"help": "rows per domain per step, --branch-data weighted"}
+    )
     target_samples: int = field(default=32, metadata={"help": "val samples per domain per target"})
     observation_samples: int = field(default=32, metadata={"help": "fresh S: samples per domain"})
     target_batch_size: int = field(default=16, metadata={"help": "batch size of influence passes"})
@@ -78,10 +99,13 @@ class CounterfactualConfig:
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
     max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
     min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
+    solve_steps: tuple[float, ...] = field(
+        default=(0.25, 0.5, 1.0), metadata={"help": "TiKMiX-D partial steps branched per predictor"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self):
-        for name in ("checkpoints", "ks", "preconditioners"):
+        for name in ("checkpoints", "ks", "preconditioners", "solve_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checkpoints = self.checkpoints
         if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1:
@@ -101,6 +125,14 @@ class CounterfactualConfig:
             )
         if not 0 < self.lean < 1:
             raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
+        if self.branch_data not in BRANCH_DATA:
+            raise ConfigError(
+                f"CounterfactualConfig: `branch_data` must be one of {BRANCH_DATA}, got {self.branch_data!r}"
+            )
+        if not self.solve_steps or not all(0 < t <= 1 for t in self.solve_steps):
+            raise ConfigError(
+                f"CounterfactualConfig: `solve_steps` must be in (0, 1], got {list(self.solve_steps)}"
+            )
 
     @property
     def train_config(self) -> TrainConfig:
@@ -125,26 +157,38 @@ def branch_mixtures(names: list[str], *, dirichlet: int, lean: float, seed: int)
 
 
 def quotas(weights: np.ndarray, batch_size: int) -> np.ndarray:
-    """Rows per domain, ``round(w * batch_size)`` by largest remainder so they sum to ``batch_size``."""
-    exact = np.asarray(weights, dtype=np.float64) * batch_size
+    """Rows per domain, ``round(w * batch_size)`` by largest remainder so they sum to ``batch_size``; ties go
+    to the first domain, after rounding ``w * batch_size`` to 9 decimals so a mixture within 1e-9 of another
+    gets the same rows (a solver's "uniform" is not bit-exact)."""
+    exact = np.round(np.asarray(weights, dtype=np.float64) * batch_size, 9)
     rows = np.floor(exact).astype(int)
-    rows[np.argsort(rows - exact)[: batch_size - rows.sum()]] += 1
+    rows[np.argsort(rows - exact, kind="stable")[: batch_size - rows.sum()]] += 1
     return rows
 
 
 def branch_data(loader: MixtureLoader, *, steps: int, batch_size: int, key: int) -> list[list[dict]]:
-    """Per branch step, one sample of ``batch_size`` rows of every domain (shared by every branch)."""
+    """Per branch step, one sample of ``batch_size`` rows of every domain (shared by every branch; the
+    weighted mode passes ``--weighted-rows`` as ``batch_size``)."""
     return [
         [loader.sample_domain(name, batch_size, seed=key * 10_000 + step) for name in loader.domain_names]
         for step in range(steps)
     ]
 
 
-def _train_step(model, optimizer, batch: dict, *, lr: float, grad_clip: float | None) -> None:
+def _train_step(model, optimizer, batch: dict, *, lr: float, grad_clip: float | None, weights=None) -> None:
+    """One step on the batch's mean loss per token, or with ``weights`` on ``sum_d w_d L_d`` (``L_d`` the
+    mean loss per token of the rows of domain d)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     per_token = per_token_loss(model, batch)
-    loss = per_token.sum() / (batch["labels"] != IGNORE_INDEX).sum().clamp(min=1)
+    mask = batch["labels"] != IGNORE_INDEX
+    if weights is None:
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    else:
+        zeros = per_token.new_zeros(len(weights))
+        sums = zeros.index_add(0, batch["domain"], per_token.sum(1))
+        tokens = zeros.index_add(0, batch["domain"], mask.sum(1).to(per_token.dtype))
+        loss = (per_token.new_tensor(weights) * sums / tokens.clamp(min=1)).sum()
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -158,7 +202,8 @@ def run_branch(model, optimizer, weights: np.ndarray, data, *, config: Counterfa
     branch = copy.deepcopy(model)
     branch_optimizer, _ = make_optimizer(branch, config.train_config)
     branch_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    rows = quotas(weights, config.batch_size)
+    weighted = config.branch_data == "weighted"
+    rows = [None] * len(weights) if weighted else quotas(weights, config.batch_size)  # None: every row
     device = next(model.parameters()).device
     for step, samples in enumerate(data):
         batch = {
@@ -166,7 +211,14 @@ def run_branch(model, optimizer, weights: np.ndarray, data, *, config: Counterfa
             for key in samples[0]
         }
         lr = config.train_config.lr_at(start + step)
-        _train_step(branch, branch_optimizer, batch, lr=lr, grad_clip=config.train_config.grad_clip)
+        _train_step(
+            branch,
+            branch_optimizer,
+            batch,
+            lr=lr,
+            grad_clip=config.train_config.grad_clip,
+            weights=weights if weighted else None,
+        )
     return branch
 
 
@@ -241,8 +293,9 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
     Returns:
         dict: ``domains``, ``targets``, ``mixtures`` {label: weights}, ``checkpoints``: per checkpoint its
         ``step``, ``before`` (target losses), ``change`` [branches, targets], ``influence`` {predictor: S} and
-        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {predictor: TiKMiX-D's ``weights``,
-        measured ``change`` and its mean minus stratified's, ``vs_stratified``}; ``seconds``.
+        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {"<predictor> step=<t>": TiKMiX-D's
+        ``weights`` at that partial step, measured ``change``, its mean minus stratified's, ``vs_stratified``,
+        and minus the best branch's, ``regret``}; ``seconds``.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -302,10 +355,11 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                 f"online {kind} k={config.k}": e.influence(targets).values for kind, e in online.items()
             }
             influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
+            if list(targets) == [f"{name}/val" for name in names]:
+                influence[OWN_DOMAIN] = np.eye(len(names))
             before = target_losses(model, targets)
-            data = branch_data(
-                loader, steps=config.branch_steps, batch_size=config.batch_size, key=checkpoint
-            )
+            rows = config.weighted_rows if config.branch_data == "weighted" else config.batch_size
+            data = branch_data(loader, steps=config.branch_steps, batch_size=rows, key=checkpoint)
             change = np.stack(
                 [
                     target_losses(run_branch(model, optimizer, w, data, config=config, start=step), targets)
@@ -313,20 +367,25 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                     for w in mixtures
                 ]
             )
-            solver = get_mixer("tikmix_d", max_step=config.max_step, min_weight=config.min_weight)
             prior = dict.fromkeys(names, 1.0)
             decisions = {}
             for name, S in influence.items():
-                if name.endswith(f" k={config.k}"):
+                if not name.endswith(f" k={config.k}"):
+                    continue
+                for t in config.solve_steps:
+                    solver = get_mixer(
+                        "tikmix_d", max_step=config.max_step, min_weight=config.min_weight, step=t
+                    )
                     solved = solver.propose(
                         MixingContext(domains=tuple(names), w_prior=prior, influence=S)
                     ).weights
                     branch = run_branch(model, optimizer, solved, data, config=config, start=step)
                     solved_change = target_losses(branch, targets) - before
-                    decisions[name] = {
+                    decisions[f"{name} step={t:g}"] = {
                         "weights": solved.tolist(),
                         "change": solved_change.tolist(),
                         "vs_stratified": float(solved_change.mean() - change[0].mean()),
+                        "regret": float(solved_change.mean() - change.mean(axis=1).min()),
                     }
             records.append(
                 {
@@ -378,14 +437,66 @@ def report(result: dict) -> str:
     lines.append(f"| spread of branches' mean change (max - min) | — | — | — | {spread} |")
     lines += [
         "",
-        "| TiKMiX-D solved from | " + " | ".join(f"Δ vs stratified @{s}" for s in steps) + " | mean |",
-        "|---|" + "---|" * (len(steps) + 1),
+        "| TiKMiX-D solved from | "
+        + " | ".join(f"Δ vs stratified @{s}" for s in steps)
+        + " | mean Δ | mean regret |",
+        "|---|" + "---|" * (len(steps) + 2),
     ]
     for name in result["checkpoints"][0]["decisions"]:
-        deltas = [record["decisions"][name]["vs_stratified"] for record in result["checkpoints"]]
+        decisions = [record["decisions"][name] for record in result["checkpoints"]]
+        deltas = [decision["vs_stratified"] for decision in decisions]
         cells = " | ".join(f"{delta:+.4f}" for delta in deltas)
-        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} |")
+        regret = np.mean([decision["regret"] for decision in decisions])
+        lines.append(f"| {name} | {cells} | {np.mean(deltas):+.4f} | {regret:.4f} |")
+    baseline = np.mean(
+        [record["scores"][predictors[0]]["baseline_regret"] for record in result["checkpoints"]]
+    )
+    lines += [
+        "",
+        "| step fitted on the other checkpoints, from | "
+        + " | ".join(f"step, Δ @{s}" for s in steps)
+        + " | mean Δ | mean regret (stratified's) |",
+        "|---|" + "---|" * (len(steps) + 2),
+    ]
+    for name, fitted in held_out_steps(result).items():
+        cells = " | ".join(f"{pick['step']:g}, {pick['vs_stratified']:+.4f}" for pick in fitted)
+        delta = np.mean([pick["vs_stratified"] for pick in fitted])
+        regret = np.mean([pick["regret"] for pick in fitted])
+        lines.append(f"| {name} | {cells} | {delta:+.4f} | {regret:.4f} ({baseline:.4f}) |")
     return "\n".join(lines)
+
+
+def held_out_steps(result: dict) -> dict[str, list[dict]]:
+    """The partial step fitted on measured branches, judged on a checkpoint it was not fitted on.
+
+    Per predictor and checkpoint: the step whose decisions had the lowest mean ``vs_stratified`` over the
+    *other* checkpoints (ties: the smaller step), and that step's ``vs_stratified`` and ``regret`` at this
+    one. With one checkpoint there is nothing to fit on, so the result is empty.
+    """
+    records = result["checkpoints"]
+    if len(records) < 2:
+        return {}
+    by_predictor: dict[str, dict[float, str]] = {}
+    for key in records[0]["decisions"]:
+        name, _, step = key.rpartition(" step=")
+        by_predictor.setdefault(name, {})[float(step)] = key
+    out = {}
+    for name, keys in by_predictor.items():
+        picks = []
+        for index, record in enumerate(records):
+            others = [other for j, other in enumerate(records) if j != index]
+            fitted = min(
+                sorted(keys),
+                key=lambda t: np.mean([other["decisions"][keys[t]]["vs_stratified"] for other in others]),
+            )
+            picks.append(
+                {
+                    "step": fitted,
+                    **{k: record["decisions"][keys[fitted]][k] for k in ("vs_stratified", "regret")},
+                }
+            )
+        out[name] = picks
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -399,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         default = getattr(defaults, item.name)
         flag = f"--{item.name.replace('_', '-')}"
         if isinstance(default, tuple):
-            kind = str if item.name == "preconditioners" else int
+            kind = {"preconditioners": str, "solve_steps": float}.get(item.name, int)
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])

@@ -15,6 +15,9 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
 - CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
   on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
 
+The simulated ranks of one W share the process-wide cache of window orders, so each rank after the first
+finds part of its seeding done; ``--own-caches`` clears it before each rank, as separate processes would.
+
 Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
 """
 
@@ -89,10 +92,13 @@ def sampled_ranks(world_size: int, count: int) -> list[int]:
 def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
     """Per-rank tokens read, tokens decoded and seconds per global batch, over the sampled ranks."""
     from tikmix_loader import MixtureLoader
+    from tikmix_loader.data import stream
 
     seconds, cpu_seconds, sample_tokens, decoded_tokens = [], [], [], []
     for _ in range(args.repeats):
         for rank in sampled_ranks(world_size, args.ranks):
+            if args.own_caches:  # a real rank has its own process: no window orders seeded by another rank
+                stream._window_permutation.cache_clear()
             loader = MixtureLoader(
                 domains,
                 batch_size=args.global_batch // world_size,
@@ -130,6 +136,12 @@ def main(argv=None) -> None:
     parser.add_argument("--ranks", type=int, default=8, help="ranks timed per world size (a sample)")
     parser.add_argument("--docs-per-domain", type=int, default=4000)
     parser.add_argument("--doc-tokens", type=int, default=600)
+    parser.add_argument(
+        "--own-caches",
+        action="store_true",
+        help="clear the process-wide window-order cache before each simulated rank, as if each had its own "
+        "process (by default the ranks of one W share it, which hides part of each rank's seeding cost)",
+    )
     args = parser.parse_args(argv)
     for world_size in args.world_sizes:
         if args.global_batch % world_size:

@@ -28,7 +28,8 @@ def reference_targets(targets: np.ndarray, served: np.ndarray, weights: np.ndarr
 
     Independent of the planner's carry: each domain's target grows by ``w_d * total``, and a domain with
     weight 0 gives up what it is still owed (target minus ``served``, the counts before this batch), which
-    the weighted domains share in proportion to their weights.
+    the weighted domains share in proportion to their weights. When the whole samples the domains are then
+    owed exceed ``total``, every domain served ahead of its target gives up that surplus the same way.
 
     Args:
         targets (np.ndarray): Targets before the batch, float ``[num_domains]``.
@@ -38,7 +39,18 @@ def reference_targets(targets: np.ndarray, served: np.ndarray, weights: np.ndarr
     """
     idle = weights == 0
     released = float(np.sum(targets[idle] - served[idle]))
-    return np.where(idle, served, targets + weights * (total + released))
+    targets = np.where(idle, served, targets + weights * (total + released))
+    owed = targets - served
+    if np.floor(owed[owed > 0]).sum() > total:
+        # Whole samples owed exceed the batch: domains served ahead of their targets give up the surplus,
+        # shared by the rest in proportion to their weights, until none is ahead.
+        active = ~idle
+        while (ahead := active & (targets < served)).any():
+            surplus = float(np.sum(targets[ahead] - served[ahead]))
+            targets[ahead] = served[ahead]
+            active &= ~ahead
+            targets[active] += weights[active] / weights[active].sum() * surplus
+    return targets
 
 
 def random_history(rng: np.random.Generator, num_domains: int, batches: int) -> list[np.ndarray]:

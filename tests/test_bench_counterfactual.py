@@ -15,7 +15,7 @@ from tikmix_loader.train import make_optimizer
 
 SMALL = {"model": "micro", "steps": 6, "checkpoints": (3, 6), "branch_steps": 2, "dirichlet": 2}
 SMALL.update(batch_size=4, seq_len=32, target_samples=4, observation_samples=4, target_batch_size=4, ks=(8,))
-SMALL.update(k=8)
+SMALL.update(k=8, solve_steps=(0.5, 1.0))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,6 +41,44 @@ def corpus(tmp_path_factory):
 def test_quotas_round_to_the_batch(bench, weights):
     rows = bench.quotas(np.array(weights), 16)
     assert rows.sum() == 16 and np.all(np.abs(rows - np.array(weights) * 16) < 1)
+
+
+def test_quotas_of_a_mixture_within_1e_9_of_uniform_are_the_uniform_quotas(bench):
+    uniform = np.full(5, 0.2)
+    nearly = uniform + np.array([-2e-12, 1e-12, 0.0, 1e-12, 0.0])
+    np.testing.assert_array_equal(bench.quotas(nearly, 16), bench.quotas(uniform, 16))
+    np.testing.assert_array_equal(bench.quotas(uniform, 16), [4, 3, 3, 3, 3])  # the tie goes to the first
+
+
+def test_weighted_branch_on_one_domain_is_a_sampled_branch_on_its_rows(bench, corpus):
+    """``sum_d w_d L_d`` with w one-hot is the mean loss of that domain's rows: the same training as a sampled
+    branch that takes every row from it; a weighted branch is also paired (same w, same outcome)."""
+    splits = load_splits(corpus)
+    model = build_model("micro", seed=0, seq_len=32)
+    loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    targets = val_targets(splits.val, samples=4, batch_size=4, seq_len=32, seed=0)
+    data = bench.branch_data(loader, steps=2, batch_size=4, key=2)
+    outcomes = {}
+    for mode, w in (
+        ("sampled", [0.0, 1.0, 0.0]),
+        ("weighted", [0.0, 1.0, 0.0]),
+        ("weighted", [0.2, 0.5, 0.3]),
+    ):
+        config = bench.CounterfactualConfig(**{**SMALL, "branch_data": mode, "weighted_rows": 4})
+        optimizer, _ = make_optimizer(model, config.train_config)
+        runs = [
+            bench.target_losses(
+                bench.run_branch(model, optimizer, np.array(w), data, config=config, start=3), targets
+            )
+            for _ in range(2)
+        ]
+        np.testing.assert_array_equal(runs[0], runs[1])
+        outcomes[mode, tuple(w)] = runs[0]
+    np.testing.assert_allclose(
+        outcomes["weighted", (0.0, 1.0, 0.0)], outcomes["sampled", (0.0, 1.0, 0.0)], rtol=1e-6
+    )
+    assert not np.allclose(outcomes["weighted", (0.2, 0.5, 0.3)], outcomes["weighted", (0.0, 1.0, 0.0)])
+    loader.close()
 
 
 def test_branch_mixtures_lean_on_each_domain_and_sum_to_one(bench):
@@ -89,6 +127,10 @@ def test_config_rejects_checkpoints_past_the_run(bench):
         bench.CounterfactualConfig(steps=6, checkpoints=(3, 9))
     with pytest.raises(ConfigError, match=r"unknown `preconditioners` \['exact'\]"):
         bench.CounterfactualConfig(preconditioners=("kfac", "exact"))
+    with pytest.raises(ConfigError, match=r"`branch_data` must be one of \('sampled', 'weighted'\)"):
+        bench.CounterfactualConfig(branch_data="mean")
+    with pytest.raises(ConfigError, match=r"`solve_steps` must be in \(0, 1\], got \[0.0, 1.0\]"):
+        bench.CounterfactualConfig(solve_steps=(0.0, 1.0))
 
 
 def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
@@ -100,15 +142,49 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
     bench.main(args)
     table = capsys.readouterr().out
     assert "| online kfac k=8 |" in table and "| fresh identity k=8 |" in table
-    assert "| stratified (baseline) |" in table
+    assert "| stratified (baseline) |" in table and "| own domain (S = I) |" in table
     saved = json.loads(out.read_text())
     assert [record["step"] for record in saved["checkpoints"]] == [3, 6]
     change = np.array(saved["checkpoints"][1]["change"])
     assert change.shape == (6, 3) and np.isfinite(change).all()  # stratified, 3 leaning, 2 Dirichlet
     decisions = saved["checkpoints"][1]["decisions"]
-    assert sorted(decisions) == sorted(f"{when} {kind} k=8" for when in ("online", "fresh") for kind in kinds)
+    assert sorted(decisions) == sorted(
+        f"{when} {kind} k=8 step={t}" for when in ("online", "fresh") for kind in kinds for t in ("0.5", "1")
+    )
     for decision in decisions.values():  # TiKMiX-D's own branch, compared with stratified's on the same data
         assert sum(decision["weights"]) == pytest.approx(1.0) and min(decision["weights"]) >= 0.1 - 1e-9
         delta = np.mean(decision["change"]) - change[0].mean()
         assert decision["vs_stratified"] == pytest.approx(delta)
-    assert "| TiKMiX-D solved from |" in table
+        assert decision["regret"] == pytest.approx(np.mean(decision["change"]) - change.mean(1).min())
+    for name in ("online kfac k=8", "fresh identity k=8"):  # the half step lies halfway to the full one
+        half, full = (np.array(decisions[f"{name} step={t}"]["weights"]) for t in ("0.5", "1"))
+        np.testing.assert_allclose(half, (full + 1 / 3) / 2, atol=1e-9)
+    assert "| TiKMiX-D solved from |" in table and "| step fitted on the other checkpoints, from |" in table
+
+
+def test_held_out_step_is_fitted_on_the_other_checkpoints(bench):
+    def record(deltas):  # {step: vs_stratified}; regret = delta + 0.01 here
+        return {
+            "decisions": {
+                f"p step={t:g}": {"vs_stratified": d, "regret": d + 0.01} for t, d in deltas.items()
+            }
+        }
+
+    result = {
+        "checkpoints": [
+            record({0.5: -0.01, 1.0: 0.02}),
+            record({0.5: 0.00, 1.0: -0.03}),
+            record({0.5: -0.02, 1.0: 0.01}),
+        ]
+    }
+    picks = bench.held_out_steps(result)["p"]
+    # Others' means, held out 0: 0.5 -> -0.010, 1.0 -> -0.010 (a tie up to rounding: the smaller step wins
+    # either way); held out 1: 0.5 -> -0.015, 1.0 -> +0.015; held out 2: -0.005 and -0.005 (a tie again).
+    assert [pick["step"] for pick in picks] == [0.5, 0.5, 0.5]
+    assert [pick["vs_stratified"] for pick in picks] == [-0.01, 0.00, -0.02]
+    result["checkpoints"][0]["decisions"]["p step=1"]["vs_stratified"] = -0.05
+    picks = bench.held_out_steps(result)["p"]
+    # Held out 1: 0.5 -> -0.015, 1.0 -> -0.020 (1.0 wins); held out 2: 0.5 -> -0.005, 1.0 -> -0.040.
+    assert [pick["step"] for pick in picks] == [0.5, 1.0, 1.0]
+    assert [pick["regret"] for pick in picks] == pytest.approx([0.0, -0.02, 0.02])
+    assert bench.held_out_steps({"checkpoints": result["checkpoints"][:1]}) == {}

@@ -32,6 +32,7 @@ from tikmix_loader.experiment import (
     summarize,
     train_method,
 )
+from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.mixing import LookAheadLabel
 from tikmix_loader.models.tiny_gpt import per_token_loss
 from tikmix_loader.train import make_optimizer
@@ -203,8 +204,8 @@ def test_every_method_runs_and_only_the_final_score_reads_test(corpus, tmp_path,
     assert len(results["regmix"]["losses"]) == FAST["regmix_proxies"]
 
 
-@pytest.mark.parametrize("method", ["tikmix-d", "tikmix-d-stage"])
-def test_max_step_and_min_weight_reach_every_tikmix_d_solve(corpus, method, monkeypatch):
+@pytest.mark.parametrize("method", ["tikmix-d", "tikmix-d-fresh", "tikmix-d-stage"])
+def test_max_step_min_weight_and_step_reach_every_tikmix_d_solve(corpus, method, monkeypatch):
     # On this 3-domain corpus S is diagonal-dominant, so the Pareto rows pin the weights and a bound on the
     # move cannot show in them; spy on the solver's arguments instead.
     seen = []
@@ -212,14 +213,14 @@ def test_max_step_and_min_weight_reach_every_tikmix_d_solve(corpus, method, monk
     monkeypatch.setattr(
         tikmix_d_module,
         "solve_tikmix_d",
-        lambda *a, **kw: seen.append((kw["max_step"], kw["min_weight"])) or solve(*a, **kw),
+        lambda *a, **kw: seen.append((kw["max_step"], kw["min_weight"], kw["step"])) or solve(*a, **kw),
     )
     splits = load_splits(corpus)
-    config = ExperimentConfig.from_flat(max_step=1.5, min_weight=0.05, **FAST)
+    config = ExperimentConfig.from_flat(max_step=1.5, min_weight=0.05, d_step=0.5, **FAST)
     run = train_method(
         method, 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False
     )
-    assert seen and set(seen) == {(1.5, 0.05)}
+    assert seen and set(seen) == {(1.5, 0.05, 0.5)}
     assert run.result.decisions
     too_high = ExperimentConfig.from_flat(min_weight=0.4, **FAST)  # 3 domains x 0.4 > 1
     with pytest.raises(ConfigError, match="No mixture of 3 domains fits `min_weight`=0.4"):
@@ -421,3 +422,23 @@ def test_flat_option_names_map_to_the_nested_options():
     assert ExperimentConfig.from_flat(**flat) == config
     with pytest.raises(ConfigError, match=r"unknown options \['proxies'\]"):
         ExperimentConfig.from_flat(proxies=8)
+
+
+def test_tikmix_d_fresh_measures_a_fresh_observation_pass_at_every_decision(corpus, monkeypatch):
+    calls = {"compute": 0, "observe": 0, "online influence": 0}
+    for name in calls:
+        original = getattr(GroupInfluence, name.split()[-1])
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(GroupInfluence, name.split()[-1], counted)
+    splits = load_splits(corpus)
+    config = ExperimentConfig.from_flat(**{**FAST, "steps": 9})  # every 3 steps; none after the last step
+    run = train_method(
+        "tikmix-d-fresh", 0, config=config, train_domains=splits.train, val_domains=splits.val, progress=False
+    )
+    assert [d["step"] for d in run.result.decisions] == [2, 5]
+    assert calls["compute"] == 2  # one observation pass per decision, on fresh samples
+    assert calls["observe"] == 0 and calls["online influence"] == 0  # no EMA is collected or read

@@ -496,6 +496,15 @@ def test_token_ids_outside_vocabulary(tmp_path, fmt):
         Domain("v", path, vocab_size=258, eos_id=256).read_docs(0, 2)
 
 
+def test_token_range_reads_of_out_of_vocabulary_ids_name_the_file_and_documents(tmp_path):
+    # The memmap builds this message only on an error; it must still name where the bad ids are.
+    path = make_domain_files(tmp_path, "memmap", [[1, 2], [3, 300], [4]], dtype="int32", metadata=False)
+    domain = Domain("v", path, vocab_size=258, eos_id=256)
+    np.testing.assert_array_equal(domain.read_doc_ranges([2, 0], [0, 1], [1, 2]), [4, 2])
+    with pytest.raises(ShardError, match=r"\.bin \(documents 0\.\.2\): token ids span \[1, 300\]"):
+        domain.read_doc_ranges([2, 1, 0], [0, 0, 0], [1, 2, 1])
+
+
 @pytest.mark.parametrize("fmt", ["mds", "parquet"])
 def test_out_of_vocabulary_after_a_cached_open(tmp_path, fmt):
     path = make_domain_files(tmp_path, fmt, [[1, 2], [3, 300]], dtype="int32", metadata=False)

@@ -5,6 +5,7 @@ import pytest
 from testkit.domains import random_documents, write_domains
 
 from tikmix_loader import Domain
+from tikmix_loader.data import stream as stream_module
 from tikmix_loader.data.shuffle import BlockShuffle, stable_key
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.stream import DomainStream
@@ -191,3 +192,26 @@ def test_token_range_reads_match_whole_chunk_reads_with_empty_and_tiny_documents
     picks = rng.choice(span, size=40, replace=False)
     got, _ = DomainStream(domain, **options, share=1 / 64).read_at(picks)
     np.testing.assert_array_equal(got, expected[picks])
+
+
+def test_warm_caches_give_the_rows_of_cold_ones_and_stay_bounded(tmp_path, monkeypatch):
+    # A rank's stream keeps block indexes (at most _INDEX_CACHE) and window orders (process-wide LRU) across
+    # reads; rows read through warm, evicting caches must equal the dense reference read with cold ones.
+    monkeypatch.setattr(stream_module, "_INDEX_CACHE", 3)
+    (domain,) = write_domains(tmp_path, {"d": 120}, max_len=40)
+    options = {"seq_len": 8, "seed": 5, "block_docs": 8, "shuffle_window": 32}
+    stream_module._window_permutation.cache_clear()
+    reference = DomainStream(domain, **options, share=1.0)  # whole chunks: no block index, no sparse path
+    warm = DomainStream(domain, **options, share=1 / 64)
+    span = 2 * warm.samples_per_epoch  # two epochs
+    expected, _ = reference.read(0, span)
+    rng = np.random.default_rng(3)
+    sizes = []
+    for round_ in range(40):
+        if round_ % 10 == 9:
+            stream_module._window_permutation.cache_clear()  # cold window orders mid-run
+        picks = np.sort(rng.choice(span, size=4, replace=False))
+        tokens, _ = warm.read_at(picks)
+        np.testing.assert_array_equal(tokens, expected[picks])
+        sizes.append(len(warm._index_cache))
+    assert max(sizes) == 3  # filled to its bound, and evicted beyond it

@@ -316,3 +316,46 @@ def test_bad_max_step_raises_config_error(problem, max_step):
         solve_tikmix_d(S, w_prior, max_step=max_step)
     with pytest.raises(ConfigError, match="`max_step` must be a finite number > 1"):
         TiKMiXD(max_step=max_step)
+
+
+@pytest.mark.parametrize("step", [0.25, 0.5])
+def test_partial_step_goes_that_fraction_of_the_way_to_the_solution(problem, step):
+    S, w_prior = problem(8, 5, seed=12)
+    full = solve_tikmix_d(S, w_prior, min_weight=0.01)
+    partial = solve_tikmix_d(S, w_prior, min_weight=0.01, step=step)
+    np.testing.assert_allclose(partial.weights, w_prior + step * (full.weights - w_prior), atol=1e-12)
+    assert partial.terms["step"] == step
+    assert_feasible(S, w_prior, partial, lo=min(0.01, w_prior.min()))
+    objective = TikmixObjective(S)
+    assert partial.objective == pytest.approx(objective.value(partial.weights))
+    assert full.objective <= partial.objective <= objective.value(w_prior)  # convex along the segment
+
+
+def test_partial_step_is_raised_until_a_prior_over_its_cap_is_back_under_it():
+    S = np.array([[1.0, 3.0, 2.0], [2.0, 1.0, 3.0]])
+    w_prior = np.array([0.7, 0.2, 0.1])
+    # Domain 0 can supply 500 of the 1000 tokens still to come: w_0 <= 0.5, but the prior has 0.7.
+    caps = {"available_tokens": [500.0, 1e9, 1e9], "remaining_tokens": 1000.0, "max_epochs": 1.0}
+    full = solve_tikmix_d(S, w_prior, **caps)
+    assert full.weights[0] <= 0.5 + 1e-9
+    partial = solve_tikmix_d(S, w_prior, step=0.1, **caps)
+    needed = (0.7 - 0.5) / (0.7 - full.weights[0])  # the fraction of the way that reaches the cap
+    assert partial.terms["step"] == pytest.approx(needed)
+    assert partial.weights[0] == pytest.approx(0.5)
+    np.testing.assert_allclose(partial.weights, w_prior + needed * (full.weights - w_prior), atol=1e-12)
+
+
+def test_partial_step_of_one_is_the_solution_and_a_fallback_ignores_the_step(problem):
+    S, w_prior = problem(6, 3, seed=13)
+    assert "step" not in solve_tikmix_d(S, w_prior, step=1.0).terms
+    fallback = solve_tikmix_d(np.zeros_like(S), w_prior, step=0.5)
+    assert fallback.fallback and np.array_equal(fallback.weights, w_prior)
+
+
+@pytest.mark.parametrize("step", [0.0, -0.5, 1.5, float("nan"), "0.5"])
+def test_bad_step_raises_config_error(problem, step):
+    S, w_prior = problem(6, 3, seed=10)
+    with pytest.raises(ConfigError, match="`step` must be a number in \\(0, 1\\]"):
+        solve_tikmix_d(S, w_prior, step=step)
+    with pytest.raises(ConfigError, match="`step` must be a number in \\(0, 1\\]"):
+        TiKMiXD(step=step)

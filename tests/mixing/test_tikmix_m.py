@@ -191,3 +191,32 @@ def test_per_mixture_wraps_a_single_mixture_label():
 def test_bad_options_raise(options, match):
     with pytest.raises(ConfigError, match=match):
         get_mixer("tikmix_m", label_fn=lambda w: w[:, 0], **options)
+
+
+def test_curvature_label_damps_projected_factors_by_the_unprojected_mean_eigenvalue():
+    rng = np.random.default_rng(5)
+    m, k_out, k_in, d_out, d_in = 2, 2, 3, 8, 12
+    a = np.stack([np.diag(rng.uniform(0.5, 2.0, k_in)) for _ in range(m)])
+    b = np.stack([np.diag(rng.uniform(0.5, 2.0, k_out)) for _ in range(m)])
+    b[1] = 0.0  # domain 1 saw no output-gradient signal
+    phi, psi = rng.normal(size=(m, k_out, k_in)), rng.normal(size=(1, k_out, k_in))
+    label = CurvatureLabel(psi=psi, phi=phi, a_factors=a, b_factors=b, damping=0.1, widths=[(d_in, d_out)])
+    for w in ([0.3, 0.7], [0.0, 1.0]):
+        a_w, b_w = np.einsum("d,dij->ij", w, a), np.einsum("d,dij->ij", w, b)
+        lam_a = 0.1 * np.trace(a_w) / d_in  # trace over the unprojected width, not k_in
+        lam_b = 0.1 * np.trace(b_w) / d_out if np.trace(b_w) > 0 else 0.1  # an empty factor gets `damping`
+        g = np.einsum("d,dij->ij", w, phi)
+        # Diagonal factors: (B + lB)^-1 g (A + lA)^-1 is an element-wise division.
+        expected = np.sum(psi[0] * g / np.outer(np.diag(b_w) + lam_b, np.diag(a_w) + lam_a))
+        assert label(np.array([w]))[0] == pytest.approx(expected, rel=1e-12)
+    unprojected = CurvatureLabel(psi=psi, phi=phi, a_factors=a, b_factors=b, damping=0.1)
+    assert not np.isclose(label([[0.3, 0.7]])[0], unprojected([[0.3, 0.7]])[0])  # widths change the shift
+
+
+@pytest.mark.parametrize("widths", [[(2, 2)], [(12, 8), (12, 8)], [(12,)]])
+def test_curvature_label_rejects_widths_that_do_not_fit_the_layers(widths):
+    a, b = np.ones((2, 3, 3)), np.ones((2, 2, 2))
+    with pytest.raises(ConfigError, match="`widths` must give one unprojected"):
+        CurvatureLabel(
+            psi=np.ones((1, 2, 3)), phi=np.ones((2, 2, 3)), a_factors=a, b_factors=b, widths=widths
+        )

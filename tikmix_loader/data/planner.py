@@ -216,8 +216,10 @@ class MixturePlanner:
         return np.asarray(self.weight_history[-1][1], dtype=np.float64)
 
     def _weights_at(self, batch: int) -> np.ndarray:
-        due = [weights for index, weights in self.weight_history if index <= batch]
-        return np.asarray(due[-1], dtype=np.float64)
+        # The last entry due, searched from the end: the history grows with every weight change and the
+        # answer is almost always its last or second-to-last entry, so planning stays O(1) per batch.
+        due = next(weights for index, weights in reversed(self.weight_history) if index <= batch)
+        return np.asarray(due, dtype=np.float64)
 
     def effective_weights(self) -> np.ndarray:
         """Current weights with exhausted domains removed and the rest renormalised."""

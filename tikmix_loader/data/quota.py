@@ -15,6 +15,10 @@ def allocate_quota(weights: np.ndarray, carry: np.ndarray, total: int) -> tuple[
     and the samples left over go one each to the domains with the largest fractional parts, ties to the
     lower index (Hamilton's largest-remainder method). The new carry is ``x_d - quota_d``.
 
+    The same release applies to a weighted domain served ahead of its target (owed a negative amount) when
+    the other domains' whole samples owed exceed ``total``: it gets nothing this batch and its surplus is
+    shared among the others, so no claim is left unmet by a full sample. Otherwise the stream is untouched.
+
     Releasing keeps the weighted domains' carries summing to zero, so each stays in (-1, 1) whatever weights
     are zero and for how long: every domain's cumulative count stays within one sample of its target, where
     the target is ``sum_t w_d(t) * total`` plus its share of the fractions released by domains whose weight
@@ -34,6 +38,8 @@ def allocate_quota(weights: np.ndarray, carry: np.ndarray, total: int) -> tuple[
     active = weights > 0
     released = float(np.sum(carry, where=~active))
     owed = np.where(active, weights * (total + released) + carry, 0.0)
+    if np.sum(np.floor(owed), where=owed > 0) > total:
+        active, owed = _release_surplus(weights, active, owed)
     quota = np.where(active, np.maximum(np.floor(owed), 0.0), 0.0).astype(np.int64)
     leftover = total - int(quota.sum())
     # Stable order: largest fractional part first, then lower domain index.
@@ -52,3 +58,27 @@ def allocate_quota(weights: np.ndarray, carry: np.ndarray, total: int) -> tuple[
             leftover += take
     new_carry = np.where(active, owed - quota, 0.0)
     return quota, new_carry
+
+
+def _release_surplus(
+    weights: np.ndarray, active: np.ndarray, owed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forgive over-served domains their surplus when the others are owed more than the batch holds.
+
+    A domain owed a negative amount (served ahead of its target, typically after its weight fell) cannot
+    give samples back, so the others' claims add up to more than ``total`` and plain rounding would leave
+    one of them owed a full sample or more. Each such domain's surplus is released like a zero-weight
+    domain's carry (shared among the rest in proportion to their weights; its own carry becomes 0), until
+    no domain is owed a negative amount. The claims then sum to ``total`` again, so largest-remainder
+    rounding keeps every carry in (-1, 1).
+    """
+    active = active.copy()
+    owed = owed.copy()
+    while True:
+        surplus = active & (owed < 0)
+        if not surplus.any():
+            return active, owed
+        released = float(owed[surplus].sum())
+        active &= ~surplus
+        owed[surplus] = 0.0
+        owed[active] += weights[active] / weights[active].sum() * released

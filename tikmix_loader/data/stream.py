@@ -102,7 +102,7 @@ class DomainStream:
         self._epoch_layout: tuple | None = None
         self._block_cache: tuple[tuple[int, int], np.ndarray] | None = None
         self._chunk_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
-        self._index_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._index_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # What ``_reset`` rebuilds; left out of pickles and copies.
     _DERIVED = (
@@ -291,27 +291,34 @@ class DomainStream:
                 tokens[rows], valid[rows] = self._documents(epoch, positions[rows])
             return tokens, valid
         chunks, offsets = np.divmod(positions, self.shuffle_window)
+        # Runs of consecutive rows in one (epoch, chunk): each dense run is one gather; the windows of the
+        # sparse runs are read together below. Loop bookkeeping is in Python ints: a rank at large world
+        # size has a few rows per domain, where numpy scalars would cost more than the arrays.
+        bounds = [0, *(np.flatnonzero((np.diff(epochs) != 0) | (np.diff(chunks) != 0)) + 1).tolist(), count]
+        firsts = bounds[:-1]
+        few_reads = self.share is None or self.share * SPARSE_RATIO < 1
         sparse = np.zeros(count, dtype=bool)
-        window_starts = np.zeros(count, dtype=np.int64)  # of sparse rows, in tokens of the epoch's stream
-        # Runs of consecutive rows in one (epoch, chunk): each dense run is one gather.
-        breaks = np.flatnonzero((np.diff(epochs) != 0) | (np.diff(chunks) != 0)) + 1
-        for first, stop in zip(np.concatenate(([0], breaks)), np.append(breaks, count)):
-            epoch, chunk = int(epochs[first]), int(chunks[first])
+        windows = np.zeros(count, dtype=np.int64)  # of sparse rows: window index in its chunk
+        for first, stop, epoch, chunk in zip(
+            firsts, bounds[1:], epochs[firsts].tolist(), chunks[firsts].tolist()
+        ):
             if (
-                (self.share is None or self.share * SPARSE_RATIO < 1)
+                few_reads
                 and (stop - first) * SPARSE_RATIO < self.shuffle_window
                 and not self._chunk_cached(epoch, chunk)
             ):
                 # A few windows of this chunk (a rank's share at large world size): read them sparsely below.
-                order = self._window_order(epoch, chunk)
                 sparse[first:stop] = True
-                window_starts[first:stop] = (
-                    chunk * self.shuffle_window + order[offsets[first:stop]]
-                ) * self.seq_len
+                windows[first:stop] = self._window_order(epoch, chunk)[offsets[first:stop]]
                 continue
             chunk_tokens, order = self._chunk(epoch, chunk)
-            windows = order[offsets[first:stop]] * self.seq_len
-            tokens[first:stop] = chunk_tokens[windows[:, None] + np.arange(self.seq_len + 1)]
+            starts = order[offsets[first:stop]] * self.seq_len
+            tokens[first:stop] = chunk_tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        if not sparse.any():
+            return tokens, valid
+        window_starts = (chunks * self.shuffle_window + windows) * self.seq_len  # in the epoch's token stream
+        if sparse.all() and (epochs == epochs[0]).all():  # the usual sparse read: one epoch, no dense run
+            return self._packed_windows(int(epochs[0]), window_starts), valid
         for epoch in np.unique(epochs[sparse]).tolist():
             rows = np.flatnonzero(sparse & (epochs == epoch))
             tokens[rows] = self._packed_windows(epoch, window_starts[rows])
@@ -435,21 +442,24 @@ class DomainStream:
             position += 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _block_index(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """Storage ids of the block's documents in shuffled order, and where each ends in the packed block.
+    def _block_index(self, epoch: int, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Storage ids of the block's documents in shuffled order, and (packed mode) where each starts and
+        ends (after its EOS) in the epoch's packed stream.
 
         Computed from the document lengths alone (no data read); the last ``_INDEX_CACHE`` are kept, since
         a rank's next sample is often in a block it just read from.
         """
         key = (epoch, position)
-        if key not in self._index_cache:
+        index = self._index_cache.get(key)
+        if index is None:
             if len(self._index_cache) >= _INDEX_CACHE:
                 self._index_cache.pop(next(iter(self._index_cache)))  # oldest first
-            shuffle, _, copies = self._layout(epoch)
+            shuffle, cumulative, copies = self._layout(epoch)
             documents = shuffle.documents(int(shuffle.block_order[position]), copies)
-            ends = np.cumsum(self.domain.doc_lengths[documents] + 1)  # each document plus its EOS
-            self._index_cache[key] = (documents, ends)
-        return self._index_cache[key]
+            sizes = self.domain.doc_lengths[documents] + 1  # each document plus its EOS
+            ends = int(cumulative[position]) + np.cumsum(sizes)
+            index = self._index_cache[key] = (documents, ends - sizes, ends)
+        return index
 
     def _packed_windows(self, epoch: int, starts: np.ndarray) -> np.ndarray:
         """The windows of ``seq_len + 1`` tokens at token offsets ``starts`` of the epoch's packed stream,
@@ -462,32 +472,34 @@ class DomainStream:
         width = self.seq_len + 1
         stops = starts + width
         _, cumulative, _ = self._layout(epoch)
-        first_block = np.searchsorted(cumulative, starts, side="right") - 1
-        last_block = np.searchsorted(cumulative, stops - 1, side="right") - 1
-        blocks = np.unique(concatenated_ranges(first_block, last_block - first_block + 1)).tolist()
-        indexes = [self._block_index(epoch, block) for block in blocks]
-        # The touched blocks' documents in stream order, and where each ends (after its EOS) in the epoch.
-        docs = np.concatenate([documents for documents, _ in indexes])
-        ends = np.concatenate(
-            [int(cumulative[block]) + block_ends for block, (_, block_ends) in zip(blocks, indexes)]
+        # The blocks under each window's first and last token, and any between: a Python set, cheaper than
+        # numpy's unique for the few windows of a rank's read.
+        bounds = (np.searchsorted(cumulative, np.concatenate((starts, stops - 1)), side="right") - 1).tolist()
+        blocks = sorted(
+            {block for first, last in zip(bounds, bounds[len(starts) :]) for block in range(first, last + 1)}
         )
-        doc_starts = ends - self.domain.doc_lengths[docs] - 1
+        indexes = [self._block_index(epoch, block) for block in blocks]
+        # The touched blocks' documents in stream order, and where each starts and ends in the epoch.
+        if len(indexes) == 1:
+            docs, doc_starts, ends = indexes[0]
+        else:
+            docs, doc_starts, ends = (np.concatenate(parts) for parts in zip(*indexes))
         low = np.searchsorted(ends, starts, side="right")  # first and last document under each window
         high = np.searchsorted(ends, stops - 1, side="right")
         counts = high - low + 1
         piece_doc = concatenated_ranges(low, counts)
         piece_window = np.repeat(np.arange(len(starts)), counts)
-        piece_start = np.maximum(starts[piece_window], doc_starts[piece_doc])
-        piece_stop = np.minimum(stops[piece_window], ends[piece_doc])
-        with_eos = piece_stop == ends[piece_doc]
+        piece_ends = ends[piece_doc]
+        piece_doc_starts = doc_starts[piece_doc]
+        piece_start = np.maximum(starts[piece_window], piece_doc_starts)
+        piece_stop = np.minimum(stops[piece_window], piece_ends)
+        with_eos = piece_stop == piece_ends
         content = self.domain.read_doc_ranges(
-            docs[piece_doc],
-            piece_start - doc_starts[piece_doc],
-            piece_stop - with_eos - doc_starts[piece_doc],
+            docs[piece_doc], piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
         )
         # Pieces tile each window in order, so the content fills every position that is not an EOS.
         eos = np.zeros(len(starts) * width, dtype=bool)
-        eos[(piece_window * width + ends[piece_doc] - 1 - starts[piece_window])[with_eos]] = True
+        eos[(piece_window * width + piece_ends - 1 - starts[piece_window])[with_eos]] = True
         windows = np.empty(len(starts) * width, dtype=np.int64)
         windows[eos] = self.domain.eos_id
         windows[~eos] = content

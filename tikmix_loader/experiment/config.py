@@ -20,6 +20,7 @@ from tikmix_loader.experiment.methods import (
     METHODS,
     QUADMIX,
     QUALITY,
+    TIKMIX_D,
     TOPK,
 )
 from tikmix_loader.experiment.quality import parse_criteria
@@ -79,9 +80,10 @@ class TiKMiXDOptions:
     )
     max_step: float | None = _option(2.0, "tikmix-d trust region: w_d moves at most this factor per decision")
     min_weight: float = _option(0.1, "tikmix-d lower bound of every weight")
+    step: float = _option(1.0, "tikmix-d partial step towards the solution, in (0, 1]", flag="d_step")
 
     def __post_init__(self):
-        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight)  # validates both
+        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight, step=self.step)  # validates them
         if self.half_life is not None and not self.half_life > 0:
             raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
 
@@ -91,7 +93,9 @@ class StageOptions:
     """Stage-wise TiKMiX-D: observation passes at token milestones."""
 
     stages: int = _option(3, "tikmix-d-stage: evenly spaced token milestones")
-    observation_samples: int = _option(64, "tikmix-d-stage: samples per domain")
+    observation_samples: int = _option(
+        64, "samples per domain of each observation pass", used_by=("tikmix-d-fresh", "tikmix-d-stage")
+    )
 
     def __post_init__(self):
         _positive_int("stages", self.stages)
@@ -232,13 +236,11 @@ class ExperimentConfig:
     init: str = _option("stratified", "initial mixture of adaptive methods", used_by=ADAPTIVE)
     every: int = _option(
         100,
-        "steps between decisions (tikmix-d, odm)",
-        used_by=("odm", "tikmix-d", "tikmix-m", "quadmix+tikmix-d"),
+        "steps between decisions (tikmix-d, tikmix-d-fresh, odm)",
+        used_by=("odm", "tikmix-d", "tikmix-d-fresh", "tikmix-m", "quadmix+tikmix-d"),
     )
     influence: InfluenceOptions = _group(InfluenceOptions, used_by=INFLUENCE)
-    tikmix_d: TiKMiXDOptions = _group(
-        TiKMiXDOptions, used_by=("tikmix-d", "tikmix-d-stage", "quadmix+tikmix-d")
-    )
+    tikmix_d: TiKMiXDOptions = _group(TiKMiXDOptions, used_by=TIKMIX_D)
     stage: StageOptions = _group(StageOptions, used_by=("tikmix-d-stage",))
     temperature: TemperatureOptions = _group(TemperatureOptions, used_by=("temperature",))
     regmix: RegMixOptions = _group(RegMixOptions, used_by=("regmix",), prefix="regmix_")

@@ -138,7 +138,7 @@ def _online_half_life(run: MethodInputs) -> float:
 def _tikmix_d_mixer(run: MethodInputs) -> Mixer:
     options = run.config.tikmix_d
     weight_bounds(len(run.loader.domain_names), options.min_weight, 1.0)  # fail before training
-    return get_mixer("tikmix_d", max_step=options.max_step, min_weight=options.min_weight)
+    return get_mixer("tikmix_d", max_step=options.max_step, min_weight=options.min_weight, step=options.step)
 
 
 def _odm(run: MethodInputs) -> MethodSetup:
@@ -155,6 +155,25 @@ def _tikmix_d(run: MethodInputs) -> MethodSetup:
         influence=_influence(run, half_life=_online_half_life(run)),
         targets=run.targets(),
         schedule=every(run.config.every),
+        ledger=run.fresh_ledger(),
+    )
+    return MethodSetup(controller)
+
+
+def _tikmix_d_fresh(run: MethodInputs) -> MethodSetup:
+    """TiKMiX-D every ``every`` steps on a fresh observation pass at each decision, not the online EMA: in
+    the counterfactual check fresh K-FAC/EK-FAC ``S`` ranked measured branches better than the EMA, which
+    mixes gradients of parameters the model has since left (docs/methods.md §6)."""
+    run.start_adaptive()
+    config = run.config
+    controller = MixtureController(
+        run.loader,
+        _tikmix_d_mixer(run),
+        influence=_influence(run),
+        targets=run.targets(),
+        schedule=every(config.every),
+        observation_samples=config.stage.observation_samples,
+        observation_batch_size=config.influence.target_batch_size,
         ledger=run.fresh_ledger(),
     )
     return MethodSetup(controller)
@@ -279,6 +298,7 @@ METHOD_BUILDERS: dict[str, Callable[[MethodInputs], MethodSetup]] = {
     "regmix": _regmix,
     "odm": _odm,
     "tikmix-d": _tikmix_d,
+    "tikmix-d-fresh": _tikmix_d_fresh,
     "tikmix-d-stage": _tikmix_d_stage,
     "tikmix-m": _tikmix_m,
     "uniform-docs": _uniform_docs,
@@ -296,9 +316,15 @@ METHODS = (  # run by default; every name must be in METHOD_BUILDERS
     "tikmix-d-stage",
     "tikmix-m",
 )
-ADAPTIVE = ("odm", "tikmix-d", "tikmix-d-stage", "tikmix-m")  # start from `config.init`
-# the methods that measure Group Influence
-INFLUENCE = ("tikmix-d", "tikmix-d-stage", "tikmix-m", "quadmix+tikmix-d")
+ADAPTIVE = ("odm", "tikmix-d", "tikmix-d-fresh", "tikmix-d-stage", "tikmix-m")  # start from `config.init`
+# the methods that measure S
+INFLUENCE = ("tikmix-d", "tikmix-d-fresh", "tikmix-d-stage", "tikmix-m", "quadmix+tikmix-d")
+TIKMIX_D = (
+    "tikmix-d",
+    "tikmix-d-fresh",
+    "tikmix-d-stage",
+    "quadmix+tikmix-d",
+)  # the methods that solve TiKMiX-D
 
 
 def get_method_builder(method: str) -> Callable[[MethodInputs], MethodSetup]:

@@ -21,16 +21,18 @@ Protocol (issue 6, section 4):
 
 Methods (``--methods``): ``stratified`` (uniform), ``natural`` (token shares), ``temperature`` (shares **
 ``tau``, 0.5), ``regmix`` (proxy sweep, LightGBM fit, simulated optimum, then a static run), ``odm`` (EXP3
-on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps), ``tikmix-d-stage``
-(observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m`` (TiKMiX-D anchor
-refined by a LightGBM surrogate of a measured look-ahead label). On a scored corpus (``tikmix score``), the
-quality methods (``docs/quadmix.md``, "Experiment"): ``uniform-docs`` (stratified domains, every document
-once), ``topk-<criterion>`` (stratified domains, each keeping its best ``topk_keep`` share of tokens by one
-criterion), ``quadmix`` (searched quality parameters and the domain weights they imply; the search runs once,
-seeded by the first seed, or is read from ``--quadmix-params``, and its FLOPs are counted like RegMix's) and
-``quadmix+tikmix-d`` (the same parameters, online TiKMiX-D moving the weights). With ``uniform-docs`` run
-and ``stratified`` not, the paired differences are against ``uniform-docs``. On a corpus with injected
-noise, every run records the share of each noise kind in the tokens it served.
+on training loss), ``tikmix-d`` (online Group Influence, a decision every ``every`` steps),
+``tikmix-d-fresh`` (the same schedule, each decision on a fresh observation pass instead of the online EMA),
+``tikmix-d-stage`` (observation mode at token milestones, the paper's stage-wise schedule) and ``tikmix-m``
+(TiKMiX-D anchor refined by a LightGBM surrogate of a measured look-ahead label). On a scored corpus
+(``tikmix score``), the quality methods (``docs/quadmix.md``, "Experiment"): ``uniform-docs`` (stratified
+domains, every document once), ``topk-<criterion>`` (stratified domains, each keeping its best ``topk_keep``
+share of tokens by one criterion), ``quadmix`` (searched quality parameters and the domain weights they
+imply; the search runs once, seeded by the first seed, or is read from ``--quadmix-params``, and its FLOPs
+are counted like RegMix's) and ``quadmix+tikmix-d`` (the same parameters, online TiKMiX-D moving the
+weights). With ``uniform-docs`` run and ``stratified`` not, the paired differences are against
+``uniform-docs``. On a corpus with injected noise, every run records the share of each noise kind in the
+tokens it served.
 
 Choices of ours: the adaptive methods start from ``init`` (default ``stratified``, so they are compared with
 the baseline they start from); RegMix sweeps once (proxies seeded with the first seed) and every seed's

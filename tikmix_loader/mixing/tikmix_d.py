@@ -11,8 +11,11 @@ Problem (paper, with the project's additions marked "ours")::
 ``max_weight`` (ours) tightened by availability caps ``w_d <= available_tokens_d * max_epochs_d /
 remaining_tokens`` (ours) and, optionally, a trust region ``w_prior_d / max_step <= w_d <= max_step *
 w_prior_d`` (ours: online decisions see a noisy S, and the box limits how far one decision can move the
-mixture, like TiKMiX-M's ``[w_D / 2, 2 w_D]`` candidate box). The problem is convex (a norm of an affine map,
-a linear term and the negative entropy), so any local solution is global.
+mixture, like TiKMiX-M's ``[w_D / 2, 2 w_D]`` candidate box). The problem is convex (a norm of an affine
+map, a linear term and the negative entropy), so any local solution is global. Optionally (ours, ``step`` <
+1) the answer is only part of the way from ``w_prior`` to the solution (:func:`partial_step`): measured
+outcomes are concave in ``w``, so the full step of this nearly linear objective overshoots (docs/methods.md
+§4).
 
 Solvers. Both are SciPy SLSQP with analytic gradients:
 
@@ -226,6 +229,28 @@ def trust_region(
     check_max_step(max_step)
     hi = np.minimum(hi, np.maximum(max_step * w_prior, lo))
     return np.minimum(np.maximum(lo, w_prior / max_step), hi), hi
+
+
+def check_step(step) -> None:
+    """Raise ``ConfigError`` unless ``step`` is a number in (0, 1]."""
+    if not (isinstance(step, (int, float)) and 0 < step <= 1):
+        raise ConfigError(f"`step` must be a number in (0, 1] (1: the solved mixture itself), got {step}.")
+
+
+def partial_step(w_prior: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, step: float) -> float:
+    """The fraction ``t`` of the way from ``w_prior`` to the solved ``w`` that a partial step takes: ``step``,
+    raised to the smallest ``t`` whose point ``w_prior + t (w - w_prior)`` is inside ``[lo, hi]`` when the
+    prior itself is outside (e.g. above an availability cap); ``w`` is inside, so ``t = 1`` always is.
+
+    Every point of the segment is on the simplex and keeps the Pareto rows (they are linear and hold at both
+    ends), and the objective is convex, so it is no worse than at ``w_prior``.
+    """
+    check_step(step)
+    move = w - w_prior
+    with np.errstate(divide="ignore", invalid="ignore"):
+        below = np.where((w_prior < lo) & (move > 0), (lo - w_prior) / move, 0.0)
+        above = np.where((w_prior > hi) & (move < 0), (hi - w_prior) / move, 0.0)
+    return float(min(1.0, max(step, below.max(initial=0.0), above.max(initial=0.0))))
 
 
 def _pareto_rows(A: np.ndarray, w_prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -443,6 +468,7 @@ def solve_tikmix_d(
     remaining_tokens: float | None = None,
     max_epochs=None,
     max_step: float | None = None,
+    step: float = 1.0,
     method: str = "auto",
     tol: float = 1e-10,
     max_iter: int = 1000,
@@ -465,6 +491,8 @@ def solve_tikmix_d(
         max_epochs (float | array | None): Epochs allowed per domain; None means 1, ``inf`` no cap.
         max_step (float | None): Trust region: keep ``w_prior_d / max_step <= w_d <= max_step * w_prior_d``
             (see :func:`trust_region`). Default: None (off, as in the paper).
+        step (float): Partial step (ours): return ``w_prior + step (w* - w_prior)`` for the solution ``w*``
+            (see :func:`partial_step`; docs/methods.md §4 on why). Default: 1 (``w*`` itself, the paper).
         method (str): ``"auto"``, ``"primal"`` or ``"dual"`` (see the module docstring). Default: ``"auto"``.
         tol (float): SLSQP ``ftol`` of the primal solve; the dual, whose value is flat near its optimum,
             uses ``tol * 1e-4``. Default: 1e-10.
@@ -472,7 +500,8 @@ def solve_tikmix_d(
 
     Returns:
         MixtureSolution: ``status`` is ``"optimal"`` or ``"fallback"``; ``terms`` holds ``std``, ``sum``,
-        ``entropy`` at the returned weights and ``prior_objective``; ``iterations`` counts SLSQP iterations
+        ``entropy`` at the returned weights, ``prior_objective`` and, with ``step < 1``, the ``step``
+        taken; ``iterations`` counts SLSQP iterations
         (plus polish steps for the dual).
 
     Raises:
@@ -489,6 +518,7 @@ def solve_tikmix_d(
             raise ConfigError(f"`{name}` must be finite and >= 0, got {value}.")
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
+    check_step(step)
     lo, hi = weight_bounds(
         num_domains, min_weight, max_weight, available_tokens, remaining_tokens, max_epochs
     )
@@ -551,7 +581,12 @@ def solve_tikmix_d(
     value, prior_value = objective.value(w), objective.value(w_prior)
     if prior_in_bounds and value > prior_value + 1e-9 * max(1.0, abs(prior_value)):
         return fallback(f"solver result ({value:.6g}) is worse than w_prior ({prior_value:.6g})", iterations)
-    terms = {**objective.terms(w), "prior_objective": prior_value}
+    terms = {"prior_objective": prior_value}
+    if step < 1.0:
+        terms["step"] = partial_step(w_prior, w, lo, hi, step)
+        w = w_prior + terms["step"] * (w - w_prior)
+        value = objective.value(w)
+    terms = {**objective.terms(w), **terms}
     return MixtureSolution(w, "optimal", "; ".join(messages), value, terms, iterations, False)
 
 
@@ -570,6 +605,7 @@ class TiKMiXDConfig(MixerConfig):
     max_step: float | None = option(
         None, "trust region: w_d within [w_prior_d / max_step, max_step * w_prior_d] (None: off)"
     )
+    step: float = option(1.0, "partial step: w_prior + step * (solution - w_prior), in (0, 1]")
     method: str = option("auto", "solver: 'auto', 'primal' (SLSQP on w) or 'dual' (SLSQP on the 2n-dim dual)")
     tol: float = option(1e-10, "SLSQP ftol")
     max_iter: int = option(1000, "SLSQP iteration limit")
@@ -585,6 +621,7 @@ class TiKMiXDConfig(MixerConfig):
             )
         if self.max_step is not None:
             check_max_step(self.max_step)
+        check_step(self.step)
         if self.method not in METHODS:
             raise ConfigError(f"TiKMiX-D option `method` must be one of {METHODS}, got {self.method!r}.")
         if not (self.tol > 0 and self.max_iter >= 1):

@@ -140,11 +140,21 @@ class CurvatureLabel:
         phi (array | Sequence[array]): Per-token domain gradients per layer, ``[n_domains, k_out, k_in]``.
         a_factors (array | Sequence[array]): Input factors per layer, ``[n_domains, k_in, k_in]``.
         b_factors (array | Sequence[array]): Output-gradient factors per layer, ``[n_domains, k_out, k_out]``.
-        damping (float): ``lambda`` as a multiple of each mixed factor's mean eigenvalue. Default: 0.1.
+        damping (float): ``lambda`` as a multiple of each mixed factor's *unprojected* mean eigenvalue, the
+            influence engine's convention (docs/influence.md): ``lA = damping * trace(A(w)) / d_in`` and
+            ``lB = damping * trace(B(w)) / d_out``, or ``damping`` itself for a factor with zero trace.
+            Default: 0.1.
+        widths (Sequence[tuple[int, int]] | None): Per layer the unprojected ``(d_in, d_out)`` of projected
+            factors. The projections keep traces in expectation, so dividing by ``d`` keeps the damping the
+            same for every projection width; dividing by ``k_in``, ``k_out`` would grow it as ``d / k`` and
+            shrink the label's curvature term as k falls. Default: None (the factors are not projected:
+            ``d_in = k_in``, ``d_out = k_out``).
         target_weights (array | None): ``t_b``; default uniform ``1 / n_targets``.
     """
 
-    def __init__(self, *, psi, phi, a_factors, b_factors, damping: float = 0.1, target_weights=None):
+    def __init__(
+        self, *, psi, phi, a_factors, b_factors, damping: float = 0.1, widths=None, target_weights=None
+    ):
         layers = [self._as_layers(x) for x in (psi, phi, a_factors, b_factors)]
         if len({len(x) for x in layers}) != 1:
             raise ConfigError(
@@ -164,6 +174,16 @@ class CurvatureLabel:
         if not damping > 0:
             raise ConfigError(f"CurvatureLabel `damping` must be > 0, got {damping}.")
         self.damping = float(damping)
+        own = [(a.shape[-1], b.shape[-1]) for _, _, a, b in self.layers]
+        self.widths = own if widths is None else [tuple(int(d) for d in pair) for pair in widths]
+        if len(self.widths) != len(own) or any(
+            len(pair) != 2 or pair[0] < k_in or pair[1] < k_out
+            for pair, (k_in, k_out) in zip(self.widths, own, strict=False)  # lengths checked just before
+        ):
+            raise ConfigError(
+                f"CurvatureLabel `widths` must give one unprojected (d_in, d_out) per layer, each at least "
+                f"the factor's own (k_in, k_out) {own}; got {self.widths}."
+            )
         n_targets = self.layers[0][0].shape[0]
         self.target_weights = (
             np.full(n_targets, 1.0 / n_targets)
@@ -177,17 +197,19 @@ class CurvatureLabel:
             return [value.astype(np.float64)]
         return [np.asarray(v, dtype=np.float64) for v in value]
 
-    def _damped(self, factor: np.ndarray) -> np.ndarray:
-        size = factor.shape[-1]
-        mean_eig = np.trace(factor, axis1=-2, axis2=-1) / size
-        return factor + (self.damping * mean_eig)[:, None, None] * np.eye(size)
+    def _damped(self, factor: np.ndarray, unprojected_size: int) -> np.ndarray:
+        """``factor [n, k, k] + shift_n I``: the engine's relative damping (influence/preconditioners.py),
+        vectorised over the ``n`` mixtures."""
+        total = np.trace(factor, axis1=-2, axis2=-1)
+        shift = np.where(total > 0, self.damping * total / unprojected_size, self.damping)
+        return factor + shift[:, None, None] * np.eye(factor.shape[-1])
 
     def __call__(self, weights) -> np.ndarray:
         weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         per_target = np.zeros((len(weights), len(self.target_weights)))
-        for psi, phi, a, b in self.layers:
-            a_mixed = self._damped(np.einsum("nd,dij->nij", weights, a))
-            b_mixed = self._damped(np.einsum("nd,dij->nij", weights, b))
+        for (psi, phi, a, b), (d_in, d_out) in zip(self.layers, self.widths, strict=True):
+            a_mixed = self._damped(np.einsum("nd,dij->nij", weights, a), d_in)
+            b_mixed = self._damped(np.einsum("nd,dij->nij", weights, b), d_out)
             phi_mixed = np.einsum("nd,dij->nij", weights, phi)
             left = np.linalg.solve(b_mixed, phi_mixed)  # B^-1 phi
             pre = np.linalg.solve(a_mixed, left.transpose(0, 2, 1)).transpose(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import numpy as np
@@ -88,12 +88,17 @@ class TokenSource(abc.ABC):
         """Total number of tokens over all documents (separators not included)."""
         return int(np.asarray(self.doc_lengths()).sum(dtype=np.int64))
 
-    def check_token_ids(self, tokens: np.ndarray, where: str) -> np.ndarray:
-        """Raise ``ShardError`` naming ``where`` if ``tokens`` holds ids outside ``[0, vocab_size)``."""
+    def check_token_ids(self, tokens: np.ndarray, where: str | Callable[[], str]) -> np.ndarray:
+        """Raise ``ShardError`` naming ``where`` if ``tokens`` holds ids outside ``[0, vocab_size)``.
+
+        ``where`` may be a function that builds the location, called only on an error: a rank's small reads
+        would otherwise spend more building the message than checking the ids.
+        """
         if tokens.size == 0:
             return tokens
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or (self.vocab_size is not None and high >= self.vocab_size):
+            where = where() if callable(where) else where
             raise ShardError(
                 f"{where}: token ids span [{low}, {high}], outside the declared vocabulary "
                 f"[0, {self.vocab_size}). Re-convert the data with the right tokenizer or pass the right "

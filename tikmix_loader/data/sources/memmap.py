@@ -113,9 +113,7 @@ class MemmapSource(TokenSource):
         docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
         first = self._offsets[docs] + starts
         tokens = self._tokens[concatenated_ranges(first, stops - starts)]
-        return self.check_token_ids(
-            tokens, f"{self.path} (documents {docs.min(initial=0)}..{docs.max(initial=0)})"
-        )
+        return self.check_token_ids(tokens, lambda: f"{self.path} (documents {docs.min()}..{docs.max()})")
 
     def __getstate__(self) -> dict:
         # Pickling a memmap copies its data; spawned loader workers re-map the file instead.
