@@ -60,7 +60,8 @@ def _time_batches(iterator, num_batches: int, on_batch=None) -> float:
     return time.perf_counter() - start
 
 
-def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
+def _mixture_loader(directory: Path, args, quality=None):
+    """MixtureLoader over the MDS data (with ``quality`` sampling when given) and its domains."""
     from tikmix_loader import Domain, MixtureLoader
 
     # Plain MDSWriter output records no ids; these documents are byte tokens (EOS 256, vocabulary 258).
@@ -72,14 +73,25 @@ def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
         weights=DOMAINS,
         num_workers=args.workers,
         seed=0,
+        quality=quality,
     )
+    return loader, domains
+
+
+def _time_with_weight_changes(loader, args) -> float:
+    """Seconds for ``args.batches`` batches, the weights redrawn every 50 batches."""
     rng = np.random.default_rng(1)
 
     def change_weights(index, batch):
         if index % 50 == 49:
             loader.set_weights(rng.dirichlet(np.ones(len(DOMAINS))).tolist())
 
-    elapsed = _time_batches(iter(loader), args.batches, change_weights)
+    return _time_batches(iter(loader), args.batches, change_weights)
+
+
+def run_mixture_loader(directory: Path, args) -> tuple[float, dict]:
+    loader, domains = _mixture_loader(directory, args)
+    elapsed = _time_with_weight_changes(loader, args)
     extras = {
         "switch_latency_batches": _switch_latency(loader),
         "resume_seconds": _resume_time(loader, domains, args),
@@ -241,25 +253,8 @@ QUALITY_PARAMS = {"alpha": (0.6, 0.4), "lam": 10.0, "omega": 0.6, "eta": 1.0, "e
 
 def _mixture_loader_rate(directory: Path, args, quality) -> float:
     """Delivered tokens/s of MixtureLoader on the MDS data, weights changing every 50 batches."""
-    from tikmix_loader import Domain, MixtureLoader
-
-    domains = [Domain(name, directory / "mds" / name, eos_id=256, vocab_size=258) for name in DOMAINS]
-    loader = MixtureLoader(
-        domains,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        weights=DOMAINS,
-        num_workers=args.workers,
-        seed=0,
-        quality=quality,
-    )
-    rng = np.random.default_rng(1)
-
-    def change_weights(index, batch):
-        if index % 50 == 49:
-            loader.set_weights(rng.dirichlet(np.ones(len(DOMAINS))).tolist())
-
-    elapsed = _time_batches(iter(loader), args.batches, change_weights)
+    loader, _ = _mixture_loader(directory, args, quality)
+    elapsed = _time_with_weight_changes(loader, args)
     loader.close()
     return args.batches * args.batch_size * args.seq_len / elapsed
 

@@ -147,9 +147,9 @@ def _odm(run: MethodInputs) -> MethodSetup:
     return MethodSetup(MixtureController(run.loader, "odm", schedule=schedule, ledger=run.fresh_ledger()))
 
 
-def _tikmix_d(run: MethodInputs) -> MethodSetup:
-    run.start_adaptive()
-    controller = MixtureController(
+def _online_tikmix_d(run: MethodInputs) -> MixtureController:
+    """TiKMiX-D every ``every`` steps on the online EMA of Group Influence."""
+    return MixtureController(
         run.loader,
         _tikmix_d_mixer(run),
         influence=_influence(run, half_life=_online_half_life(run)),
@@ -157,7 +157,26 @@ def _tikmix_d(run: MethodInputs) -> MethodSetup:
         schedule=every(run.config.every),
         ledger=run.fresh_ledger(),
     )
-    return MethodSetup(controller)
+
+
+def _observing_tikmix_d(run: MethodInputs, schedule) -> MixtureController:
+    """TiKMiX-D on a fresh observation pass at each decision of ``schedule``."""
+    config = run.config
+    return MixtureController(
+        run.loader,
+        _tikmix_d_mixer(run),
+        influence=_influence(run),
+        targets=run.targets(),
+        schedule=schedule,
+        observation_samples=config.stage.observation_samples,
+        observation_batch_size=config.influence.target_batch_size,
+        ledger=run.fresh_ledger(),
+    )
+
+
+def _tikmix_d(run: MethodInputs) -> MethodSetup:
+    run.start_adaptive()
+    return MethodSetup(_online_tikmix_d(run))
 
 
 def _tikmix_d_fresh(run: MethodInputs) -> MethodSetup:
@@ -165,35 +184,14 @@ def _tikmix_d_fresh(run: MethodInputs) -> MethodSetup:
     the counterfactual check fresh K-FAC/EK-FAC ``S`` ranked measured branches better than the EMA, which
     mixes gradients of parameters the model has since left (docs/methods.md §6)."""
     run.start_adaptive()
-    config = run.config
-    controller = MixtureController(
-        run.loader,
-        _tikmix_d_mixer(run),
-        influence=_influence(run),
-        targets=run.targets(),
-        schedule=every(config.every),
-        observation_samples=config.stage.observation_samples,
-        observation_batch_size=config.influence.target_batch_size,
-        ledger=run.fresh_ledger(),
-    )
-    return MethodSetup(controller)
+    return MethodSetup(_observing_tikmix_d(run, every(run.config.every)))
 
 
 def _tikmix_d_stage(run: MethodInputs) -> MethodSetup:
     run.start_adaptive()
     config, stages = run.config, run.config.stage.stages
     milestones = [config.tokens_per_run * j // (stages + 1) for j in range(1, stages + 1)]
-    controller = MixtureController(
-        run.loader,
-        _tikmix_d_mixer(run),
-        influence=_influence(run),
-        targets=run.targets(),
-        schedule=at_tokens(*milestones),
-        observation_samples=config.stage.observation_samples,
-        observation_batch_size=config.influence.target_batch_size,
-        ledger=run.fresh_ledger(),
-    )
-    return MethodSetup(controller)
+    return MethodSetup(_observing_tikmix_d(run, at_tokens(*milestones)))
 
 
 def _lookahead_flops(label: LookAheadLabel, model: GPTConfig, seq_len: int) -> float:
@@ -273,14 +271,7 @@ def _quadmix(run: MethodInputs) -> MethodSetup:
 def _quadmix_tikmix_d(run: MethodInputs) -> MethodSetup:
     """Joint mode: QuaDMix's parameters stay; online TiKMiX-D moves the weights from the implied ones."""
     params = _quadmix_start(run)
-    controller = MixtureController(
-        run.loader,
-        _tikmix_d_mixer(run),
-        influence=_influence(run, half_life=_online_half_life(run)),
-        targets=run.targets(),
-        schedule=every(run.config.every),
-        ledger=run.fresh_ledger(),
-    )
+    controller = _online_tikmix_d(run)
     controller.set_quality(params, step=0)  # recorded in the ledger before the first decision
     return MethodSetup(controller)
 

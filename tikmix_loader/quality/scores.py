@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -47,25 +47,19 @@ def write_scores(path: str | os.PathLike, criterion: str, values, *, num_docs: i
     Returns the file written.
     """
     check_criterion_name(criterion)
-    values = np.asarray(values, dtype=np.float32)
-    if values.shape != (num_docs,):
-        raise ScoreError(
-            f"Scores {criterion!r} for {path}: expected one value per document ({num_docs}), got shape "
-            f"{values.shape}."
-        )
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        raise ScoreError(
-            f"Scores {criterion!r} for {path}: {len(bad)} values are NaN or infinite (first at document "
-            f"{int(bad[0])}); every document needs a finite score."
-        )
+    values = _checked(
+        np.asarray(values, dtype=np.float32),
+        num_docs,
+        f"Scores {criterion!r} for {path}",
+        "every document needs one finite score",
+    )
     folder = scores_dir(path)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{criterion}.npy"
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy.tmp", delete=False) as handle:
+    partial = folder / f".{criterion}.{uuid.uuid4().hex}.npy.tmp"  # a plain open: the umask sets its mode
+    with open(partial, "wb") as handle:
         np.save(handle, values)
-    os.chmod(handle.name, 0o666 & ~_umask())
-    os.replace(handle.name, target)
+    os.replace(partial, target)
     return target
 
 
@@ -99,22 +93,24 @@ def _read_one(domain: Domain, criterion: str) -> np.ndarray:
             f"Domain {domain.name!r} ({domain.path}): no readable quality score {criterion!r} ({exc}). "
             f"Compute it with `tikmix score` or name a criterion it has: {list_criteria(domain)}."
         ) from None
-    values = np.asarray(values, dtype=np.float64)
-    if values.shape != (domain.num_docs,):
+    return _checked(
+        np.asarray(values, dtype=np.float64),
+        domain.num_docs,
+        f"Domain {domain.name!r}: score {criterion!r}",
+        "the scores were computed for other data or damaged; re-run `tikmix score`",
+    )
+
+
+def _checked(values: np.ndarray, num_docs: int, where: str, fix: str) -> np.ndarray:
+    """``values`` if it holds one finite value per document, else a ``ScoreError`` naming ``where``."""
+    if values.shape != (num_docs,):
         raise ScoreError(
-            f"Domain {domain.name!r}: score {criterion!r} has shape {values.shape} but the domain has "
-            f"{domain.num_docs} documents; the scores were computed for other data. Re-run `tikmix score`."
+            f"{where}: expected one value per document ({num_docs} documents), got shape {values.shape}; "
+            f"{fix}."
         )
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         raise ScoreError(
-            f"Domain {domain.name!r}: score {criterion!r} is NaN or infinite for {len(bad)} documents "
-            f"(first: document {int(bad[0])}); re-run `tikmix score`."
+            f"{where}: {len(bad)} values are NaN or infinite (first at document {int(bad[0])}); {fix}."
         )
     return values
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
