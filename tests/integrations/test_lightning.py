@@ -2,6 +2,7 @@
 
 import lightning.pytorch as pl
 import lightning.pytorch.loops.utilities
+import lightning.pytorch.plugins.precision
 import numpy as np
 import pytest
 import torch
@@ -41,7 +42,7 @@ class TinyGPTModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def _fit(domains, root, *, max_steps, ckpt_path=None):
+def _fit(domains, root, *, max_steps, ckpt_path=None, plugins=None):
     loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, seed=2, num_workers=0)
     module = TinyGPTModule(loader)
     influence = GroupInfluence(module.model, k=8, domains=loader.domain_names, backend="torch")
@@ -61,6 +62,7 @@ def _fit(domains, root, *, max_steps, ckpt_path=None):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,
+        plugins=plugins,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module, loader, controller
@@ -101,3 +103,24 @@ def test_fit_changes_weights_and_resumes_mid_epoch_from_a_checkpoint(domains, tm
         assert torch.equal(got, expected)
     assert resumed_loader.state_dict()["weight_history"] == history
     assert resumed_controller.decisions == 2
+
+
+def test_fp16_grad_scaling_does_not_scale_the_online_statistics(domains, tmp_path):
+    # "16-mixed" backpropagates the loss times the GradScaler's scale (1024 here); the statistics of the
+    # first step must be those of the fp32 run, up to fp16 autocast rounding (1% of the largest entry).
+    runs = []
+    for name, plugins in (("fp32", None), ("fp16", [_fp16_plugin()])):
+        _, _, controller = _fit(domains, tmp_path / name, max_steps=1, plugins=plugins)
+        runs.append(controller.influence.state_dict()["statistics"])
+    fp32, fp16 = runs
+    for layer, (expected, got) in enumerate(zip(fp32["phi"], fp16["phi"], strict=True)):
+        tolerance = 1e-2 * float(expected.abs().max())
+        torch.testing.assert_close(
+            got, expected, rtol=0, atol=tolerance, msg=lambda m, i=layer: f"phi {i}: {m}"
+        )
+    torch.testing.assert_close(fp16["tokens"], fp32["tokens"])
+
+
+def _fp16_plugin():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return lightning.pytorch.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)

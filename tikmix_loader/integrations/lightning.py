@@ -17,8 +17,9 @@ callback::
 
 Hooks: the forward and backward of each batch run inside ``influence.observe`` (``on_train_batch_start`` to
 ``on_after_backward``), with ``loss_scale`` for a loss that is the mean over the batch's loss tokens divided
-by ``accumulate_grad_batches`` (what Lightning backpropagates). When ``training_step`` returns a dict with
-``"logits"``, their per-token loss goes to ``controller.record_losses`` (mixers such as ODM read it). After
+by ``accumulate_grad_batches`` and, under ``precision="16-mixed"``, multiplied by the GradScaler's scale
+(what Lightning backpropagates). When ``training_step`` returns a dict with ``"logits"``, their per-token
+loss goes to ``controller.record_losses`` (mixers such as ODM read it). After
 each optimizer step (``on_train_batch_end``) the controller may decide; new weights reach the batches not
 yet fetched. The callback's own state (saved in the checkpoint) is the controller's.
 
@@ -67,6 +68,9 @@ class TikMixLightningCallback(pl.Callback):
             return
         tokens = max(int(loss_mask(batch).sum()), 1)
         scale = 1.0 / (tokens * trainer.accumulate_grad_batches)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # "16-mixed": the precision plugin scales the loss before backward
+            scale *= float(scaler.get_scale())
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
 
