@@ -101,6 +101,24 @@ def test_trainer_refuses_shifted_labels(domains, tmp_path):
         _trainer(domains, tmp_path, label_convention="shifted")
 
 
+@pytest.mark.parametrize("replacement", ["label_smoothing_factor", "compute_loss_func"])
+def test_trainer_refuses_a_loss_other_than_the_models_cross_entropy(domains, tmp_path, replacement):
+    # Either pops `labels` from the batch in Trainer.compute_loss (record_losses then finds none) and
+    # backpropagates another loss than the cross-entropy the influence statistics are scaled for.
+    loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, num_workers=0, label_convention="hf")
+    smoothing = 0.1 if replacement == "label_smoothing_factor" else 0.0
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, report_to=[], use_cpu=True, label_smoothing_factor=smoothing
+    )
+    options = {}
+    if replacement == "compute_loss_func":
+        options["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum()
+    with pytest.raises(
+        ConfigError, match=rf"\['{replacement}'\] replace the model's next-token cross-entropy"
+    ):
+        TikMixTrainer(model=_model(), args=args, controller=MixtureController(loader, "natural"), **options)
+
+
 def test_resume_from_a_checkpoint_without_loader_state_names_the_file(domains, tmp_path):
     trainer, _ = _trainer(domains, tmp_path / "run")
     (tmp_path / "foreign").mkdir()

@@ -25,6 +25,8 @@ neither the batch nor the outputs):
   statistics of ``gradient_accumulation_steps=n`` with batches of ``b`` equal those of one batch of
   ``n * b``. Each micro-batch is one ``observe`` step: an influence ``half_life`` counts micro-batches.
 - ``compute_loss`` also passes the per-token loss of the model's logits to ``controller.record_losses``.
+  The loss must be the model's own next-token cross-entropy: ``label_smoothing_factor`` and
+  ``compute_loss_func`` raise ``ConfigError``.
 - ``TikMixCallback.on_step_end`` lets the controller decide after the optimizer step, so new weights apply
   from the next step's batch, before the Trainer saves a checkpoint at that step; ``on_save`` writes the
   loader and controller state to ``tikmix_state.pt`` in the checkpoint folder, and ``train`` loads it from
@@ -90,6 +92,17 @@ class TikMixTrainer(Trainer):
                 f"shift labels themselves; build it with MixtureLoader(..., label_convention='hf')."
             )
         super().__init__(*args, **kwargs)
+        replaced = {
+            "label_smoothing_factor": self.label_smoother,
+            "compute_loss_func": self.compute_loss_func,
+        }
+        replaced = [name for name, value in replaced.items() if value is not None]
+        if replaced:
+            raise ConfigError(
+                f"TikMixTrainer: {replaced} replace the model's next-token cross-entropy (and take `labels` "
+                "out of the batch), but the controller's training losses and the influence statistics are "
+                "defined on that cross-entropy; train without them."
+            )
         self.controller = controller
         self.args.ignore_data_skip = True  # the loader resumes from its own state (see the module docstring)
         self.add_callback(TikMixCallback(controller))
