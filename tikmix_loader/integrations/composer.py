@@ -55,9 +55,7 @@ class TikMixCallback(Callback):
         batch = state.batch
         tokens = int(loss_mask(batch).sum())
         scale = len(batch["input_ids"]) / max(self._batch_size, 1) / max(tokens, 1)
-        if (
-            Precision(state.precision) == Precision.AMP_FP16
-        ):  # Composer then scales the loss by its GradScaler
+        if Precision(state.precision) == Precision.AMP_FP16:  # Composer also scales the loss by this
             scale *= float(state.scaler.get_scale())
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))

@@ -19,9 +19,9 @@ Hooks: the forward and backward of each batch run inside ``influence.observe`` (
 ``on_after_backward``), with ``loss_scale`` for a loss that is the mean over the batch's loss tokens divided
 by ``accumulate_grad_batches`` and, under ``precision="16-mixed"``, multiplied by the GradScaler's scale
 (what Lightning backpropagates). When ``training_step`` returns a dict with ``"logits"``, their per-token
-loss goes to ``controller.record_losses`` (mixers such as ODM read it). After
-each optimizer step (``on_train_batch_end``) the controller may decide; new weights reach the batches not
-yet fetched. The callback's own state (saved in the checkpoint) is the controller's.
+loss goes to ``controller.record_losses`` (mixers such as ODM read it). After each optimizer step
+(``on_train_batch_end``) the controller may decide; new weights reach the batches not yet fetched. The
+callback's own state (saved in the checkpoint) is the controller's.
 
 Lightning's fetcher takes batches ahead of training when the DataLoader has no length (ours is endless):
 one in Lightning 2.6 (``_PrefetchDataFetcher(prefetch_batches=1)``). The callback measures the depth
