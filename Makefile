@@ -71,6 +71,7 @@ test-composer: composer-venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: venv
 	$(VENV)/bin/tikmix bench loader

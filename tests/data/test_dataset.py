@@ -208,11 +208,20 @@ def test_resumes_exactly_with_fork_workers_and_weight_changes(domains, stateful,
 # {DataLoader, StatefulDataLoader} x {1, 2 workers} x {persistent or not}, one odd midpoint, and takes the
 # checkpoint from the uninterrupted run: two DataLoaders per case. The iterator restart (which starts new
 # workers unless they persist) runs where workers persist; the fork cases cover it without.
+# forkserver workers are forked from a fresh server process, so they unpickle the dataset as spawned ones
+# do; two one-worker cases (the spawn cases cover two workers) cover both DataLoader classes, persistent
+# or not.
 SPAWN_CASES = [(False, 1, False), (False, 2, True), (True, 1, True), (True, 2, False)]
+FORKSERVER_CASES = [(False, 1, False), (True, 1, True)]
+CASES = [("spawn", *case) for case in SPAWN_CASES] + [("forkserver", *case) for case in FORKSERVER_CASES]
 
 
-@pytest.mark.parametrize(("stateful", "num_workers", "persistent"), SPAWN_CASES, ids=lambda case: str(case))
-def test_resumes_exactly_with_spawned_workers_and_weight_changes(domains, stateful, num_workers, persistent):
+@pytest.mark.parametrize(
+    ("context", "stateful", "num_workers", "persistent"), CASES, ids=lambda case: str(case)
+)
+def test_resumes_exactly_with_spawned_workers_and_weight_changes(
+    domains, context, stateful, num_workers, persistent
+):
     _assert_resumes(
         domains,
         midpoints=(3,),
@@ -220,7 +229,7 @@ def test_resumes_exactly_with_spawned_workers_and_weight_changes(domains, statef
         restart=persistent,
         stateful=stateful,
         num_workers=num_workers,
-        multiprocessing_context="spawn",
+        multiprocessing_context=context,
         persistent_workers=persistent,
     )
 

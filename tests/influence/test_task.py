@@ -5,6 +5,7 @@ projected)."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -75,7 +76,10 @@ def _exact_scores(model, names, domains, targets, project=lambda name, g: g) -> 
 
 def test_gpt2_conv1d_layers_are_tracked_with_their_widths_and_share(caplog):
     model = tiny_gpt2(seq_len=SEQ_LEN)
-    with caplog.at_level(logging.INFO, logger="tikmix_loader.influence.group_influence"):
+    with (
+        caplog.at_level(logging.INFO, logger="tikmix_loader.influence.group_influence"),
+        pytest.warns(UserWarning, match="tied weights"),
+    ):
         gi = GroupInfluence(model, task=HFCausalLMTask(), k=None)
     assert gi.layer_names == GPT2_LAYERS
     widths = {layer.name: (layer.d_in, layer.d_out) for layer in gi.layers}
@@ -142,6 +146,31 @@ def test_gpt2_projected_influence_equals_explicitly_projected_gradients():
         gi.compute(domains, targets).values, expected, rtol=2e-4, atol=1e-4 * np.abs(expected).max()
     )
     assert not np.allclose(expected, unprojected, rtol=0.01)  # the projection really changes S
+
+
+def test_a_tied_head_is_tracked_through_its_head_use_only_and_says_so():
+    """GPT-2's ``lm_head`` shares its weight with ``transformer.wte``. The weight's gradient sums both uses;
+    the hooks see only the head's, so the influence equals that of an untied copy's head and a warning names
+    the layer."""
+    tied = tiny_gpt2(seq_len=SEQ_LEN).eval()
+    untied = tiny_gpt2(seq_len=SEQ_LEN, tie=False).eval()
+    untied.load_state_dict(tied.state_dict())  # the same values, the head's weight now its own parameter
+    assert torch.equal(untied.lm_head.weight, tied.transformer.wte.weight)
+    domains, targets = _groups()
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['transformer.wte'\]") as caught:
+        gi = GroupInfluence(
+            tied, task=HFCausalLMTask(), k=None, preconditioner="identity", layers=["lm_head"]
+        )
+    assert len(caught) == 1 and "exclude=['lm_head']" in str(caught[0].message)
+    S = gi.compute(domains, targets).values
+    head_use = _exact_scores(untied, ["lm_head"], domains, targets)
+    both_uses = _exact_scores(tied, ["lm_head"], domains, targets)  # functional_call keeps the tie
+    np.testing.assert_allclose(S, head_use, rtol=2e-4, atol=1e-4 * np.abs(head_use).max())
+    assert not np.allclose(head_use, both_uses, rtol=0.05)  # the embedding use really changes the gradient
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without a tracked tied layer
+        GroupInfluence(tied, task=HFCausalLMTask(), exclude=["lm_head"])
+        GroupInfluence(untied, task=HFCausalLMTask())
 
 
 def test_gpt2_kfac_influence_matches_the_brute_force_reference():

@@ -1,13 +1,15 @@
-"""A real ``composer.Trainer.fit`` with MixtureLoader and TikMixCallback: weights change, resume exactly."""
+"""A real ``composer.Trainer.fit`` with MixtureLoader and TikMixCallback: weights change, resume exactly; and
+the callback's loss scale under Composer's microbatch and fp16 scaling."""
 
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from composer import Trainer
-from composer.core import Callback
+from composer.core import Callback, Precision
 from composer.models import ComposerModel
 from testkit.domains import write_domains
 
@@ -16,6 +18,7 @@ from tikmix_loader.controller import MixtureController, every
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.integrations.composer import TikMixCallback
 from tikmix_loader.ledger import MixtureLedger
+from tikmix_loader.losses import loss_mask, per_token_loss
 from tikmix_loader.models.tiny_gpt import GPTConfig, TinyGPT
 
 pytestmark = pytest.mark.composer
@@ -125,3 +128,36 @@ def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
         tmp_path / "straight" / "ledger.jsonl"
     ).read_bytes()
     resumed.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_fp16"])
+def test_microbatch_statistics_are_those_of_its_mean_loss_whatever_composer_scales(tmp_path, precision):
+    # Composer's _train_microbatch backpropagates each microbatch's mean loss times microbatch/batch rows
+    # and, under amp_fp16, times the GradScaler's scale (1024 here); replayed on a 6-row batch in two
+    # microbatches, the statistics must equal a plain observe of each microbatch's mean loss on a copy.
+    domains = write_domains(tmp_path, {"a": 30, "b": 40, "c": 25}, max_len=60)
+    loader = MixtureLoader(domains, batch_size=6, seq_len=SEQ_LEN, seed=2, num_workers=0)
+    batch = next(iter(loader))
+    models = [TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0) for _ in range(2)]
+    trained, reference = (
+        GroupInfluence(m, k=8, domains=loader.domain_names, backend="torch") for m in models
+    )
+    targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
+    callback = TikMixCallback(MixtureController(loader, "tikmix_d", influence=trained, targets=targets))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = SimpleNamespace(batch=batch, precision=Precision(precision), scaler=scaler)
+    callback.before_train_batch(state, None)
+    for rows in (slice(0, 3), slice(3, 6)):
+        state.batch = micro = {key: value[rows] for key, value in batch.items()}
+        callback.before_forward(state, None)
+        loss = ComposerTinyGPT.loss(None, models[0](micro["input_ids"]), micro)
+        if precision == "amp_fp16":
+            loss = scaler.scale(loss)
+        (loss * (3 / 6)).backward()
+        callback.after_backward(state, None)
+        with reference.observe(micro):
+            (per_token_loss(models[1], micro).sum() / loss_mask(micro).sum()).backward()
+    got, expected = (engine.state_dict()["statistics"] for engine in (trained, reference))
+    assert float(expected["phi"][0].abs().max()) > 0
+    for key in ("phi", "b", "tokens"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)

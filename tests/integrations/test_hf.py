@@ -1,9 +1,13 @@
-"""A real ``transformers.Trainer.train`` on a local-config GPT-2: weights change, a checkpoint resumes."""
+"""A real ``transformers.Trainer.train`` on a local-config GPT-2: weights change, a checkpoint resumes, and
+gradient accumulation observes what one larger batch does."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from testkit.domains import write_domains
+from testkit.hf_models import tiny_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from tikmix_loader import ConfigError, MixtureLoader, StateError
@@ -11,7 +15,7 @@ from tikmix_loader.controller import MixtureController, every
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.influence.task import HFCausalLMTask
 from tikmix_loader.integrations.hf import STATE_FILE, TikMixTrainer
-from tikmix_loader.losses import IGNORE_INDEX
+from tikmix_loader.losses import IGNORE_INDEX, loss_mask
 
 SEQ_LEN = 16
 
@@ -97,8 +101,130 @@ def test_trainer_refuses_shifted_labels(domains, tmp_path):
         _trainer(domains, tmp_path, label_convention="shifted")
 
 
+@pytest.mark.parametrize("replacement", ["label_smoothing_factor", "compute_loss_func"])
+def test_trainer_refuses_a_loss_other_than_the_models_cross_entropy(domains, tmp_path, replacement):
+    # Either pops `labels` from the batch in Trainer.compute_loss (record_losses then finds none) and
+    # backpropagates another loss than the cross-entropy the influence statistics are scaled for.
+    loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, num_workers=0, label_convention="hf")
+    smoothing = 0.1 if replacement == "label_smoothing_factor" else 0.0
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, report_to=[], use_cpu=True, label_smoothing_factor=smoothing
+    )
+    options = {}
+    if replacement == "compute_loss_func":
+        options["compute_loss_func"] = lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum()
+    with pytest.raises(
+        ConfigError, match=rf"\['{replacement}'\] replace the model's next-token cross-entropy"
+    ):
+        TikMixTrainer(model=_model(), args=args, controller=MixtureController(loader, "natural"), **options)
+
+
 def test_resume_from_a_checkpoint_without_loader_state_names_the_file(domains, tmp_path):
     trainer, _ = _trainer(domains, tmp_path / "run")
     (tmp_path / "foreign").mkdir()
     with pytest.raises(StateError, match=rf"foreign/{STATE_FILE} is missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "foreign"))
+
+
+def _accumulating_trainer(domains, output_dir, *, batch_size, accumulation):
+    """A dropout-free GPT-2 trained 6 steps, deciding every 3, on batches of ``batch_size`` accumulated
+    ``accumulation`` times per optimizer step."""
+    loader = MixtureLoader(
+        domains, batch_size=batch_size, seq_len=SEQ_LEN, seed=2, num_workers=0, label_convention="hf"
+    )
+    model = tiny_gpt2(seq_len=SEQ_LEN)
+    influence = GroupInfluence(
+        model, task=HFCausalLMTask(), k=8, domains=loader.domain_names, backend="torch"
+    )
+    targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
+    controller = MixtureController(
+        loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3)
+    )
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=6,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=3e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return RecordingTrainer(model=model, args=args, controller=controller)
+
+
+def test_accumulating_two_batches_of_four_decides_like_one_batch_of_eight(domains, tmp_path):
+    # Two batches of 4 hold the same samples as one batch of 8 (the loader's quotas carry over), so the
+    # training losses, the influence statistics and the decisions must agree, up to float summation order.
+    runs = [
+        _accumulating_trainer(domains, tmp_path / f"{b}x{n}", batch_size=b, accumulation=n)
+        for b, n in ((8, 1), (4, 2))
+    ]
+    for trainer in runs:
+        trainer.train()
+    one, accumulated = runs
+    assert len(one.batches) == 6 and len(accumulated.batches) == 12
+    assert one.controller.decisions == accumulated.controller.decisions == 2
+    for expected, got in zip(one.contexts, accumulated.contexts, strict=True):
+        np.testing.assert_allclose(got.domain_losses, expected.domain_losses, rtol=1e-5)
+        np.testing.assert_allclose(got.influence, expected.influence, rtol=1e-3, atol=1e-6)
+    # The statistics behind the influence: per-domain projected gradients, token counts, curvature sums.
+    _assert_same_statistics(accumulated.controller.influence, one.controller.influence, rtol=1e-3)
+    # The same weights, from the same sample on (a change at batch i of 8 is one at batch 2i of 4).
+    histories = [trainer.controller.loader.state_dict()["weight_history"] for trainer in runs]
+    assert [index for index, _ in histories[1]] == [2 * index for index, _ in histories[0]] == [0, 6, 12]
+    np.testing.assert_allclose(
+        [weights for _, weights in histories[1]], [weights for _, weights in histories[0]], atol=1e-6
+    )
+    assert histories[0][1][1] != histories[0][0][1]  # the decisions did change the weights
+
+
+def _assert_same_statistics(got: GroupInfluence, expected: GroupInfluence, *, rtol: float) -> None:
+    got_stats, expected_stats = (gi.state_dict()["statistics"] for gi in (got, expected))
+    for key, value in expected_stats.items():
+        pairs = (
+            zip(value, got_stats[key], strict=True) if isinstance(value, list) else [(value, got_stats[key])]
+        )
+        for e, g in pairs:
+            torch.testing.assert_close(
+                g, e, rtol=rtol, atol=1e-6, msg=lambda m, key=key: f"statistic {key}: {m}"
+            )
+
+
+@pytest.mark.parametrize("reduction", ["last_accumulation_of_one_batch", "tokens_of_two_processes", "fp16"])
+def test_training_step_observes_the_summed_loss_gradient_whatever_the_trainer_scales(
+    domains, tmp_path, monkeypatch, reduction
+):
+    # Whatever factor the Trainer's backpropagated loss carries, the online statistics of one micro-batch
+    # are those of a plain observe around the batch's mean loss (independently computed on a copy).
+    trainer = _accumulating_trainer(domains, tmp_path, batch_size=4, accumulation=2)
+    reference_model = copy.deepcopy(trainer.model)
+    reference = GroupInfluence(
+        reference_model,
+        task=HFCausalLMTask(),
+        k=8,
+        domains=trainer.controller.loader.domain_names,
+        backend="torch",
+    )
+    batch = next(iter(trainer.controller.loader))
+    tokens = int(loss_mask(batch).sum())
+    if reduction == "last_accumulation_of_one_batch":
+        # A model without loss kwargs returns its mean; the Trainer divides it by the micro-batches of this
+        # accumulation: one, when the data ends after one of the two configured.
+        trainer.model_accepts_loss_kwargs = False
+        trainer.current_gradient_accumulation_steps = 1
+        num_items = None
+    elif reduction == "tokens_of_two_processes":
+        # average_tokens_across_devices: the count covers both ranks (here as many tokens on the other) and
+        # compute_loss multiplies the loss by the 2 processes.
+        monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: 2))
+        num_items = torch.tensor(2 * tokens)
+    else:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        num_items = torch.tensor(tokens)
+    trainer.training_step(trainer.model, batch, num_items)
+    with reference.observe(batch):
+        (reference.task.per_token_loss(reference_model, batch).sum() / tokens).backward()
+    assert reference.state_dict()["statistics"]["phi"][0].abs().max() > 0
+    _assert_same_statistics(trainer.controller.influence, reference, rtol=1e-4)

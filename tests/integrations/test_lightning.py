@@ -1,9 +1,12 @@
 """A real Lightning ``Trainer.fit``: weights change, and ``ckpt_path=`` resumes the same batch stream."""
 
 import lightning.pytorch as pl
+import lightning.pytorch.loops.utilities
+import lightning.pytorch.plugins.precision
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
 from testkit.domains import write_domains
 
 from tikmix_loader import MixtureLoader
@@ -22,12 +25,15 @@ class TinyGPTModule(pl.LightningModule):
         self.loader = loader
         self.model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
         self.batches, self.contexts = [], []
+        self.read_ahead = []  # per trained batch: batches the DataLoader had delivered beyond it
 
     def train_dataloader(self):
-        return self.loader.as_dataloader()
+        self.dataloader = self.loader.as_dataloader()
+        return self.dataloader
 
     def training_step(self, batch, batch_idx):
         self.batches.append(batch["input_ids"].clone())
+        self.read_ahead.append(self.dataloader.batches_delivered - len(self.batches))
         logits = self.model(batch["input_ids"])
         loss = token_cross_entropy(logits, batch).sum() / loss_mask(batch).sum()
         return {"loss": loss, "logits": logits.detach()}
@@ -36,7 +42,7 @@ class TinyGPTModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def _fit(domains, root, *, max_steps, ckpt_path=None):
+def _fit(domains, root, *, max_steps, ckpt_path=None, plugins=None):
     loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, seed=2, num_workers=0)
     module = TinyGPTModule(loader)
     influence = GroupInfluence(module.model, k=8, domains=loader.domain_names, backend="torch")
@@ -56,6 +62,7 @@ def _fit(domains, root, *, max_steps, ckpt_path=None):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,
+        plugins=plugins,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module, loader, controller
@@ -66,8 +73,21 @@ def domains(tmp_path_factory):
     return write_domains(tmp_path_factory.mktemp("data"), {"a": 30, "b": 40, "c": 25}, max_len=60)
 
 
-def test_fit_changes_weights_and_resumes_mid_epoch_from_a_checkpoint(domains, tmp_path):
+class DeeperFetcher(_PrefetchDataFetcher):
+    """Lightning's fetcher reading two batches ahead instead of its default."""
+
+    def __init__(self):
+        super().__init__(prefetch_batches=2)
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["lightning_fetcher", "two_ahead"])
+def test_fit_changes_weights_and_resumes_mid_epoch_from_a_checkpoint(domains, tmp_path, monkeypatch, depth):
+    # The callback measures how far Lightning's fetcher reads ahead (one batch in the locked Lightning 2.6;
+    # two when patched), so the checkpoint's loader state is that of the last trained batch either way.
+    if depth == 2:
+        monkeypatch.setattr(lightning.pytorch.loops.utilities, "_PrefetchDataFetcher", DeeperFetcher)
     straight, loader, controller = _fit(domains, tmp_path / "straight", max_steps=8)
+    assert set(straight.read_ahead) == {depth} and straight.dataloader.held_batches == depth
     history = loader.state_dict()["weight_history"]
     assert controller.decisions == 2 and len(history) == 3
     losses = np.asarray(straight.contexts[0].domain_losses)  # training losses reached the controller
@@ -83,3 +103,24 @@ def test_fit_changes_weights_and_resumes_mid_epoch_from_a_checkpoint(domains, tm
         assert torch.equal(got, expected)
     assert resumed_loader.state_dict()["weight_history"] == history
     assert resumed_controller.decisions == 2
+
+
+def test_fp16_grad_scaling_does_not_scale_the_online_statistics(domains, tmp_path):
+    # "16-mixed" backpropagates the loss times the GradScaler's scale (1024 here); the statistics of the
+    # first step must be those of the fp32 run, up to fp16 autocast rounding (1% of the largest entry).
+    runs = []
+    for name, plugins in (("fp32", None), ("fp16", [_fp16_plugin()])):
+        _, _, controller = _fit(domains, tmp_path / name, max_steps=1, plugins=plugins)
+        runs.append(controller.influence.state_dict()["statistics"])
+    fp32, fp16 = runs
+    for layer, (expected, got) in enumerate(zip(fp32["phi"], fp16["phi"], strict=True)):
+        tolerance = 1e-2 * float(expected.abs().max())
+        torch.testing.assert_close(
+            got, expected, rtol=0, atol=tolerance, msg=lambda m, i=layer: f"phi {i}: {m}"
+        )
+    torch.testing.assert_close(fp16["tokens"], fp32["tokens"])
+
+
+def _fp16_plugin():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return lightning.pytorch.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)

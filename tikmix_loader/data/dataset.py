@@ -96,14 +96,18 @@ class _MixtureDataLoaderMixin:
     ``held_batches`` (default 0) is for trainers that fetch batches before they train on them (Lightning's
     fetcher holds one): ``state_dict()`` then reports the state after the last batch not held, so a resume
     starts with the first held batch. Weight changes made since are kept, scheduled where they applied.
+    ``batches_delivered`` counts the batches the current iterator has yielded (a trainer's read-ahead is what
+    it received beyond the batches it has started).
     """
 
     held_batches = 0
+    batches_delivered = 0
     _MAX_HELD = 8
 
     def __iter__(self):
         loader = self.dataset.loader
         self._recent_states = collections.deque([loader.state_dict()], maxlen=self._MAX_HELD + 1)
+        self.batches_delivered = 0
         batches = super().__iter__()  # starts the sampler, which may start planning ahead
         ahead = self.sampler.planner if self.num_workers > 0 else None
         try:
@@ -111,6 +115,7 @@ class _MixtureDataLoaderMixin:
                 if ahead is not None:
                     loader.plan_next()  # the delivered batch's plan, replayed so the loader's state is exact
                 self._recent_states.append(loader.state_dict())
+                self.batches_delivered += 1
                 yield batch
         finally:
             if ahead is not None:

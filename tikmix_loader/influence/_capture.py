@@ -103,6 +103,25 @@ def select_layers(model: nn.Module, config: InfluenceConfig, task: Task) -> list
     return tracked
 
 
+def tied_uses(model: nn.Module, layers: list[TrackedLayer]) -> dict[str, list[str]]:
+    """Tracked layer name -> the other modules that hold the same weight tensor (tied weights, such as GPT-2's
+    ``lm_head`` and ``transformer.wte``), for the layers whose weight is shared.
+
+    The hooks see only the tracked module's own use of the weight, while the weight's gradient is the sum
+    over every use, so the influence of a tied layer is that of one use (``GroupInfluence`` warns).
+    """
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append((name, module))
+    tied = {}
+    for layer in layers:
+        others = [name for name, module in holders[id(layer.module.weight)] if module is not layer.module]
+        if others:
+            tied[layer.name] = others
+    return tied
+
+
 class Projections:
     """The fixed projections ``(P_in, P_out)`` of every tracked layer, built once per device.
 

@@ -42,6 +42,7 @@ exactly.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 
 from tikmix_loader import ops
 from tikmix_loader.errors import ConfigError, DomainError, StateError
-from tikmix_loader.influence._capture import Projections, capture, select_layers
+from tikmix_loader.influence._capture import Projections, capture, select_layers, tied_uses
 from tikmix_loader.influence._statistics import Statistics, distributed_world
 from tikmix_loader.influence.config import InfluenceConfig
 from tikmix_loader.influence.matrix import InfluenceMatrix
@@ -215,6 +216,15 @@ class GroupInfluence:
             type(self.model).__name__,
             self.layer_names,
         )
+        for name, others in tied_uses(self.model, self.layers).items():
+            warnings.warn(
+                f"GroupInfluence: tracked layer {name!r} shares its weight with {others} (tied weights); "
+                f"its influence counts only the {name!r} use of the weight, not the gradient summed over "
+                f"every use that training applies; pass exclude=[{name!r}] to leave it out "
+                "(docs/methods.md §2)",
+                UserWarning,
+                stacklevel=2,
+            )
         # Unprojected (d_in, d_out) per layer: damping is relative to the unprojected mean eigenvalue.
         self._widths = [(layer.d_in, layer.d_out) for layer in self.layers]
         self._projections = Projections(self.layers, self.config.seed)

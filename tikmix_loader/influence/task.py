@@ -75,7 +75,8 @@ class HFCausalLMTask(Task):
 
     The model is called without ``labels``, so its own loss is not computed; the per-token loss is the same
     next-token cross-entropy HF's ``ForCausalLMLoss`` averages. A head tied to the input embedding (GPT-2's
-    ``lm_head``) is tracked through its use as the head only; ``exclude=["lm_head"]`` leaves it out.
+    ``lm_head``) is tracked through its use as the head only (``GroupInfluence`` warns; docs/methods.md §2);
+    ``exclude=["lm_head"]`` leaves it out.
     """
 
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:

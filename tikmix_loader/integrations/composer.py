@@ -16,8 +16,9 @@ decision happens at ``BATCH_END``, before ``BATCH_CHECKPOINT``, so a checkpoint 
 already holds the new weights. Rank 0 solves and ``composer.utils.dist`` broadcasts the weights.
 
 Loss scale (ours): the callback assumes the model's loss is the mean over the microbatch's loss tokens, and
-Composer multiplies each microbatch loss by ``microbatch_size / batch_size``; the product is passed to the
-influence engine as ``loss_scale`` so per-domain gradients keep per-token scale.
+Composer multiplies each microbatch loss by ``microbatch_size / batch_size`` (and, under ``amp_fp16``, by its
+GradScaler's scale); the product is passed to the influence engine as ``loss_scale`` so per-domain gradients
+keep per-token scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from composer.core import Callback, State
+from composer.core import Callback, Precision, State
 from composer.loggers import Logger
 from composer.utils import dist
 
@@ -54,6 +55,8 @@ class TikMixCallback(Callback):
         batch = state.batch
         tokens = int(loss_mask(batch).sum())
         scale = len(batch["input_ids"]) / max(self._batch_size, 1) / max(tokens, 1)
+        if Precision(state.precision) == Precision.AMP_FP16:  # Composer also scales the loss by this
+            scale *= float(state.scaler.get_scale())
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
 

@@ -17,9 +17,16 @@ neither the batch nor the outputs):
   ``dataloader_pin_memory`` are passed on). It is not passed through ``accelerator.prepare``: the loader
   already gives each rank its own slice of every global batch.
 - ``training_step`` runs inside ``influence.observe`` (online influence reads the training backward) with
-  ``loss_scale = 1 / num_items_in_batch`` when the Trainer counts loss tokens over the accumulated batch
-  (models that take loss kwargs, such as GPT-2 and Llama), else the per-micro-batch mean over accumulation.
+  the ``loss_scale`` the Trainer's loss applies to the micro-batch's summed token losses:
+  ``1 / num_items_in_batch`` when the Trainer counts loss tokens over the accumulated batch (models that
+  take loss kwargs, such as GPT-2 and Llama), times the number of processes under
+  ``average_tokens_across_devices`` (the count is then over every rank); else the micro-batch's mean
+  divided by the accumulation's micro-batches; times the fp16 GradScaler's scale. So the per-domain
+  statistics of ``gradient_accumulation_steps=n`` with batches of ``b`` equal those of one batch of
+  ``n * b``. Each micro-batch is one ``observe`` step: an influence ``half_life`` counts micro-batches.
 - ``compute_loss`` also passes the per-token loss of the model's logits to ``controller.record_losses``.
+  The loss must be the model's own next-token cross-entropy: ``label_smoothing_factor`` and
+  ``compute_loss_func`` raise ``ConfigError``.
 - ``TikMixCallback.on_step_end`` lets the controller decide after the optimizer step, so new weights apply
   from the next step's batch, before the Trainer saves a checkpoint at that step; ``on_save`` writes the
   loader and controller state to ``tikmix_state.pt`` in the checkpoint folder, and ``train`` loads it from
@@ -85,6 +92,17 @@ class TikMixTrainer(Trainer):
                 f"shift labels themselves; build it with MixtureLoader(..., label_convention='hf')."
             )
         super().__init__(*args, **kwargs)
+        replaced = {
+            "label_smoothing_factor": self.label_smoother,
+            "compute_loss_func": self.compute_loss_func,
+        }
+        replaced = [name for name, value in replaced.items() if value is not None]
+        if replaced:
+            raise ConfigError(
+                f"TikMixTrainer: {replaced} replace the model's next-token cross-entropy (and take `labels` "
+                "out of the batch), but the controller's training losses and the influence statistics are "
+                "defined on that cross-entropy; train without them."
+            )
         self.controller = controller
         self.args.ignore_data_skip = True  # the loader resumes from its own state (see the module docstring)
         self.add_callback(TikMixCallback(controller))
@@ -104,16 +122,31 @@ class TikMixTrainer(Trainer):
         if self._rng_checkpoint is not None:
             self._load_rng_state(self._rng_checkpoint)
             self._rng_checkpoint = None
-        influence = self.controller.influence
         if not self.controller.online:
             return super().training_step(model, inputs, num_items_in_batch)
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            scale = 1.0 / max(float(num_items_in_batch), 1.0)  # the loss is a sum over those tokens
-        else:
-            tokens = max(int(loss_mask(inputs).sum()), 1)
-            scale = 1.0 / (tokens * self.args.gradient_accumulation_steps)
-        with influence.observe(inputs, loss_scale=scale):
+        scale = self._loss_scale(inputs, num_items_in_batch)
+        with self.controller.influence.observe(inputs, loss_scale=scale):
             return super().training_step(model, inputs, num_items_in_batch)
+
+    def _loss_scale(self, inputs, num_items_in_batch) -> float:
+        """The factor the loss ``Trainer.training_step`` backpropagates applies to the sum of this
+        micro-batch's per-token losses (the reductions of ``compute_loss``, ``training_step`` and
+        ``accelerator.backward`` in transformers 4.57)."""
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            # The model sums the per-token losses and divides by the loss tokens of the whole accumulated
+            # batch; with average_tokens_across_devices that count is over every rank and compute_loss
+            # multiplies the loss by the number of processes (DDP's gradient average then undoes it).
+            scale = 1.0 / max(float(num_items_in_batch), 1.0)
+            if self.args.average_tokens_across_devices:
+                scale *= self.accelerator.num_processes
+        else:
+            # A per-micro-batch mean, divided by the micro-batches of this accumulation (fewer than
+            # gradient_accumulation_steps when the data ends mid-accumulation).
+            tokens = max(int(loss_mask(inputs).sum()), 1)
+            scale = 1.0 / (tokens * self.current_gradient_accumulation_steps)
+        if self.accelerator.scaler is not None:  # fp16: accelerator.backward scales the loss
+            scale *= float(self.accelerator.scaler.get_scale())
+        return scale
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(

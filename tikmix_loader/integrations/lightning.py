@@ -17,14 +17,17 @@ callback::
 
 Hooks: the forward and backward of each batch run inside ``influence.observe`` (``on_train_batch_start`` to
 ``on_after_backward``), with ``loss_scale`` for a loss that is the mean over the batch's loss tokens divided
-by ``accumulate_grad_batches`` (what Lightning backpropagates). When ``training_step`` returns a dict with
-``"logits"``, their per-token loss goes to ``controller.record_losses`` (mixers such as ODM read it). After
-each optimizer step (``on_train_batch_end``) the controller may decide; new weights reach the batches not
-yet fetched. The callback's own state (saved in the checkpoint) is the controller's.
+by ``accumulate_grad_batches`` and, under ``precision="16-mixed"``, multiplied by the GradScaler's scale
+(what Lightning backpropagates). When ``training_step`` returns a dict with ``"logits"``, their per-token
+loss goes to ``controller.record_losses`` (mixers such as ODM read it). After each optimizer step
+(``on_train_batch_end``) the controller may decide; new weights reach the batches not yet fetched. The
+callback's own state (saved in the checkpoint) is the controller's.
 
-Lightning's fetcher takes one batch ahead of training when the DataLoader has no length (ours is endless),
-so the callback sets the DataLoader's ``held_batches = 1``: its saved state is then the state after the
-last trained batch, and a resume starts with the batch that was fetched but not trained.
+Lightning's fetcher takes batches ahead of training when the DataLoader has no length (ours is endless):
+one in Lightning 2.6 (``_PrefetchDataFetcher(prefetch_batches=1)``). The callback measures the depth
+instead of assuming it: at the first training batch of a fit, what the DataLoader has delivered beyond that
+batch is held, and it sets the DataLoader's ``held_batches`` to that. Its saved state is then the state
+after the last trained batch, and a resume starts with the first batch that was fetched but not trained.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ import torch
 
 from tikmix_loader.data.dataset import MixtureDataset
 from tikmix_loader.losses import loss_mask, token_cross_entropy
-
-LIGHTNING_PREFETCH = 1  # lightning.pytorch.loops.fetchers._PrefetchDataFetcher(prefetch_batches=1)
 
 
 class TikMixLightningCallback(pl.Callback):
@@ -51,18 +52,25 @@ class TikMixLightningCallback(pl.Callback):
         self.controller = controller
         self._observing: contextlib.ExitStack | None = None
         self._global_step = 0
+        self._unmeasured = None  # the MixtureDataLoader whose read-ahead is measured at the next batch
 
     def on_train_start(self, trainer, pl_module) -> None:
         dataloader = trainer.train_dataloader
         if isinstance(getattr(dataloader, "dataset", None), MixtureDataset):
-            dataloader.held_batches = LIGHTNING_PREFETCH
+            self._unmeasured = dataloader
         self._global_step = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._unmeasured is not None:  # the fit's first batch: everything delivered after it is held
+            self._unmeasured.held_batches = max(self._unmeasured.batches_delivered - 1, 0)
+            self._unmeasured = None
         if not self.controller.online:
             return
         tokens = max(int(loss_mask(batch).sum()), 1)
         scale = 1.0 / (tokens * trainer.accumulate_grad_batches)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # "16-mixed": the precision plugin scales the loss before backward
+            scale *= float(scaler.get_scale())
         self._observing = contextlib.ExitStack()
         self._observing.enter_context(self.controller.influence.observe(batch, loss_scale=scale))
 
