@@ -22,6 +22,14 @@ def _isolated_tikmix_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TIKMIX_CACHE_DIR", str(tmp_path_factory.mktemp("tikmix-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Put torch's intra-op thread count back after each test (``--threads`` and some tests change it)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_domain(tmp_path):
     """``make_domain(fmt, docs, name=..., **options)``: ``make_domain_files`` under ``tmp_path``."""
