@@ -34,3 +34,12 @@ def _restore_torch_threads():
 def make_domain(tmp_path):
     """``make_domain(fmt, docs, name=..., **options)``: ``make_domain_files`` under ``tmp_path``."""
     return functools.partial(make_domain_files, tmp_path)
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """``tikmix`` with only the ledger and report commands, so other modules' imports cannot interfere."""
+    from tikmix_loader import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("tikmix_loader.ledger", "tikmix_loader.report"))
+    return cli.main
