@@ -17,6 +17,7 @@ Run: ``python benchmarks/bench_loader.py`` or ``tikmix bench loader`` (``--quali
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -202,18 +203,29 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args) -> dict:
-    """Run every provider ``repeats`` times, interleaved, and print the table."""
+@contextlib.contextmanager
+def _data_directory(args):
+    """``--data-dir`` with the benchmark data written once, or a temporary folder removed afterwards."""
     directory = args.data_dir or Path(tempfile.mkdtemp(prefix="tikmix-bench-loader-"))
     if not (directory / "mds").exists():
         write_data(directory, docs_per_domain=args.docs_per_domain, doc_tokens=args.doc_tokens)
+    try:
+        yield directory
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def run(args) -> dict:
+    """Run every provider ``repeats`` times, interleaved, and print the table."""
     tokens_per_run = args.batches * args.batch_size * args.seq_len
     rates = {name: [] for name in PROVIDERS}
     extras = {}
-    for _ in range(args.repeats):
-        for name, provider in PROVIDERS.items():
-            elapsed, extras[name] = provider(directory, args)
-            rates[name].append(tokens_per_run / elapsed)
+    with _data_directory(args) as directory:
+        for _ in range(args.repeats):
+            for name, provider in PROVIDERS.items():
+                elapsed, extras[name] = provider(directory, args)
+                rates[name].append(tokens_per_run / elapsed)
     print(
         f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}; batch {args.batch_size} x seq_len {args.seq_len}, "
@@ -242,8 +254,6 @@ def run(args) -> dict:
             "ratio_vs_streaming": median / baseline,
             **extras[name],
         }
-    if args.data_dir is None:
-        shutil.rmtree(directory, ignore_errors=True)
     return summary
 
 
@@ -263,20 +273,18 @@ def run_quality(args) -> dict:
     """MixtureLoader with and without quality sampling, ``repeats`` times interleaved; prints the ratio."""
     from tikmix_loader.quality import QualityConfig, QualityParams, write_scores
 
-    directory = args.data_dir or Path(tempfile.mkdtemp(prefix="tikmix-bench-loader-"))
-    if not (directory / "mds").exists():
-        write_data(directory, docs_per_domain=args.docs_per_domain, doc_tokens=args.doc_tokens)
-    rng = np.random.default_rng(2)
-    for name in DOMAINS:
-        for criterion in ("score_a", "score_b"):
-            scores = rng.random(args.docs_per_domain)
-            write_scores(directory / "mds" / name, criterion, scores, num_docs=args.docs_per_domain)
     params = QualityParams(**QUALITY_PARAMS)
     quality = QualityConfig(["score_a", "score_b"], {name: params for name in DOMAINS})
     rates = {"without quality": [], "with quality": []}
-    for _ in range(args.repeats):
-        rates["without quality"].append(_mixture_loader_rate(directory, args, None))
-        rates["with quality"].append(_mixture_loader_rate(directory, args, quality))
+    with _data_directory(args) as directory:
+        rng = np.random.default_rng(2)
+        for name in DOMAINS:
+            for criterion in ("score_a", "score_b"):
+                scores = rng.random(args.docs_per_domain)
+                write_scores(directory / "mds" / name, criterion, scores, num_docs=args.docs_per_domain)
+        for _ in range(args.repeats):
+            rates["without quality"].append(_mixture_loader_rate(directory, args, None))
+            rates["with quality"].append(_mixture_loader_rate(directory, args, quality))
     print(
         f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"batch {args.batch_size} x seq_len {args.seq_len}, {args.workers} threads, "
@@ -290,8 +298,6 @@ def run_quality(args) -> dict:
         p20, p80 = np.percentile(values, [20, 80])
         print(f"{name:<18}{median:>16,.0f}{p20:>12,.0f}{p80:>12,.0f}{median / baseline:>11.2f}x")
         summary[name] = {"median": median, "p20": p20, "p80": p80, "ratio": median / baseline}
-    if args.data_dir is None:
-        shutil.rmtree(directory, ignore_errors=True)
     return summary
 
 

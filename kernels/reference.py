@@ -6,7 +6,7 @@ projections P_in [d_in, k_in], P_out [d_out, k_out] and a segment id per token (
 
     Phi[s] = sum_{t : seg[t] = s} (G[t] @ P_out)^T (X[t] @ P_in)        [k_out, k_in], float32
 
-- ``project_grads_reference`` (backend ``torch``): two matmuls on fp32 copies of each chunk of tokens, a
+- ``project_grads_torch`` (backend ``torch``): two matmuls on fp32 copies of each chunk of tokens, a
   per-token outer product, then ``index_add_`` by segment. Chunked so its temporaries stay bounded whatever
   N is. It is the middle ground in the tests, and is itself checked against per-example autograd gradients.
 - ``project_grads_unfused``: what a user writes by hand (LogIX-style): two matmuls in the input dtype, a
@@ -111,36 +111,6 @@ def segment_target_scores_torch(
         if inputs.num_segments:
             scores.index_add_(0, seg, torch.einsum("nbo,no->nb", per_target, g_proj))
     return scores
-
-
-def project_grads_reference(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    p_in: torch.Tensor,
-    p_out: torch.Tensor,
-    segment_ids: torch.Tensor | None = None,
-    num_segments: int | None = None,
-    *,
-    return_factors: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``project_grads(..., backend="torch")``: same arguments, checks and results."""
-    inputs = check_inputs("project_grads_reference", x, g, p_in, p_out, segment_ids, num_segments)
-    phi, a, b = project_grads_torch(inputs, return_factors=return_factors)
-    return (phi, a, b) if return_factors else phi
-
-
-def segment_target_scores_reference(
-    x: torch.Tensor,
-    g: torch.Tensor,
-    p_in: torch.Tensor,
-    p_out: torch.Tensor,
-    q: torch.Tensor,
-    segment_ids: torch.Tensor | None = None,
-    num_segments: int | None = None,
-) -> torch.Tensor:
-    """``segment_target_scores(..., backend="torch")``: same arguments, checks and results."""
-    inputs = check_inputs("segment_target_scores_reference", x, g, p_in, p_out, segment_ids, num_segments, q)
-    return segment_target_scores_torch(inputs)
 
 
 def project_grads_unfused(

@@ -96,6 +96,18 @@ def _load_tile(
 
 
 @triton.jit
+def _segment_range(seg, NUM_SEGMENTS):
+    """First and last segment id of this program's tokens; first > last when all are ignored (empty range).
+
+    Sorted ids make [first, last] one or two segments. The ids are int64, so the callers' loop counters and
+    output offsets are too.
+    """
+    first = tl.min(tl.where(seg >= 0, seg, NUM_SEGMENTS))
+    last = tl.max(seg)
+    return first, last
+
+
+@triton.jit
 def _project_grads_kernel(
     # inputs
     x_ptr, g_ptr, p_in_ptr, p_out_ptr, seg_ptr, order_ptr,
@@ -122,10 +134,7 @@ def _project_grads_kernel(
     offs_ko = tl.arange(0, BLOCK_KO)
     block_offs = offs_ko[:, None] * K_IN + offs_ki[None, :]
     block_mask = (offs_ko[:, None] < K_OUT) & (offs_ki[None, :] < K_IN)
-    # Sorted ids make [first, last] one or two segments; an all-ignored block gives an empty range. The ids
-    # are int64, so the loop counter and the Phi offsets are too.
-    first = tl.min(tl.where(seg >= 0, seg, NUM_SEGMENTS))
-    last = tl.max(seg)
+    first, last = _segment_range(seg, NUM_SEGMENTS)
     for s in range(first, last + 1):
         in_segment = seg == s
         if tl.sum(in_segment.to(tl.int32)) > 0:
@@ -174,8 +183,7 @@ def _segment_target_scores_kernel(
     offs_ki = tl.arange(0, BLOCK_KI)
     offs_ko = tl.arange(0, BLOCK_KO)
     q_mask = (offs_ko[:, None] < K_OUT) & (offs_ki[None, :] < K_IN)
-    first = tl.min(tl.where(seg >= 0, seg, NUM_SEGMENTS))
-    last = tl.max(seg)
+    first, last = _segment_range(seg, NUM_SEGMENTS)
     for b in range(0, N_TARGETS):
         q = tl.load(
             q_ptr + b * stride_qb + offs_ko[:, None] * stride_qo + offs_ki[None, :] * stride_qi,

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from testkit.corpus import make_text_corpus
 
 from tikmix_loader import ConfigError
@@ -14,20 +13,7 @@ from tikmix_loader.experiment import ensure_corpus
 from tikmix_loader.ledger import load_records, verify
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FLAGS = [
-    "--steps",
-    "8",
-    "--batch-size",
-    "4",
-    "--seq-len",
-    "32",
-    "--model",
-    "micro",
-    "--every",
-    "3",
-    "--k",
-    "8",
-]
+FLAGS = "--steps 8 --batch-size 4 --seq-len 32 --model micro --every 3 --k 8".split()
 
 
 @pytest.fixture(scope="module")
@@ -35,29 +21,17 @@ def corpus(tmp_path_factory):
     return make_text_corpus(tmp_path_factory.mktemp("demo"))
 
 
+def _run_demo(corpus, out, flags):
+    """``tikmix demo`` on ``corpus`` into ``out``, one torch thread, no progress bars; the exit code."""
+    return main(
+        ["demo", "--corpus", str(corpus), "--out", str(out), "--no-progress", "--threads", "1", *flags]
+    )
+
+
 def test_demo_end_to_end(corpus, tmp_path, capsys):
     manifest = (corpus / "manifest.json").read_bytes()
     out = tmp_path / "demo"
-    threads = torch.get_num_threads()
-    try:
-        assert (
-            main(
-                [
-                    "demo",
-                    "--corpus",
-                    str(corpus),
-                    "--out",
-                    str(out),
-                    "--no-progress",
-                    "--threads",
-                    "1",
-                    *FLAGS,
-                ]
-            )
-            == 0
-        )
-    finally:
-        torch.set_num_threads(threads)
+    assert _run_demo(corpus, out, FLAGS) == 0
     assert (corpus / "manifest.json").read_bytes() == manifest  # a from-text corpus is used as is
 
     results = json.loads((out / "results.json").read_text())
@@ -95,14 +69,7 @@ def test_demo_shorter_than_one_decision_still_writes_its_loss_plot_and_results(c
     out = tmp_path / "short"
     flags = [*FLAGS]
     flags[flags.index("--steps") + 1] = "2"  # decisions every 3 steps: none is made
-    threads = torch.get_num_threads()
-    try:
-        code = main(
-            ["demo", "--corpus", str(corpus), "--out", str(out), "--no-progress", "--threads", "1", *flags]
-        )
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    assert _run_demo(corpus, out, flags) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["decisions"] == 0 and results["last_influence"] is None
     assert set(results["files"]) == {"loss_curves", "results"}

@@ -112,26 +112,19 @@ def test_summarize_and_table_pair_every_method_with_the_baseline():
 def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
-    threads = torch.get_num_threads()
-    try:
-        code = main(
-            [
-                "experiment",
-                "--corpus",
-                str(corpus),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--threads",
-                "1",
-                *flags,
-            ]
-            + ["--methods", "stratified", "tikmix-d", "--seeds", "0", "1"]
-        )
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    args = [
+        "experiment",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+        *flags,
+    ]
+    assert main([*args, "--methods", "stratified", "tikmix-d", "--seeds", "0", "1"]) == 0
+    assert torch.get_num_threads() == 1
     results = json.loads((out / "results.json").read_text())
     assert results["domains"] == ["prose", "numbers", "code"] and results["seeds"] == [0, 1]
     for name in ("stratified", "tikmix-d"):

@@ -386,13 +386,6 @@ def test_missing_file_is_an_error(tmp_path):
         verify(tmp_path / "missing.jsonl")
 
 
-@pytest.fixture
-def run_cli(monkeypatch):
-    """``tikmix`` with only the ledger and report commands, so other modules' imports cannot interfere."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("tikmix_loader.ledger", "tikmix_loader.report"))
-    return cli.main
-
-
 def test_commands_are_registered():
     assert {"tikmix_loader.ledger", "tikmix_loader.report"} <= set(cli.COMMAND_MODULES)
 

@@ -4,7 +4,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from tikmix_loader import cli
 from tikmix_loader.errors import ConfigError, LedgerError
 from tikmix_loader.ledger import MixtureLedger, load_records
 from tikmix_loader.report import plot_influence, plot_solver, plot_weights, write_report
@@ -144,13 +143,6 @@ def test_report_errors(tmp_path, ledger_path):
     with pytest.raises(LedgerError, match=r"damaged at line 2: .*record 1 was deleted"):
         write_report(ledger_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture
-def run_cli(monkeypatch):
-    """``tikmix`` with only the ledger and report commands, so other modules' imports cannot interfere."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("tikmix_loader.ledger", "tikmix_loader.report"))
-    return cli.main
 
 
 def test_cli_report(tmp_path, ledger_path, run_cli, capsys):

@@ -1,60 +1,44 @@
 """Two gloo processes: disjoint, complete coverage of the global stream and synchronised weight changes."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from testkit.distributed import run_on_ranks
 from testkit.domains import write_domains
 
-from tikmix_loader import MixtureLoader
+from tikmix_loader import Domain, MixtureLoader
 
 STEPS, CHANGE_AT, BATCH = 12, 5, 4
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world_size, port, directory, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        domains = write_domains(directory, {"a": 30, "b": 50}, max_len=80) if rank == 0 else None
-        dist.barrier()
-        if rank != 0:
-            from tikmix_loader import Domain
-
-            domains = [Domain(name, os.path.join(directory, f"{name}.bin")) for name in ("a", "b")]
-        loader = MixtureLoader(domains, batch_size=BATCH, seq_len=10, seed=11, num_workers=1)
-        assert (loader.rank, loader.world_size) == (rank, world_size)
-        batches = []
-        for step in range(STEPS):
-            if step == CHANGE_AT:
-                # Rank 0 decides; every rank applies the broadcast weights at the same step.
-                decided = [[0.9, 0.1] if rank == 0 else None]
-                dist.broadcast_object_list(decided, src=0)
-                loader.set_weights(decided[0])
-            batches.append(loader.next_batch())
-        loader.close()
-        results[rank] = {
-            "input_ids": torch.stack([b["input_ids"] for b in batches]),
-            "domain": torch.stack([b["domain"] for b in batches]),
-            "state": loader.state_dict(),
-        }
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world_size, directory, results):
+    domains = write_domains(directory, {"a": 30, "b": 50}, max_len=80) if rank == 0 else None
+    dist.barrier()
+    if rank != 0:
+        domains = [Domain(name, os.path.join(directory, f"{name}.bin")) for name in ("a", "b")]
+    loader = MixtureLoader(domains, batch_size=BATCH, seq_len=10, seed=11, num_workers=1)
+    assert (loader.rank, loader.world_size) == (rank, world_size)
+    batches = []
+    for step in range(STEPS):
+        if step == CHANGE_AT:
+            # Rank 0 decides; every rank applies the broadcast weights at the same step.
+            decided = [[0.9, 0.1] if rank == 0 else None]
+            dist.broadcast_object_list(decided, src=0)
+            loader.set_weights(decided[0])
+        batches.append(loader.next_batch())
+    loader.close()
+    results[rank] = {
+        "input_ids": torch.stack([b["input_ids"] for b in batches]),
+        "domain": torch.stack([b["domain"] for b in batches]),
+        "state": loader.state_dict(),
+    }
 
 
 def test_two_ranks_see_disjoint_slices_of_the_single_process_stream(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
-    from tikmix_loader import Domain
-
+    results = mp.Manager().dict()
+    run_on_ranks(_worker, 2, tmp_path, str(tmp_path), results)
     domains = [Domain(name, tmp_path / f"{name}.bin") for name in ("a", "b")]
     single = MixtureLoader(domains, batch_size=2 * BATCH, seq_len=10, seed=11, num_workers=0)
     for step in range(STEPS):

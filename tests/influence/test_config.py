@@ -64,11 +64,11 @@ def test_layer_selection_defaults_to_every_linear_and_clamps_k(micro):
     gi = GroupInfluence(micro, k=64)
     linears = [name for name, m in micro.named_modules() if isinstance(m, torch.nn.Linear)]
     assert gi.layer_names == linears and len(linears) == 9
-    widths = {
-        layer.name: (layer.k_in, layer.k_out, layer.projected_in, layer.projected_out) for layer in gi.layers
-    }
-    assert widths["blocks.0.mlp.fc"] == (32, 64, False, True)  # d_in 32 <= 64: identity (exact) on that side
-    assert widths["lm_head"] == (32, 64, False, True)
+    widths = {layer.name: (layer.d_in, layer.k_in, layer.d_out, layer.k_out) for layer in gi.layers}
+    # k = 64 is clamped to d_in = 32: that side stays unprojected (the identity, exact); d_out is projected.
+    assert widths["blocks.0.mlp.fc"] == (32, 32, 128, 64)
+    assert widths["lm_head"] == (32, 32, 258, 64)
+    assert widths["blocks.0.mlp.proj"] == (128, 64, 32, 32)
 
 
 def test_layer_patterns_that_match_nothing_raise(micro):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from influence_cases import batches, mixed
+from testkit.distributed import run_on_ranks
 
 from tikmix_loader.influence import GroupInfluence
 from tikmix_loader.models import TinyGPT, per_token_loss
@@ -36,21 +35,17 @@ def _run(groups, targets, online_batches):
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        groups, targets = _data()
-        mine = [[group[rank]] for group in groups]
-        my_targets = {name: [b[rank]] for name, b in targets.items()}
-        result = _run(mine, my_targets, [mixed(groups, rank)])
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    groups, targets = _data()
+    mine = [[group[rank]] for group in groups]
+    my_targets = {name: [b[rank]] for name, b in targets.items()}
+    result = _run(mine, my_targets, [mixed(groups, rank)])
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_ranks_equal_one_rank_on_the_union(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_on_ranks(_worker, 2, tmp_path, str(tmp_path))
     groups, targets = _data()
     union_step = {key: torch.cat([mixed(groups, 0)[key], mixed(groups, 1)[key]]) for key in mixed(groups, 0)}
     single = _run(groups, targets, [union_step])

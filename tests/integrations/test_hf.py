@@ -8,7 +8,7 @@ import pytest
 import torch
 from testkit.domains import write_domains
 from testkit.hf_models import tiny_gpt2
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import TrainingArguments
 
 from tikmix_loader import ConfigError, MixtureLoader, StateError
 from tikmix_loader.controller import MixtureController, every
@@ -34,17 +34,21 @@ class RecordingTrainer(TikMixTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def _model():
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=258, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(config)
-
-
-def _trainer(domains, output_dir, *, label_convention="hf"):
+def _trainer(
+    domains, output_dir, *, max_steps=8, save_steps=None, batch_size=4, accumulation=1, label_convention="hf"
+):
+    """A dropout-free GPT-2 trained ``max_steps`` steps, deciding with TiKMiX-D every 3, on batches of
+    ``batch_size`` accumulated ``accumulation`` times per optimizer step; a checkpoint every ``save_steps``
+    steps when given."""
     loader = MixtureLoader(
-        domains, batch_size=4, seq_len=SEQ_LEN, seed=2, num_workers=0, label_convention=label_convention
+        domains,
+        batch_size=batch_size,
+        seq_len=SEQ_LEN,
+        seed=2,
+        num_workers=0,
+        label_convention=label_convention,
     )
-    model = _model()
+    model = tiny_gpt2(seq_len=SEQ_LEN)
     influence = GroupInfluence(
         model, task=HFCausalLMTask(), k=8, domains=loader.domain_names, backend="torch"
     )
@@ -52,18 +56,19 @@ def _trainer(domains, output_dir, *, label_convention="hf"):
     controller = MixtureController(
         loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3)
     )
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
     args = TrainingArguments(
         output_dir=str(output_dir),
-        max_steps=8,
+        max_steps=max_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=3e-3,
-        save_strategy="steps",
-        save_steps=4,
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **saving,
     )
-    return RecordingTrainer(model=model, args=args, controller=controller), loader
+    return RecordingTrainer(model=model, args=args, controller=controller)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,8 @@ def domains(tmp_path_factory):
 
 
 def test_train_changes_weights_and_resumes_from_a_trainer_checkpoint(domains, tmp_path):
-    straight, loader = _trainer(domains, tmp_path / "straight")
+    straight = _trainer(domains, tmp_path / "straight", save_steps=4)
+    loader = straight.controller.loader
     initial = loader.weights
     straight.train()
     history = loader.state_dict()["weight_history"]
@@ -87,12 +93,12 @@ def test_train_changes_weights_and_resumes_from_a_trainer_checkpoint(domains, tm
     checkpoint = tmp_path / "straight" / "checkpoint-4"
     assert (checkpoint / STATE_FILE).exists()
 
-    resumed, resumed_loader = _trainer(domains, tmp_path / "resumed")
+    resumed = _trainer(domains, tmp_path / "resumed", save_steps=4)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert len(resumed.batches) == 4
     for got, expected in zip(resumed.batches, straight.batches[4:], strict=True):
         assert all(torch.equal(got[key], expected[key]) for key in expected)
-    assert resumed_loader.state_dict()["weight_history"] == history
+    assert resumed.controller.loader.state_dict()["weight_history"] == history
     assert resumed.controller.decisions == 2
 
 
@@ -116,49 +122,26 @@ def test_trainer_refuses_a_loss_other_than_the_models_cross_entropy(domains, tmp
     with pytest.raises(
         ConfigError, match=rf"\['{replacement}'\] replace the model's next-token cross-entropy"
     ):
-        TikMixTrainer(model=_model(), args=args, controller=MixtureController(loader, "natural"), **options)
+        TikMixTrainer(
+            model=tiny_gpt2(seq_len=SEQ_LEN),
+            args=args,
+            controller=MixtureController(loader, "natural"),
+            **options,
+        )
 
 
 def test_resume_from_a_checkpoint_without_loader_state_names_the_file(domains, tmp_path):
-    trainer, _ = _trainer(domains, tmp_path / "run")
+    trainer = _trainer(domains, tmp_path / "run")
     (tmp_path / "foreign").mkdir()
     with pytest.raises(StateError, match=rf"foreign/{STATE_FILE} is missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "foreign"))
-
-
-def _accumulating_trainer(domains, output_dir, *, batch_size, accumulation):
-    """A dropout-free GPT-2 trained 6 steps, deciding every 3, on batches of ``batch_size`` accumulated
-    ``accumulation`` times per optimizer step."""
-    loader = MixtureLoader(
-        domains, batch_size=batch_size, seq_len=SEQ_LEN, seed=2, num_workers=0, label_convention="hf"
-    )
-    model = tiny_gpt2(seq_len=SEQ_LEN)
-    influence = GroupInfluence(
-        model, task=HFCausalLMTask(), k=8, domains=loader.domain_names, backend="torch"
-    )
-    targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
-    controller = MixtureController(
-        loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3)
-    )
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=6,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=3e-3,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return RecordingTrainer(model=model, args=args, controller=controller)
 
 
 def test_accumulating_two_batches_of_four_decides_like_one_batch_of_eight(domains, tmp_path):
     # Two batches of 4 hold the same samples as one batch of 8 (the loader's quotas carry over), so the
     # training losses, the influence statistics and the decisions must agree, up to float summation order.
     runs = [
-        _accumulating_trainer(domains, tmp_path / f"{b}x{n}", batch_size=b, accumulation=n)
+        _trainer(domains, tmp_path / f"{b}x{n}", max_steps=6, batch_size=b, accumulation=n)
         for b, n in ((8, 1), (4, 2))
     ]
     for trainer in runs:
@@ -198,7 +181,7 @@ def test_training_step_observes_the_summed_loss_gradient_whatever_the_trainer_sc
 ):
     # Whatever factor the Trainer's backpropagated loss carries, the online statistics of one micro-batch
     # are those of a plain observe around the batch's mean loss (independently computed on a copy).
-    trainer = _accumulating_trainer(domains, tmp_path, batch_size=4, accumulation=2)
+    trainer = _trainer(domains, tmp_path, max_steps=6, accumulation=2)
     reference_model = copy.deepcopy(trainer.model)
     reference = GroupInfluence(
         reference_model,

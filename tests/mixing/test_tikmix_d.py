@@ -309,6 +309,20 @@ def test_trust_region_lets_a_zero_weight_domain_rise_to_its_min_weight():
     np.testing.assert_allclose(hi, [0.1, 1.0, 1.0])
 
 
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"alpha": float("nan")}, "`alpha` must be finite and >= 0, got nan"),
+        ({"beta": -0.5}, "`beta` must be finite and >= 0"),
+        ({"min_weight": 0.3, "max_weight": 0.2}, "Need 0 <= `min_weight` <= `max_weight` <= 1"),
+        ({"method": "newton"}, "`method` must be one of"),
+    ],
+)
+def test_bad_mixer_options_raise_config_error_when_the_mixer_is_built(options, match):
+    with pytest.raises(ConfigError, match=match):
+        TiKMiXD(**options)
+
+
 @pytest.mark.parametrize("max_step", [1.0, 0.5, float("inf"), float("nan"), "2"])
 def test_bad_max_step_raises_config_error(problem, max_step):
     S, w_prior = problem(6, 3, seed=10)

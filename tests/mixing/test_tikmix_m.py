@@ -186,6 +186,11 @@ def test_per_mixture_wraps_a_single_mixture_label():
         ({"box_low": 1.2}, "box needs"),
         ({"num_candidates": 2}, "`num_candidates` >= 8"),
         ({"method": "x"}, "`method` must be one of"),
+        ({"gamma": -1.0}, "`gamma` must be finite and >= 0"),
+        (
+            {"min_weight": 0.5, "max_weight": 0.2},
+            r"Need 0 <= `min_weight` <= `max_weight` <= 1, got 0.5 and 0.2",
+        ),
     ],
 )
 def test_bad_options_raise(options, match):

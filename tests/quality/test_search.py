@@ -18,7 +18,6 @@ from tikmix_loader.quality.search import (
     sample_feasible_params,
     sample_quadmix_params,
     search_quadmix,
-    write_quadmix_search,
 )
 
 SPACE = SearchSpace(domains=("web", "code"), criteria=("ppl", "rules", "zip"))
@@ -112,7 +111,8 @@ def test_search_json_round_trip(tmp_path):
     search = run_quadmix_search(
         _objective, SPACE, num_proxies=20, flops_per_run=1.0, num_candidates=500, progress=False
     )
-    path = write_quadmix_search(search, tmp_path / "quadmix.json")
+    path = tmp_path / "quadmix.json"
+    path.write_text(json.dumps(search.to_dict()))
     assert read_quadmix_params(path) == search.params
     assert json.loads(path.read_text())["num_proxies"] == 20
     path.write_text('{"params": {"web": {"alpha": [1]}}}')

@@ -1,1 +1,2 @@
-"""Shared test utilities: small on-disk domains and the one resume check every stateful part uses."""
+"""Shared test utilities: small on-disk domains and corpora, tiny HF models, gloo ranks, and the one resume
+check every stateful part uses."""

@@ -40,16 +40,6 @@ class TrackedLayer:
     k_in: int
     k_out: int
 
-    @property
-    def projected_in(self) -> bool:
-        """Whether the input side is randomly projected (else the identity)."""
-        return self.k_in < self.d_in
-
-    @property
-    def projected_out(self) -> bool:
-        """Whether the output side is randomly projected (else the identity)."""
-        return self.k_out < self.d_out
-
 
 def weight_widths(module: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of a trackable module (Conv1D stores ``[d_in, d_out]``, Linear the reverse)."""

@@ -22,8 +22,6 @@ import numpy as np
 from tikmix_loader.data.planner import normalize_weights
 from tikmix_loader.errors import ConfigError, DomainError, MixtureWeightError, StateError
 
-SOLUTION_KEYS = ("status", "reason", "objective", "terms", "iterations", "fallback")
-
 
 def _frozen_array(values, dtype=np.float64) -> np.ndarray:
     array = np.array(values, dtype=dtype, copy=True)

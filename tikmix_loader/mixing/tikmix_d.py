@@ -178,8 +178,7 @@ def weight_bounds(
     Raises:
         ConfigError: Bounds no mixture can meet, or bad cap arguments.
     """
-    if not 0 <= min_weight <= max_weight <= 1:
-        raise ConfigError(f"Need 0 <= `min_weight` <= `max_weight` <= 1, got {min_weight} and {max_weight}.")
+    check_weight_range(min_weight, max_weight)
     if min_weight * num_domains > 1 + 1e-12 or max_weight * num_domains < 1 - 1e-12:
         raise ConfigError(
             f"No mixture of {num_domains} domains fits `min_weight`={min_weight}, `max_weight`={max_weight}: "
@@ -207,6 +206,21 @@ def weight_bounds(
         hi = np.minimum(hi, caps)
         lo = np.minimum(lo, hi)
     return lo, hi
+
+
+def check_weight_range(min_weight: float, max_weight: float) -> None:
+    """Raise ``ConfigError`` unless ``0 <= min_weight <= max_weight <= 1``."""
+    if not 0 <= min_weight <= max_weight <= 1:
+        raise ConfigError(f"Need 0 <= `min_weight` <= `max_weight` <= 1, got {min_weight} and {max_weight}.")
+
+
+def check_objective_options(alpha: float, beta: float, gamma: float, method: str) -> None:
+    """Raise ``ConfigError`` unless the objective's weights are finite and >= 0 and ``method`` is known."""
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"`{name}` must be finite and >= 0, got {value}.")
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
 
 
 def check_max_step(max_step) -> None:
@@ -513,11 +527,7 @@ def solve_tikmix_d(
         raise ConfigError(f"`S` must be a [n_targets >= 1, n_domains >= 1] matrix, got shape {S.shape}.")
     num_domains = S.shape[1]
     w_prior = _check_prior(w_prior, num_domains)
-    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"`{name}` must be finite and >= 0, got {value}.")
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {METHODS}, got {method!r}.")
+    check_objective_options(alpha, beta, gamma, method)
     check_step(step)
     lo, hi = weight_bounds(
         num_domains, min_weight, max_weight, available_tokens, remaining_tokens, max_epochs
@@ -611,19 +621,11 @@ class TiKMiXDConfig(MixerConfig):
     max_iter: int = option(1000, "SLSQP iteration limit")
 
     def __post_init__(self):
-        for name in ("alpha", "beta", "gamma"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"TiKMiX-D option `{name}` must be finite and >= 0, got {value}.")
-        if not 0 <= self.min_weight <= self.max_weight <= 1:
-            raise ConfigError(
-                f"Need 0 <= `min_weight` <= `max_weight` <= 1, got {self.min_weight}, {self.max_weight}."
-            )
+        check_objective_options(self.alpha, self.beta, self.gamma, self.method)
+        check_weight_range(self.min_weight, self.max_weight)
         if self.max_step is not None:
             check_max_step(self.max_step)
         check_step(self.step)
-        if self.method not in METHODS:
-            raise ConfigError(f"TiKMiX-D option `method` must be one of {METHODS}, got {self.method!r}.")
         if not (self.tol > 0 and self.max_iter >= 1):
             raise ConfigError(f"Need `tol` > 0 and `max_iter` >= 1, got {self.tol}, {self.max_iter}.")
 

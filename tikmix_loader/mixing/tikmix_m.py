@@ -38,7 +38,12 @@ from scipy.stats import qmc
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.mixing._surrogate import fit_lightgbm
 from tikmix_loader.mixing.base import Mixer, MixerConfig, MixingContext, MixtureSolution, option
-from tikmix_loader.mixing.tikmix_d import METHODS, solve_tikmix_d, weight_bounds
+from tikmix_loader.mixing.tikmix_d import (
+    check_objective_options,
+    check_weight_range,
+    solve_tikmix_d,
+    weight_bounds,
+)
 
 MAX_LHS_BATCHES = 64
 LINEAR_LABEL_R2 = 1.0 - 1e-9  # labels fitted this well by an affine map are "S w in disguise"
@@ -340,8 +345,8 @@ class TiKMiXMConfig(MixerConfig):
                 "over "
                 f"rounds: explore, then exploit); got {self.initial_concentration}, {self.growth}."
             )
-        if self.method not in METHODS:
-            raise ConfigError(f"TiKMiX-M `method` must be one of {METHODS}, got {self.method!r}.")
+        check_objective_options(self.alpha, self.beta, self.gamma, self.method)
+        check_weight_range(self.min_weight, self.max_weight)
 
 
 class TiKMiXM(Mixer):

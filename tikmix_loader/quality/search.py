@@ -436,14 +436,6 @@ def implied_domain_weights(
     return {domain: value / total for domain, value in tokens.items()}
 
 
-def write_quadmix_search(search: QuaDMixSearch, path: str | os.PathLike) -> Path:
-    """Write ``search.to_dict()`` as JSON to ``path``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(search.to_dict(), indent=1) + "\n")
-    return path
-
-
 def read_quadmix_params(path: str | os.PathLike) -> dict[str, QualityParams]:
     """The ``params`` of a JSON from ``tikmix quadmix search``, as ``{domain: QualityParams}``."""
     try:
