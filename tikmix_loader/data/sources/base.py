@@ -10,11 +10,6 @@ import numpy as np
 
 from tikmix_loader.errors import ShardError
 
-# Token-range reads of at most this many ranges check (and, for memmaps, slice) them one by one in Python:
-# a rank at large world size reads a few ranges per domain and batch, where each numpy call on arrays that
-# small costs more than the Python work it replaces.
-SCALAR_RANGES = 32
-
 
 class TokenSource(abc.ABC):
     """Read-only, random access to the documents (token arrays) of one dataset on disk.
@@ -74,7 +69,7 @@ class TokenSource(abc.ABC):
         """``docs, starts, stops`` as int64 arrays; ``IndexError`` naming the source when one is out of range
         (like ``read_docs``)."""
         docs, starts, stops = (np.asarray(values, dtype=np.int64) for values in (docs, starts, stops))
-        if not len(docs) or (len(docs) <= SCALAR_RANGES and self._few_ranges_fit(docs, starts, stops)):
+        if not len(docs):
             return docs, starts, stops
         outside = (docs < 0) | (docs >= self.num_docs)
         if outside.any():
@@ -87,16 +82,6 @@ class TokenSource(abc.ABC):
                 f"({self.lengths_of(docs[i : i + 1])[0]} tokens)."
             )
         return docs, starts, stops
-
-    def _few_ranges_fit(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> bool:
-        """Whether every document exists and every range lies inside its document, in Python ints (the
-        usual case of a rank's few ranges; ``check_doc_ranges`` then reports what does not fit)."""
-        if not all(0 <= doc < self.num_docs for doc in docs.tolist()):
-            return False
-        lengths = self.lengths_of(docs).tolist()
-        return all(
-            0 <= start <= stop <= n for start, stop, n in zip(starts.tolist(), stops.tolist(), lengths)
-        )
 
     @property
     def num_tokens(self) -> int:
