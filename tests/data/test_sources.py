@@ -92,8 +92,9 @@ def test_memmap_token_ranges_read_alike_below_and_above_the_scalar_limit(tmp_pat
         for bad_start, bad_stop, message in ((-1, 0, "outside document"), (2, 1, "outside document")):
             with pytest.raises(IndexError, match=message):
                 domain.read_doc_ranges([*picks[:-1], 0], [*starts[:-1], bad_start], [*stops[:-1], bad_stop])
-        with pytest.raises(IndexError, match=r"document -1 is outside \[0, 31\)"):
-            domain.read_doc_ranges([*picks[:-1], -1], [*starts[:-1], 0], [*stops[:-1], 0])
+        for bad_doc in (-1, len(docs)):
+            with pytest.raises(IndexError, match=rf"document {bad_doc} is outside \[0, 31\)"):
+                domain.read_doc_ranges([*picks[:-1], bad_doc], [*starts[:-1], 0], [*stops[:-1], 0])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
