@@ -345,15 +345,21 @@ class DomainStream:
             epochs, positions = zip(*(divmod(index, self.samples_per_epoch) for index in indices))
         else:
             epochs, positions = (values.tolist() for values in self.locate(np.asarray(indices)))
-        chunks = [position // self.shuffle_window for position in positions]
-        starts = []
-        run = 0  # rows so far in the current run of one (epoch, chunk)
-        for row, (epoch, chunk, position) in enumerate(zip(epochs, chunks, positions)):
-            run = run + 1 if row and (epoch, chunk) == (epochs[row - 1], chunks[row - 1]) else 1
-            if run * SPARSE_RATIO >= self.shuffle_window or self._chunk_cached(epoch, chunk):
+        window, seq_len = self.shuffle_window, self.seq_len
+        starts, orders = [], {}  # window orders of the chunks met so far, by (epoch, chunk)
+        run, previous = 0, None  # rows so far in the current run of one (epoch, chunk)
+        for epoch, position in zip(epochs, positions):
+            chunk, offset = divmod(position, window)
+            run = run + 1 if (epoch, chunk) == previous else 1
+            previous = (epoch, chunk)
+            if run * SPARSE_RATIO >= window:
                 return None
-            window = int(self._window_order(epoch, chunk)[position - chunk * self.shuffle_window])
-            starts.append((chunk * self.shuffle_window + window) * self.seq_len)
+            order = orders.get(previous)
+            if order is None:
+                if self._chunk_cached(epoch, chunk):
+                    return None
+                order = orders[previous] = self._window_order(epoch, chunk)
+            starts.append((chunk * window + int(order[offset])) * seq_len)
         return list(epochs), starts
 
     def _read_sparse_windows(self, epochs: list[int], starts: list[int]) -> np.ndarray:
@@ -565,20 +571,25 @@ class DomainStream:
         _, cumulative, _ = self._layout(epoch)
         first_blocks = (np.searchsorted(cumulative, starts, side="right") - 1).tolist()
         docs, lows, highs, eos_at = [], [], [], []
+        indexes = {}  # the block indexes met so far
         for row, (start, block) in enumerate(zip(starts, first_blocks)):
             cursor, stop = start, start + width
             while cursor < stop:  # one block per pass (a block of documents with 0 copies adds nothing)
-                ids, doc_starts, ends = self._block_index(epoch, block)
+                index = indexes.get(block)
+                if index is None:
+                    index = indexes[block] = self._block_index(epoch, block)
+                ids, doc_starts, ends = index
                 doc = bisect.bisect_right(ends, cursor)  # the first document ending after the cursor
                 while doc < len(ids) and cursor < stop:
                     doc_start, end = int(doc_starts[doc]), int(ends[doc])
                     piece_stop = min(stop, end)
-                    with_eos = piece_stop == end
                     docs.append(int(ids[doc]))
                     lows.append(cursor - doc_start)
-                    highs.append(piece_stop - with_eos - doc_start)
-                    if with_eos:
+                    if piece_stop == end:  # the document's EOS is inside the window
+                        highs.append(end - 1 - doc_start)
                         eos_at.append(row * width + end - 1 - start)
+                    else:
+                        highs.append(piece_stop - doc_start)
                     cursor = piece_stop
                     doc += 1
                 block += 1
