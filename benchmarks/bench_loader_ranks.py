@@ -18,6 +18,12 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
 The simulated ranks of one W share the process-wide cache of window orders, so each rank after the first
 finds part of its seeding done; ``--own-caches`` clears it before each rank, as separate processes would.
 
+Scaling fit: the CPU seconds per batch are fitted (least squares over the W's) as ``t(W) = a + b / W``: ``a``
+is the fixed cost every rank pays per global batch whatever its share (planning the whole batch, seeding
+the shuffles it touches, Python and numpy call overhead), ``b / W`` the part that follows the share. The
+table prints both, and the speedup of the measured time without the fixed part, ``(t(1) - a) / (t(W) - a)``,
+against W: when it tracks W, what does not fall as 1/W is the fixed cost alone.
+
 Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
 """
 
@@ -180,6 +186,42 @@ def main(argv=None) -> None:
             f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
             f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x {result['cpu_seconds']:>12.6f} "
             f"{cpu_base / result['cpu_seconds']:>10.1f}x"
+        )
+    if len(results) >= 2:
+        print_scaling_fit({world_size: result["cpu_seconds"] for world_size, result in results.items()})
+
+
+def scaling_fit(cpu_seconds: dict[int, float]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``t(W) = a + b / W`` over the measured ``{W: CPU seconds per batch}``.
+
+    The residuals are relative (each row divided by its ``t``): times span two orders of magnitude, and
+    plain residuals would let W = 1 alone set the fit, leaving the sub-millisecond times at large W unfit.
+    """
+    world_sizes = np.array(list(cpu_seconds), dtype=np.float64)
+    seconds = np.array(list(cpu_seconds.values()), dtype=np.float64)
+    design = np.column_stack([np.ones_like(world_sizes), 1 / world_sizes]) / seconds[:, None]
+    (fixed, share), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    return float(fixed), float(share)
+
+
+def print_scaling_fit(cpu_seconds: dict[int, float]) -> None:
+    """The fit's fixed and share parts per W, and how the measured time without the fixed part scales."""
+    fixed, share = scaling_fit(cpu_seconds)
+    smallest = min(cpu_seconds)
+    print(
+        f"fit of CPU s/batch over W = {', '.join(map(str, cpu_seconds))}: t(W) = a + b/W, a (fixed per-batch "
+        f"cost) = {fixed:.6f} s, b = {share:.6f} s"
+    )
+    print(
+        f"{'W':>5} {'cpu s/batch':>12} {'fit a + b/W':>12} {'a':>10} {'b/W':>10} {'a share':>8} "
+        f"{'t - a':>10} {f'(t - a) speedup vs W={smallest}':>28}"
+    )
+    for world_size, measured in cpu_seconds.items():
+        variable = measured - fixed
+        speedup = f"{(cpu_seconds[smallest] - fixed) / variable:.1f}x" if variable > 0 else "n/a (t <= a)"
+        print(
+            f"{world_size:>5} {measured:>12.6f} {fixed + share / world_size:>12.6f} {fixed:>10.6f} "
+            f"{share / world_size:>10.6f} {fixed / measured:>7.0%} {variable:>10.6f} {speedup:>28}"
         )
 
 
