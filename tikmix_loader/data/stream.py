@@ -522,13 +522,14 @@ class DomainStream:
         width = self.seq_len + 1
         cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
         docs, lows, highs, eos_at = cut(epoch, starts)
-        content = self.domain.read_doc_ranges(docs, lows, highs)
+        content = self.domain.read_doc_ranges(docs, lows, highs).astype(np.int64, copy=False)
+        if not len(eos_at):  # no document ends inside the windows: the content is the windows
+            return content.reshape(len(starts), width)
         # Pieces tile each window in order, so the content fills every position that is not an EOS.
-        eos = np.zeros(len(starts) * width, dtype=bool)
-        eos[eos_at] = True
-        windows = np.empty(len(starts) * width, dtype=np.int64)
-        windows[eos] = self.domain.eos_id
-        windows[~eos] = content
+        windows = np.full(len(starts) * width, self.domain.eos_id, dtype=np.int64)
+        is_content = np.ones(len(windows), dtype=bool)
+        is_content[eos_at] = False
+        windows[is_content] = content
         return windows.reshape(len(starts), width)
 
     def _window_pieces(self, epoch: int, starts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
