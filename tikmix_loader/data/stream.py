@@ -522,7 +522,8 @@ class DomainStream:
         width = self.seq_len + 1
         cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
         docs, lows, highs, eos_at = cut(epoch, starts)
-        content = self.domain.read_doc_ranges(docs, lows, highs).astype(np.int64, copy=False)
+        ranges = (np.asarray(values, dtype=np.int64) for values in (docs, lows, highs))  # the API's arrays
+        content = self.domain.read_doc_ranges(*ranges).astype(np.int64, copy=False)
         if not len(eos_at):  # no document ends inside the windows: the content is the windows
             return content.reshape(len(starts), width)
         # Pieces tile each window in order, so the content fills every position that is not an EOS.
