@@ -523,9 +523,9 @@ class DomainStream:
         cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
         docs, lows, highs, eos_at = cut(epoch, starts)
         ranges = (np.asarray(values, dtype=np.int64) for values in (docs, lows, highs))  # the API's arrays
-        content = self.domain.read_doc_ranges(*ranges).astype(np.int64, copy=False)
+        content = self.domain.read_doc_ranges(*ranges)
         if not len(eos_at):  # no document ends inside the windows: the content is the windows
-            return content.reshape(len(starts), width)
+            return content.astype(np.int64, copy=False).reshape(len(starts), width)
         # Pieces tile each window in order, so the content fills every position that is not an EOS.
         windows = np.full(len(starts) * width, self.domain.eos_id, dtype=np.int64)
         is_content = np.ones(len(windows), dtype=bool)
