@@ -14,6 +14,10 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
   as 1/W). Before per-rank reads every rank did the W = 1 work.
 - CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
   on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
+- generators seeded per rank and global batch (``shuffle.rng_for`` calls: the batch order, and the window
+  order of each chunk and the document order of each block the rank reads from for the first time), a cost
+  per chunk and block touched rather than per token, which stops falling once a rank's few samples land in
+  as many chunks and blocks as it has samples.
 
 The simulated ranks of one W share the process-wide cache of window orders, so each rank after the first
 finds part of its seeding done; ``--own-caches`` clears it before each rank, as separate processes would.
@@ -55,15 +59,25 @@ def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, see
 
 
 class ReadCounter:
-    """Spies on ``DomainStream.read_at`` (sample tokens read) and on ``Domain.read_docs`` and
-    ``Domain.read_doc_ranges`` (tokens taken from storage)."""
+    """Spies on ``DomainStream.read_at`` (sample tokens read), on ``Domain.read_docs`` and
+    ``Domain.read_doc_ranges`` (tokens taken from storage) and on ``shuffle.rng_for`` (generators seeded)."""
 
     def __init__(self):
+        from tikmix_loader.data import planner, shuffle, stream
         from tikmix_loader.data.domain import Domain
         from tikmix_loader.data.stream import DomainStream
 
         self.sample_tokens = 0
         self.decoded_tokens = 0
+        self.seeded = 0
+        rng_for = shuffle.rng_for
+
+        def counting_rng_for(*keys):
+            self.seeded += 1
+            return rng_for(*keys)
+
+        for module in (shuffle, stream, planner):  # each imported the name; replace it where it is called
+            module.rng_for = counting_rng_for
         read_at, read_docs, read_doc_ranges = DomainStream.read_at, Domain.read_docs, Domain.read_doc_ranges
 
         def counting_read_at(stream, indices):
@@ -85,7 +99,7 @@ class ReadCounter:
         Domain.read_doc_ranges = counting_read_doc_ranges
 
     def reset(self) -> None:
-        self.sample_tokens = self.decoded_tokens = 0
+        self.sample_tokens = self.decoded_tokens = self.seeded = 0
 
 
 def sampled_ranks(world_size: int, count: int) -> list[int]:
@@ -100,7 +114,7 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
     from tikmix_loader import MixtureLoader
     from tikmix_loader.data import stream
 
-    seconds, cpu_seconds, sample_tokens, decoded_tokens = [], [], [], []
+    seconds, cpu_seconds, sample_tokens, decoded_tokens, seeded = [], [], [], [], []
     for _ in range(args.repeats):
         for rank in sampled_ranks(world_size, args.ranks):
             if args.own_caches:  # a real rank has its own process: no window orders seeded by another rank
@@ -124,11 +138,13 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
                 cpu_seconds.append(time.thread_time() - cpu_start)
                 sample_tokens.append(counter.sample_tokens)
                 decoded_tokens.append(counter.decoded_tokens)
+                seeded.append(counter.seeded)
     return {
         "seconds": seconds,
         "cpu_seconds": statistics.median(cpu_seconds),
         "sample_tokens": statistics.median(sample_tokens),
         "decoded_tokens": statistics.median(decoded_tokens),
+        "seeded": statistics.mean(seeded),
     }
 
 
@@ -173,7 +189,7 @@ def main(argv=None) -> None:
     header = (
         f"{'W':>5} {'rank batch':>10} {'tokens read':>12} {'global/W':>10} {'ratio':>6} {'decoded':>10} "
         f"{'decoded/(global/W)':>18} {'s/batch med':>12} {'p20':>9} {'p80':>9} "
-        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11}"
+        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11} {'seeded':>7}"
     )
     print(header)
     for world_size, result in results.items():
@@ -185,7 +201,7 @@ def main(argv=None) -> None:
             f"{share:>10,.0f} {result['sample_tokens'] / share:>5.2f}x {result['decoded_tokens']:>10,.0f} "
             f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
             f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x {result['cpu_seconds']:>12.6f} "
-            f"{cpu_base / result['cpu_seconds']:>10.1f}x"
+            f"{cpu_base / result['cpu_seconds']:>10.1f}x {result['seeded']:>7.1f}"
         )
     if len(results) >= 2:
         print_scaling_fit({world_size: result["cpu_seconds"] for world_size, result in results.items()})
