@@ -279,7 +279,8 @@ class DomainStream:
         A rank reads its own, scattered samples of a global batch this way. In packed mode the samples
         that share a shuffle chunk are gathered in one vectorised step; when only a few windows of a chunk
         are wanted, only the token ranges of the documents under them are read (in one vectorised call
-        for all such windows), so a rank's I/O follows its share of the batch. In document mode only each
+        for all such windows), so a rank's I/O follows its share of the batch; a read of at most
+        ``SCALAR_ROWS`` such windows does its bookkeeping in Python ints. In document mode only each
         document's first ``seq_len + 1`` tokens are read. The result never depends on which way a sample
         was read.
         """
