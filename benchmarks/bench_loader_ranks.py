@@ -14,9 +14,19 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
   as 1/W). Before per-rank reads every rank did the W = 1 work.
 - CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
   on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
+- generators seeded per rank and global batch (``shuffle.rng_for`` calls: the batch order, and the window
+  order of each chunk and the document order of each block the rank reads from for the first time), a cost
+  per chunk and block touched rather than per token, which stops falling once a rank's few samples land in
+  as many chunks and blocks as it has samples.
 
 The simulated ranks of one W share the process-wide cache of window orders, so each rank after the first
 finds part of its seeding done; ``--own-caches`` clears it before each rank, as separate processes would.
+
+Scaling fit: the CPU seconds per batch are fitted (least squares over the W's) as ``t(W) = a + b / W``: ``a``
+is the fixed cost every rank pays per global batch whatever its share (planning the whole batch, seeding
+the shuffles it touches, Python and numpy call overhead), ``b / W`` the part that follows the share. The
+table prints both, and the speedup of the measured time without the fixed part, ``(t(1) - a) / (t(W) - a)``,
+against W: when it tracks W, what does not fall as 1/W is the fixed cost alone.
 
 Run: ``python benchmarks/bench_loader_ranks.py`` (about 2 minutes on 2 cores).
 """
@@ -49,15 +59,25 @@ def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, see
 
 
 class ReadCounter:
-    """Spies on ``DomainStream.read_at`` (sample tokens read) and on ``Domain.read_docs`` and
-    ``Domain.read_doc_ranges`` (tokens taken from storage)."""
+    """Spies on ``DomainStream.read_at`` (sample tokens read), on ``Domain.read_docs`` and
+    ``Domain.read_doc_ranges`` (tokens taken from storage) and on ``shuffle.rng_for`` (generators seeded)."""
 
     def __init__(self):
+        from tikmix_loader.data import planner, shuffle, stream
         from tikmix_loader.data.domain import Domain
         from tikmix_loader.data.stream import DomainStream
 
         self.sample_tokens = 0
         self.decoded_tokens = 0
+        self.seeded = 0
+        rng_for = shuffle.rng_for
+
+        def counting_rng_for(*keys):
+            self.seeded += 1
+            return rng_for(*keys)
+
+        for module in (shuffle, stream, planner):  # each imported the name; replace it where it is called
+            module.rng_for = counting_rng_for
         read_at, read_docs, read_doc_ranges = DomainStream.read_at, Domain.read_docs, Domain.read_doc_ranges
 
         def counting_read_at(stream, indices):
@@ -79,7 +99,7 @@ class ReadCounter:
         Domain.read_doc_ranges = counting_read_doc_ranges
 
     def reset(self) -> None:
-        self.sample_tokens = self.decoded_tokens = 0
+        self.sample_tokens = self.decoded_tokens = self.seeded = 0
 
 
 def sampled_ranks(world_size: int, count: int) -> list[int]:
@@ -94,7 +114,7 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
     from tikmix_loader import MixtureLoader
     from tikmix_loader.data import stream
 
-    seconds, cpu_seconds, sample_tokens, decoded_tokens = [], [], [], []
+    seconds, cpu_seconds, sample_tokens, decoded_tokens, seeded = [], [], [], [], []
     for _ in range(args.repeats):
         for rank in sampled_ranks(world_size, args.ranks):
             if args.own_caches:  # a real rank has its own process: no window orders seeded by another rank
@@ -118,11 +138,13 @@ def measure(domains, world_size: int, args, counter: ReadCounter) -> dict:
                 cpu_seconds.append(time.thread_time() - cpu_start)
                 sample_tokens.append(counter.sample_tokens)
                 decoded_tokens.append(counter.decoded_tokens)
+                seeded.append(counter.seeded)
     return {
         "seconds": seconds,
         "cpu_seconds": statistics.median(cpu_seconds),
         "sample_tokens": statistics.median(sample_tokens),
         "decoded_tokens": statistics.median(decoded_tokens),
+        "seeded": statistics.mean(seeded),
     }
 
 
@@ -167,7 +189,7 @@ def main(argv=None) -> None:
     header = (
         f"{'W':>5} {'rank batch':>10} {'tokens read':>12} {'global/W':>10} {'ratio':>6} {'decoded':>10} "
         f"{'decoded/(global/W)':>18} {'s/batch med':>12} {'p20':>9} {'p80':>9} "
-        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11}"
+        f"{f'speedup vs W={smallest}':>15} {'cpu s/batch':>12} {'cpu speedup':>11} {'seeded':>7}"
     )
     print(header)
     for world_size, result in results.items():
@@ -179,7 +201,43 @@ def main(argv=None) -> None:
             f"{share:>10,.0f} {result['sample_tokens'] / share:>5.2f}x {result['decoded_tokens']:>10,.0f} "
             f"{result['decoded_tokens'] / share:>17.2f}x {median:>12.6f} {np.percentile(seconds, 20):>9.6f} "
             f"{np.percentile(seconds, 80):>9.6f} {base / median:>14.1f}x {result['cpu_seconds']:>12.6f} "
-            f"{cpu_base / result['cpu_seconds']:>10.1f}x"
+            f"{cpu_base / result['cpu_seconds']:>10.1f}x {result['seeded']:>7.1f}"
+        )
+    if len(results) >= 2:
+        print_scaling_fit({world_size: result["cpu_seconds"] for world_size, result in results.items()})
+
+
+def scaling_fit(cpu_seconds: dict[int, float]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``t(W) = a + b / W`` over the measured ``{W: CPU seconds per batch}``.
+
+    The residuals are relative (each row divided by its ``t``): times span two orders of magnitude, and
+    plain residuals would let W = 1 alone set the fit, leaving the sub-millisecond times at large W unfit.
+    """
+    world_sizes = np.array(list(cpu_seconds), dtype=np.float64)
+    seconds = np.array(list(cpu_seconds.values()), dtype=np.float64)
+    design = np.column_stack([np.ones_like(world_sizes), 1 / world_sizes]) / seconds[:, None]
+    (fixed, share), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    return float(fixed), float(share)
+
+
+def print_scaling_fit(cpu_seconds: dict[int, float]) -> None:
+    """The fit's fixed and share parts per W, and how the measured time without the fixed part scales."""
+    fixed, share = scaling_fit(cpu_seconds)
+    smallest = min(cpu_seconds)
+    print(
+        f"fit of CPU s/batch over W = {', '.join(map(str, cpu_seconds))}: t(W) = a + b/W, a (fixed per-batch "
+        f"cost) = {fixed:.6f} s, b = {share:.6f} s"
+    )
+    print(
+        f"{'W':>5} {'cpu s/batch':>12} {'fit a + b/W':>12} {'a':>10} {'b/W':>10} {'a share':>8} "
+        f"{'t - a':>10} {f'(t - a) speedup vs W={smallest}':>28}"
+    )
+    for world_size, measured in cpu_seconds.items():
+        variable = measured - fixed
+        speedup = f"{(cpu_seconds[smallest] - fixed) / variable:.1f}x" if variable > 0 else "n/a (t <= a)"
+        print(
+            f"{world_size:>5} {measured:>12.6f} {fixed + share / world_size:>12.6f} {fixed:>10.6f} "
+            f"{share / world_size:>10.6f} {fixed / measured:>7.0%} {variable:>10.6f} {speedup:>28}"
         )
 
 

@@ -17,7 +17,7 @@ from tikmix_loader import ConfigError, Domain, DomainError, ShardError
 from tikmix_loader.data.sources import detect_format, open_source
 from tikmix_loader.data.sources._tokens import cast_tokens
 from tikmix_loader.data.sources.mds import MDSSource, write_mds
-from tikmix_loader.data.sources.memmap import write_memmap
+from tikmix_loader.data.sources.memmap import SCALAR_RANGES, write_memmap
 from tikmix_loader.data.sources.parquet import ParquetSource, write_parquet
 
 
@@ -72,6 +72,29 @@ def test_read_doc_ranges_gives_the_slices_of_the_documents(tmp_path, fmt):
         domain.read_doc_ranges([3], [0], [len(docs[3]) + 1])
     with pytest.raises(IndexError, match=r"outside \[0, 53\)"):
         domain.read_doc_ranges([53], [0], [0])
+
+
+def test_memmap_token_ranges_read_alike_below_and_above_the_scalar_limit(tmp_path):
+    # A memmap slices up to SCALAR_RANGES ranges one by one and gathers more in one call: both give the
+    # documents' slices (empty ranges and empty documents included) and refuse a range outside its document.
+    docs = random_docs(30, seed=4, max_len=40) + [np.zeros(0, dtype=np.int64)]
+    domain = Domain("m", write_memmap(tmp_path / "m.bin", docs, vocab_size=258, eos_id=256))
+    rng = np.random.default_rng(5)
+    for count in (1, 2, 7, SCALAR_RANGES, SCALAR_RANGES + 1, 80):
+        picks = rng.integers(0, len(docs), size=count)
+        starts = np.array([rng.integers(0, len(docs[pick]) + 1) for pick in picks])
+        stops = np.array([rng.integers(start, len(docs[pick]) + 1) for pick, start in zip(picks, starts)])
+        expected = np.concatenate([docs[pick][a:b] for pick, a, b in zip(picks, starts, stops)])
+        np.testing.assert_array_equal(domain.read_doc_ranges(picks, starts, stops), expected)
+        np.testing.assert_array_equal(
+            domain.read_doc_ranges(picks.tolist(), starts.tolist(), stops.tolist()), expected
+        )
+        for bad_start, bad_stop, message in ((-1, 0, "outside document"), (2, 1, "outside document")):
+            with pytest.raises(IndexError, match=message):
+                domain.read_doc_ranges([*picks[:-1], 0], [*starts[:-1], bad_start], [*stops[:-1], bad_stop])
+        for bad_doc in (-1, len(docs)):
+            with pytest.raises(IndexError, match=rf"document {bad_doc} is outside \[0, 31\)"):
+                domain.read_doc_ranges([*picks[:-1], bad_doc], [*starts[:-1], 0], [*stops[:-1], 0])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

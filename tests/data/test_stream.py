@@ -9,6 +9,7 @@ from tikmix_loader.data import stream as stream_module
 from tikmix_loader.data.shuffle import BlockShuffle, stable_key
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.stream import DomainStream
+from tikmix_loader.quality import QualityParams, write_scores
 
 
 def _packed_reference(documents, eos, seq_len):
@@ -215,3 +216,50 @@ def test_warm_caches_give_the_rows_of_cold_ones_and_stay_bounded(tmp_path, monke
         np.testing.assert_array_equal(tokens, expected[picks])
         sizes.append(len(warm._index_cache))
     assert max(sizes) == 3  # filled to its bound, and evicted beyond it
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 40])
+@pytest.mark.parametrize("quality", [False, True])
+def test_scalar_and_vectorised_packed_reads_give_the_same_rows(tmp_path, monkeypatch, seq_len, quality):
+    # A read of at most SCALAR_ROWS rows keeps its bookkeeping and window cutting in Python ints; it must
+    # give the rows of the vectorised path and of a dense read: windows across document and block
+    # boundaries, empty documents (a lone EOS), quality copies (0 to several per document), epoch ends.
+    rng = np.random.default_rng(seq_len)
+    documents = [rng.integers(0, 256, size=int(n)) for n in rng.choice([0, 1, 3, 12, 60, 150], size=120)]
+    domain = Domain("s", write_memmap(tmp_path / "s.bin", documents, vocab_size=258))
+    options = {"seq_len": seq_len, "seed": 4, "block_docs": 7, "shuffle_window": 64}
+    if quality:
+        criteria = {"q": "higher"}
+        write_scores(domain.path, "q", rng.normal(size=domain.num_docs), num_docs=domain.num_docs)
+        options["criteria"] = criteria
+    params = QualityParams(alpha=(1.0,), lam=4.0, omega=0.7, eta=1.5, eps=0.2) if quality else None
+
+    def stream(**extra):
+        made = DomainStream(domain, **options, **extra)
+        made.set_segments(((0, 0, params),))
+        return made
+
+    reference = stream(share=1.0)  # whole chunks
+    span = reference.epoch_start(3)  # three epochs (of varying size under quality sampling)
+    expected, _ = reference.read(0, span)
+    ends = [reference.epoch_start(epoch) for epoch in (1, 2)]
+    for trial in range(30):
+        size = int(rng.integers(1, stream_module.SCALAR_ROWS + 1))
+        picks = rng.choice(span, size=size, replace=False)
+        if trial % 3 == 0:  # the last and first samples of epochs
+            picks[: min(size, 4)] = [ends[0] - 1, ends[0], ends[1] - 1, ends[1]][: min(size, 4)]
+        scalar = stream(share=1 / 64)
+        tokens, valid = scalar.read_at(picks)
+        with monkeypatch.context() as patch:
+            patch.setattr(stream_module, "SCALAR_ROWS", 0)
+            vector_tokens, vector_valid = stream(share=1 / 64).read_at(picks)
+        np.testing.assert_array_equal(tokens, vector_tokens)
+        np.testing.assert_array_equal(tokens, expected[picks])
+        assert np.array_equal(valid, vector_valid) and (valid == seq_len + 1).all()
+        # The window cutting directly: the same pieces, in the same order, from both.
+        epoch = int(scalar.locate(picks[:1])[0][0])
+        starts = rng.integers(0, scalar.epoch_samples(epoch), size=size) * seq_len
+        scalar_pieces = scalar._window_pieces_scalar(epoch, starts.tolist())
+        vector_pieces = scalar._window_pieces(epoch, starts)
+        for got, want in zip(scalar_pieces, vector_pieces):
+            np.testing.assert_array_equal(np.asarray(got, dtype=np.int64), want)

@@ -250,14 +250,14 @@ class MixturePlanner:
         fixed = np.zeros(len(self.names), dtype=np.int64)  # samples of domains that ran out in this batch
         while True:
             weights = self.effective_weights()
-            if not self.active.any() or weights.sum() == 0:
+            if not weights.any():  # no active domain, or none with weight (weights are >= 0)
                 return self._finish("no domain with positive weight has samples left")
             quota, carry = allocate_quota(weights, self.carry, size - int(fixed.sum()))
             remaining = self.capacity - self.consumed - fixed
-            short = np.flatnonzero(self.active & (quota > remaining))
-            if len(short) == 0:
+            short = self.active & (quota > remaining)
+            if not short.any():
                 break
-            domain = int(short[0])
+            domain = int(np.flatnonzero(short)[0])
             if self.exhaustion == "stop":
                 return self._finish(f"domain {self.names[domain]!r} used all of its epochs")
             fixed[domain] = int(remaining[domain])
@@ -290,16 +290,14 @@ class MixturePlanner:
             logger.info("batch %d: domain %r %s", self.batch_index, self.names[domain], detail)
 
     def _log_epoch_transitions(self, starts: np.ndarray) -> None:
-        before = starts // self.samples_per_epoch
-        after = self.consumed // self.samples_per_epoch
-        if self.quality_segments is not None:  # quality-sampled epochs vary in size: no epoch events
-            after = np.where(
-                [len(segments) == 1 and segments[0][2] is None for segments in self.quality_segments],
-                after,
-                before,
-            )
-        for domain in np.flatnonzero(after > before):
-            self._event("epoch", int(domain), f"starts epoch {int(after[domain])} (new shuffle)")
+        # Python ints: called for every planned batch, on a few domains.
+        sizes = self.samples_per_epoch.tolist()
+        for domain, (start, end, size) in enumerate(zip(starts.tolist(), self.consumed.tolist(), sizes)):
+            segments = None if self.quality_segments is None else self.quality_segments[domain]
+            if segments is not None and (len(segments) > 1 or segments[0][2] is not None):
+                continue  # quality-sampled epochs vary in size: no epoch events
+            if end // size > start // size:
+                self._event("epoch", domain, f"starts epoch {end // size} (new shuffle)")
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -34,30 +36,39 @@ def allocate_quota(weights: np.ndarray, carry: np.ndarray, total: int) -> tuple[
     Returns:
         ``(quota, new_carry)``: int64 counts summing to ``total``, and the float64 carry for the next batch.
     """
+    # Python floats and ints, not numpy: a loader plans every global batch on every rank, and numpy calls on
+    # arrays of a few domains cost more than the arithmetic. Elementwise IEEE arithmetic gives the same
+    # numbers either way; the one float sum whose rounding depends on its order (``released``) is numpy's.
     weights = np.asarray(weights, dtype=np.float64)
-    active = weights > 0
-    released = float(np.sum(carry, where=~active))
-    owed = np.where(active, weights * (total + released) + carry, 0.0)
-    if np.sum(np.floor(owed), where=owed > 0) > total:
-        active, owed = _release_surplus(weights, active, owed)
-    quota = np.where(active, np.maximum(np.floor(owed), 0.0), 0.0).astype(np.int64)
-    leftover = total - int(quota.sum())
-    # Stable order: largest fractional part first, then lower domain index.
-    fractions = np.where(active, owed - quota, -np.inf)
-    order = np.lexsort((np.arange(len(weights)), -fractions))
-    order = order[active[order]]
+    active = (weights > 0).tolist()
+    released = 0.0 if all(active) else float(np.sum(carry, where=~np.asarray(active)))
+    owed = [
+        weight * (total + released) + owed_before if is_active else 0.0
+        for weight, owed_before, is_active in zip(weights.tolist(), np.asarray(carry).tolist(), active)
+    ]
+    if sum(math.floor(value) for value in owed if value > 0) > total:
+        active, owed = (
+            values.tolist() for values in _release_surplus(weights, np.asarray(active), np.asarray(owed))
+        )
+    quota = [max(math.floor(value), 0) if is_active else 0 for value, is_active in zip(owed, active)]
+    leftover = total - sum(quota)
+    # Largest fractional part first, then lower domain index; only weighted domains take or give samples.
+    order = sorted(
+        (domain for domain, is_active in enumerate(active) if is_active),
+        key=lambda domain: (quota[domain] - owed[domain], domain),
+    )
     if leftover > 0:
         for step in range(leftover):
             quota[order[step % len(order)]] += 1
     elif leftover < 0:
-        for domain in order[::-1]:
+        for domain in reversed(order):
             if leftover == 0:
                 break
-            take = min(int(quota[domain]), -leftover)
+            take = min(quota[domain], -leftover)
             quota[domain] -= take
             leftover += take
-    new_carry = np.where(active, owed - quota, 0.0)
-    return quota, new_carry
+    new_carry = [value - count if is_active else 0.0 for value, count, is_active in zip(owed, quota, active)]
+    return np.array(quota, dtype=np.int64), np.array(new_carry, dtype=np.float64)
 
 
 def _release_surplus(

@@ -20,6 +20,7 @@ comes from cumulative epoch sizes, grown lazily. All of it is index math over le
 
 from __future__ import annotations
 
+import bisect
 import functools
 import threading
 
@@ -39,6 +40,10 @@ from tikmix_loader.quality.scores import read_scores
 # a document once per window over it.
 SPARSE_RATIO = 4
 _INDEX_CACHE = 64  # block indexes kept for token-range reads
+# Packed reads of at most this many rows keep their bookkeeping in Python ints (``_sparse_window_starts``,
+# ``_window_pieces_scalar``): a rank at large world size reads a few rows per domain, and each numpy call on
+# arrays that small costs more than the Python arithmetic it replaces.
+SCALAR_ROWS = 16
 
 # A stretch of the stream: from stream index ``start`` on, epochs ``epoch, epoch + 1, ...`` under ``params``
 # (``None``: every document once per epoch).
@@ -274,14 +279,19 @@ class DomainStream:
         A rank reads its own, scattered samples of a global batch this way. In packed mode the samples
         that share a shuffle chunk are gathered in one vectorised step; when only a few windows of a chunk
         are wanted, only the token ranges of the documents under them are read (in one vectorised call
-        for all such windows), so a rank's I/O follows its share of the batch. In document mode only each
+        for all such windows), so a rank's I/O follows its share of the batch; a read of at most
+        ``SCALAR_ROWS`` such windows does its bookkeeping in Python ints. In document mode only each
         document's first ``seq_len + 1`` tokens are read. The result never depends on which way a sample
         was read.
         """
         indices = np.asarray(indices, dtype=np.int64)
         count = len(indices)
-        tokens = np.empty((count, self.seq_len + 1), dtype=np.int64)
         valid = np.full(count, self.seq_len + 1, dtype=np.int64)
+        if 0 < count <= SCALAR_ROWS and self.domain.mode == "packed":
+            sparse = self._sparse_window_starts(indices.tolist())
+            if sparse is not None:
+                return self._read_sparse_windows(*sparse), valid
+        tokens = np.empty((count, self.seq_len + 1), dtype=np.int64)
         if count == 0:
             return tokens, valid
         epochs, positions = self.locate(indices)
@@ -323,6 +333,45 @@ class DomainStream:
             rows = np.flatnonzero(sparse & (epochs == epoch))
             tokens[rows] = self._packed_windows(epoch, window_starts[rows])
         return tokens, valid
+
+    def _sparse_window_starts(self, indices: list[int]) -> tuple[list[int], list[int]] | None:
+        """The scalar path's bookkeeping for a few packed rows: ``(epochs, window starts)`` of each row (the
+        window's token offset in its epoch's packed stream), in Python ints; ``None`` when any row would be
+        read densely (then the vectorised path reads them all). Rows are read sparsely under the same rule as
+        the vectorised path's: few reads, a run of rows in one chunk under 1/SPARSE_RATIO of it, uncached.
+        """
+        if self.share is not None and self.share * SPARSE_RATIO >= 1:
+            return None
+        if self.segments == PLAIN:
+            epochs, positions = zip(*(divmod(index, self.samples_per_epoch) for index in indices))
+        else:
+            epochs, positions = (values.tolist() for values in self.locate(np.asarray(indices)))
+        window, seq_len = self.shuffle_window, self.seq_len
+        starts, orders = [], {}  # window orders of the chunks met so far, by (epoch, chunk)
+        run, previous = 0, None  # rows so far in the current run of one (epoch, chunk)
+        for epoch, position in zip(epochs, positions):
+            chunk, offset = divmod(position, window)
+            run = run + 1 if (epoch, chunk) == previous else 1
+            previous = (epoch, chunk)
+            if run * SPARSE_RATIO >= window:
+                return None
+            order = orders.get(previous)
+            if order is None:
+                if self._chunk_cached(epoch, chunk):
+                    return None
+                order = orders[previous] = self._window_order(epoch, chunk)
+            starts.append((chunk * window + int(order[offset])) * seq_len)
+        return list(epochs), starts
+
+    def _read_sparse_windows(self, epochs: list[int], starts: list[int]) -> np.ndarray:
+        """Packed windows at token offsets ``starts`` of epochs ``epochs`` (one per row), read sparsely."""
+        if all(epoch == epochs[0] for epoch in epochs):
+            return self._packed_windows(epochs[0], starts)
+        tokens = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
+        for epoch in sorted(set(epochs)):
+            rows = [row for row, row_epoch in enumerate(epochs) if row_epoch == epoch]
+            tokens[rows] = self._packed_windows(epoch, [starts[row] for row in rows])
+        return tokens
 
     def served_tokens(self, count: int) -> np.ndarray:
         """Tokens of each stored document that samples ``0 .. count-1`` hold as inputs, int64 ``[num_docs]``.
@@ -461,14 +510,35 @@ class DomainStream:
             index = self._index_cache[key] = (documents, ends - sizes, ends)
         return index
 
-    def _packed_windows(self, epoch: int, starts: np.ndarray) -> np.ndarray:
+    def _packed_windows(self, epoch: int, starts) -> np.ndarray:
         """The windows of ``seq_len + 1`` tokens at token offsets ``starts`` of the epoch's packed stream,
         ``int64 [len(starts), seq_len + 1]``, reading only the token ranges of documents under them.
 
-        Vectorised over windows: a window is cut into pieces, one per document it overlaps (the part of
-        the document inside the window, then its EOS if that is inside too), and all pieces' tokens come
-        from one ``read_doc_ranges`` call. Only the touched blocks' indexes are built.
+        A window is cut into pieces, one per document it overlaps (the part of the document inside the
+        window, then its EOS if that is inside too), and all pieces' tokens come from one
+        ``read_doc_ranges`` call. Only the touched blocks' indexes are built. The cutting is vectorised over
+        windows, or a Python loop for at most ``SCALAR_ROWS`` windows (numpy calls on arrays of a few
+        elements cost more than Python ints); both give the same pieces.
         """
+        width = self.seq_len + 1
+        cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
+        docs, lows, highs, eos_at = cut(epoch, starts)
+        ranges = (np.asarray(values, dtype=np.int64) for values in (docs, lows, highs))  # the API's arrays
+        content = self.domain.read_doc_ranges(*ranges)
+        if not len(eos_at):  # no document ends inside the windows: the content is the windows
+            return content.astype(np.int64, copy=False).reshape(len(starts), width)
+        # Pieces tile each window in order, so the content fills every position that is not an EOS.
+        windows = np.full(len(starts) * width, self.domain.eos_id, dtype=np.int64)
+        is_content = np.ones(len(windows), dtype=bool)
+        is_content[eos_at] = False
+        windows[is_content] = content
+        return windows.reshape(len(starts), width)
+
+    def _window_pieces(self, epoch: int, starts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The pieces of the windows at ``starts``: ``(docs, lows, highs, eos_at)``, piece ``i`` being tokens
+        ``lows[i] .. highs[i]-1`` of document ``docs[i]``, in window order, and ``eos_at`` the flat
+        positions (row * width + column) of the EOS tokens in the windows. Vectorised over windows."""
+        starts = np.asarray(starts, dtype=np.int64)
         width = self.seq_len + 1
         stops = starts + width
         _, cumulative, _ = self._layout(epoch)
@@ -494,16 +564,39 @@ class DomainStream:
         piece_start = np.maximum(starts[piece_window], piece_doc_starts)
         piece_stop = np.minimum(stops[piece_window], piece_ends)
         with_eos = piece_stop == piece_ends
-        content = self.domain.read_doc_ranges(
-            docs[piece_doc], piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
-        )
-        # Pieces tile each window in order, so the content fills every position that is not an EOS.
-        eos = np.zeros(len(starts) * width, dtype=bool)
-        eos[(piece_window * width + piece_ends - 1 - starts[piece_window])[with_eos]] = True
-        windows = np.empty(len(starts) * width, dtype=np.int64)
-        windows[eos] = self.domain.eos_id
-        windows[~eos] = content
-        return windows.reshape(len(starts), width)
+        eos_at = (piece_window * width + piece_ends - 1 - starts[piece_window])[with_eos]
+        lows, highs = piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
+        return docs[piece_doc], lows, highs, eos_at
+
+    def _window_pieces_scalar(self, epoch: int, starts) -> tuple[list[int], list[int], list[int], list[int]]:
+        """``_window_pieces`` for a few windows, walking each window's documents in Python ints."""
+        width = self.seq_len + 1
+        _, cumulative, _ = self._layout(epoch)
+        first_blocks = (np.searchsorted(cumulative, starts, side="right") - 1).tolist()
+        docs, lows, highs, eos_at = [], [], [], []
+        indexes = {}  # the block indexes met so far
+        for row, (start, block) in enumerate(zip(starts, first_blocks)):
+            cursor, stop = start, start + width
+            while cursor < stop:  # one block per pass (a block of documents with 0 copies adds nothing)
+                index = indexes.get(block)
+                if index is None:
+                    index = indexes[block] = self._block_index(epoch, block)
+                ids, doc_starts, ends = index
+                doc = bisect.bisect_right(ends, cursor)  # the first document ending after the cursor
+                while doc < len(ids) and cursor < stop:
+                    doc_start, end = int(doc_starts[doc]), int(ends[doc])
+                    piece_stop = min(stop, end)
+                    docs.append(int(ids[doc]))
+                    lows.append(cursor - doc_start)
+                    if piece_stop == end:  # the document's EOS is inside the window
+                        highs.append(end - 1 - doc_start)
+                        eos_at.append(row * width + end - 1 - start)
+                    else:
+                        highs.append(piece_stop - doc_start)
+                    cursor = piece_stop
+                    doc += 1
+                block += 1
+        return docs, lows, highs, eos_at
 
     # -- document mode ----------------------------------------------------------------------------
 

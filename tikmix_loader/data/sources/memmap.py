@@ -23,6 +23,9 @@ from tikmix_loader.errors import ShardError
 
 SIDECAR_FORMAT = "tikmix-memmap"
 SUPPORTED_DTYPES = WRITE_DTYPES
+# Token-range reads of at most this many ranges are checked and sliced one by one in Python ints: a rank at
+# large world size reads a few ranges per domain and batch, where numpy calls cost more than the slicing.
+SCALAR_RANGES = 32
 
 
 def sidecar_path(bin_path: str | os.PathLike) -> Path:
@@ -109,11 +112,29 @@ class MemmapSource(TokenSource):
         return np.split(tokens, offsets[1:-1] - offsets[0])
 
     def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        # One gather from the mapped file: only the wanted tokens are touched, with no per-document call.
-        docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
-        first = self._offsets[docs] + starts
-        tokens = self._tokens[concatenated_ranges(first, stops - starts)]
-        return self.check_token_ids(tokens, lambda: f"{self.path} (documents {docs.min()}..{docs.max()})")
+        spans = self._few_spans(docs, starts, stops) if len(docs) <= SCALAR_RANGES else None
+        if spans is not None:  # a rank's few ranges, checked: slice and join them
+            tokens = np.concatenate([self._tokens[start:stop] for start, stop in spans])
+        else:  # one gather from the mapped file: only the wanted tokens are touched, no per-document call
+            docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
+            tokens = self._tokens[concatenated_ranges(self._offsets[docs] + starts, stops - starts)]
+        return self.check_token_ids(tokens, lambda: f"{self.path} (documents {np.min(docs)}..{np.max(docs)})")
+
+    def _few_spans(self, docs, starts, stops) -> list[tuple[int, int]] | None:
+        """The file spans ``[start, stop)`` of a few token ranges, in Python ints (numpy calls on arrays this
+        small cost more than the loop); ``None`` when there are none or one does not fit its document (then
+        ``check_doc_ranges`` says which)."""
+        offsets, spans = self._offsets, []
+        for doc, start, stop in zip(
+            *(np.asarray(values, np.int64).tolist() for values in (docs, starts, stops))
+        ):
+            if not 0 <= doc < len(offsets) - 1:
+                return None
+            first = int(offsets[doc])
+            if not 0 <= start <= stop <= int(offsets[doc + 1]) - first:
+                return None
+            spans.append((first + start, first + stop))
+        return spans or None
 
     def __getstate__(self) -> dict:
         # Pickling a memmap copies its data; spawned loader workers re-map the file instead.
