@@ -399,6 +399,58 @@ def test_a_shard_whose_prefetch_gave_way_is_fetched_once_for_all_its_readers(
     assert source.cached_bytes <= limit and bytes_on_disk(tmp_path / "local") <= limit
 
 
+def test_readers_that_cannot_make_room_fail_instead_of_waiting_on_each_other(tmp_path, monkeypatch):
+    """Two readers find the cache full of shards being read. Each must fail with the `cache_limit` advice,
+    not wait for the other's fetch to free room (each fetch waiting on the other hung both readers).
+
+    The interleaving is forced: each reader's first failed attempt to make room waits for the other's.
+    """
+    from tikmix_loader.data.sources import _mds_remote
+
+    docs = random_docs(40, seed=38, min_len=30, max_len=30)  # equal documents: equal shards
+    remote = remote_dataset(tmp_path, docs)
+    sizes = [
+        shard["raw_data"]["bytes"] for shard in json.loads((remote / "index.json").read_text())["shards"]
+    ]
+    limit = 2 * sizes[0]
+    source = MDSSource(tmp_path / "local", remote=str(remote), cache_limit=limit, prefetch_shards=0)
+    shards = source._remote
+    both_found_no_room, failed_once = threading.Barrier(2), set()
+    reserve = _mds_remote.RemoteShards._reserve
+
+    def reserve_in_step(self, shard, *, demand):
+        made_room = reserve(self, shard, demand=demand)
+        if not made_room and shard not in failed_once:
+            failed_once.add(shard)
+            both_found_no_room.wait(10)
+        return made_room
+
+    monkeypatch.setattr(_mds_remote.RemoteShards, "_reserve", reserve_in_step)
+    errors = {}
+
+    def read(shard):
+        try:
+            source.read_docs(int(source._shard_starts[shard]), int(source._shard_starts[shard]) + 1)
+        except ShardError as exc:
+            errors[shard] = str(exc)
+
+    with shards.reading(0), shards.reading(1):  # the cache is full of shards being read
+        readers = [threading.Thread(target=read, args=(shard,), daemon=True) for shard in (2, 3)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(10)
+        assert not any(reader.is_alive() for reader in readers), "the readers wait on each other"
+    for shard in (2, 3):
+        assert (
+            f"cannot make room for shard shard.0000{shard}.mds within `cache_limit`={limit}" in errors[shard]
+        )
+    assert not shards._pending and source.cached_bytes <= limit
+    assert_docs_equal(
+        source.read_docs(0, len(docs)), docs
+    )  # once shards 0 and 1 are released, all reads work
+
+
 def test_remote_cache_limit_smaller_than_a_shard(tmp_path):
     remote = remote_dataset(tmp_path, random_docs(20, seed=33, min_len=20))
     with pytest.raises(

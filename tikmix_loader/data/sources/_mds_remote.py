@@ -195,8 +195,15 @@ class RemoteShards:
             if not demand:
                 return
             with self._lock:
-                in_flight = [future for other, future in self._pending.items() if other != shard]
-            for future in in_flight:  # room is held by downloads in flight
+                # Room held by prefetches is evictable once they finish, so wait for those. Not for fetches of
+                # shards being read: their room stays held while read, and their reader may be waiting here
+                # for this fetch in turn (two readers waiting on each other would hang).
+                in_flight = [
+                    future
+                    for other, future in self._pending.items()
+                    if other != shard and not self._in_use[other]
+                ]
+            for future in in_flight:
                 future.exception()
             if not self._reserve(shard, demand=True):
                 busy = int((self._in_use > 0).sum())
