@@ -6,6 +6,9 @@ import json
 import os
 import pickle
 import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -296,8 +299,6 @@ def test_remote_cache_stays_under_its_limit_and_refetches_evicted_shards(tmp_pat
 
 
 def test_remote_reads_from_several_threads_under_a_cache_limit(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
     docs = random_docs(40, seed=37, min_len=20, max_len=40)
     remote = remote_dataset(tmp_path, docs)
     shards = json.loads((remote / "index.json").read_text())["shards"]
@@ -312,6 +313,142 @@ def test_remote_reads_from_several_threads_under_a_cache_limit(tmp_path):
         assert all(pool.map(read_in_order, range(3)))
     wait_for_prefetches(source)
     assert source.cached_bytes <= limit and bytes_on_disk(tmp_path / "local") <= limit
+
+
+def _wait_until(condition, what):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("second_reader_arrives", ["while_prefetching", "while_fetching"])
+def test_a_shard_whose_prefetch_gave_way_is_fetched_once_for_all_its_readers(
+    tmp_path, monkeypatch, second_reader_arrives
+):
+    """Two threads read a shard whose prefetch gave way to a full cache. The fetch that follows must serve
+    both: the second reader neither reads the shard before it is on disk nor downloads it again.
+
+    The interleaving is forced: the prefetch waits until a reader waits on it, and the first download of
+    the shard waits until the other reader has shown what it does (downloads too, waits, or finishes).
+    """
+    from streaming.base.stream import Stream
+
+    from tikmix_loader.data.sources import _mds_remote
+
+    docs = random_docs(40, seed=38, min_len=30, max_len=30)  # equal documents: equal shards
+    remote = remote_dataset(tmp_path, docs)
+    index = json.loads((remote / "index.json").read_text())
+    sizes = [shard["raw_data"]["bytes"] for shard in index["shards"]]
+    assert len(set(sizes[:3])) == 1
+    limit = 2 * sizes[0]  # shard 0, being read, and one more
+    source = MDSSource(tmp_path / "local", remote=str(remote), cache_limit=limit, prefetch_shards=2)
+    shards = source._remote
+    first_doc_of_shard_2 = int(source._shard_starts[2])
+
+    prefetch_may_start, fetching, decided = threading.Event(), threading.Event(), threading.Event()
+    fetched = []
+    reserve, prepare_shard = _mds_remote.RemoteShards._reserve, Stream.prepare_shard
+
+    def held_reserve(self, shard, *, demand):
+        if shard == 2 and not demand:
+            prefetch_may_start.wait(10)
+        return reserve(self, shard, demand=demand)
+
+    def held_prepare_shard(self, reader):
+        fetched.append(reader.raw_data.basename)
+        if reader.raw_data.basename == "shard.00002.mds":
+            if fetched.count("shard.00002.mds") == 1:
+                fetching.set()
+                decided.wait(10)
+            else:
+                decided.set()  # the second reader downloads the shard again
+        return prepare_shard(self, reader)
+
+    class SignallingFuture(Future):  # the futures threads register their own fetches with
+        def result(self, timeout=None):
+            decided.set()  # the second reader waits for the first one's fetch
+            return super().result(timeout)
+
+    monkeypatch.setattr(_mds_remote.RemoteShards, "_reserve", held_reserve)
+    monkeypatch.setattr(Stream, "prepare_shard", held_prepare_shard)
+    monkeypatch.setattr(_mds_remote, "Future", SignallingFuture)
+
+    def read_shard_2():
+        try:
+            return source.read_docs(first_doc_of_shard_2, first_doc_of_shard_2 + 1)[0]
+        finally:
+            decided.set()  # a reader that is done (or failed) let the held download go on
+
+    with ThreadPoolExecutor(2) as pool, shards.reading(0):  # shard 0 stays in use throughout
+        _wait_until(lambda: set(shards._pending) == {2}, "shard 1 is prefetched and shard 2's prefetch waits")
+        prefetch = shards._pending[2]
+        readers = [pool.submit(read_shard_2)]
+        if second_reader_arrives == "while_prefetching":
+            readers.append(pool.submit(read_shard_2))
+        _wait_until(lambda: shards._in_use[2] == len(readers), "the readers wait for shard 2's prefetch")
+        prefetch_may_start.set()  # it gives way: a prefetch does not evict shard 1, fetched ahead, unread
+        prefetch.result()
+        fetching.wait(10)
+        if second_reader_arrives == "while_fetching":
+            _wait_until(lambda: shards._pending.get(2) is not prefetch, "the prefetch is forgotten")
+            readers.append(pool.submit(read_shard_2))
+        for reader in readers:
+            np.testing.assert_array_equal(reader.result(), docs[first_doc_of_shard_2])
+    assert fetched.count("shard.00002.mds") == 1
+    assert source.cached_bytes <= limit and bytes_on_disk(tmp_path / "local") <= limit
+
+
+def test_readers_that_cannot_make_room_fail_instead_of_waiting_on_each_other(tmp_path, monkeypatch):
+    """Two readers find the cache full of shards being read. Each must fail with the `cache_limit` advice,
+    not wait for the other's fetch to free room (each fetch waiting on the other hung both readers).
+
+    The interleaving is forced: each reader's first failed attempt to make room waits for the other's.
+    """
+    from tikmix_loader.data.sources import _mds_remote
+
+    docs = random_docs(40, seed=38, min_len=30, max_len=30)  # equal documents: equal shards
+    remote = remote_dataset(tmp_path, docs)
+    sizes = [
+        shard["raw_data"]["bytes"] for shard in json.loads((remote / "index.json").read_text())["shards"]
+    ]
+    limit = 2 * sizes[0]
+    source = MDSSource(tmp_path / "local", remote=str(remote), cache_limit=limit, prefetch_shards=0)
+    shards = source._remote
+    both_found_no_room, failed_once = threading.Barrier(2), set()
+    reserve = _mds_remote.RemoteShards._reserve
+
+    def reserve_in_step(self, shard, *, demand):
+        made_room = reserve(self, shard, demand=demand)
+        if not made_room and shard not in failed_once:
+            failed_once.add(shard)
+            both_found_no_room.wait(10)
+        return made_room
+
+    monkeypatch.setattr(_mds_remote.RemoteShards, "_reserve", reserve_in_step)
+    errors = {}
+
+    def read(shard):
+        try:
+            source.read_docs(int(source._shard_starts[shard]), int(source._shard_starts[shard]) + 1)
+        except ShardError as exc:
+            errors[shard] = str(exc)
+
+    with shards.reading(0), shards.reading(1):  # the cache is full of shards being read
+        readers = [threading.Thread(target=read, args=(shard,), daemon=True) for shard in (2, 3)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(10)
+        assert not any(reader.is_alive() for reader in readers), "the readers wait on each other"
+    for shard in (2, 3):
+        assert (
+            f"cannot make room for shard shard.0000{shard}.mds within `cache_limit`={limit}" in errors[shard]
+        )
+    assert not shards._pending and source.cached_bytes <= limit
+    assert_docs_equal(
+        source.read_docs(0, len(docs)), docs
+    )  # once shards 0 and 1 are released, all reads work
 
 
 def test_remote_cache_limit_smaller_than_a_shard(tmp_path):

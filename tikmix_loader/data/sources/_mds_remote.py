@@ -133,15 +133,28 @@ class RemoteShards:
                 self._in_use[shard] -= 1
 
     def _ensure(self, shard: int) -> None:
-        with self._lock:
-            future = self._pending.get(shard)
-            if future is None and self.usage[shard] and not os.path.isfile(self.raw_file(shard)):
-                self.usage[shard] = 0  # evicted by another process sharing this cache directory
-            ready = future is None and self.usage[shard] > 0
-            fetch_here = future is None and not ready
-            if fetch_here:  # registered, so another thread asking for this shard waits for this fetch
-                future = self._pending[shard] = Future()
-        if fetch_here:
+        # Every fetch, a prefetch or a reader's, is registered in ``_pending`` for as long as it runs: room is
+        # reserved in ``usage`` before the bytes arrive, so a shard counts as resident only when it has
+        # usage and no fetch in flight. A reader that finds a fetch in flight waits for it and looks again,
+        # since a prefetch that gave way to a full cache leaves the shard absent.
+        while True:
+            with self._lock:
+                future = self._pending.get(shard)
+                if future is not None and future.done():  # its owner forgets it next; do not wait for that
+                    del self._pending[shard]
+                    future = None
+                if future is None:
+                    if self.usage[shard] and not os.path.isfile(self.raw_file(shard)):
+                        self.usage[shard] = 0  # evicted by another process sharing this cache directory
+                    if self.usage[shard]:
+                        break
+                    future = self._pending[shard] = Future()
+                    fetch_here = True
+                else:
+                    fetch_here = False
+            if not fetch_here:
+                future.result()
+                continue
             try:
                 self._load(shard, demand=True)
                 future.set_result(None)
@@ -149,11 +162,8 @@ class RemoteShards:
                 future.set_exception(exc)
                 raise
             finally:
-                self._forget(shard)
-        elif future is not None:
-            future.result()
-            if not self.usage[shard]:  # the prefetch gave way to a full cache; fetch it now
-                self._load(shard, demand=True)
+                self._forget(shard, future)
+            break
         with self._lock:
             self._clock += 1
             self._last_read[shard] = self._clock
@@ -168,11 +178,12 @@ class RemoteShards:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tikmix-mds-prefetch")
             future = self._executor.submit(self._load, shard, demand=False)
             self._pending[shard] = future
-        future.add_done_callback(lambda _: self._forget(shard))
+        future.add_done_callback(lambda done: self._forget(shard, done))
 
-    def _forget(self, shard: int) -> None:
+    def _forget(self, shard: int, future: Future) -> None:
         with self._lock:
-            self._pending.pop(shard, None)
+            if self._pending.get(shard) is future:  # a reader may have dropped it and registered its own
+                del self._pending[shard]
 
     def _load(self, shard: int, *, demand: bool) -> None:
         """Fetch ``shard`` after evicting colder ones; a prefetch that would evict needed shards gives up."""
@@ -184,8 +195,15 @@ class RemoteShards:
             if not demand:
                 return
             with self._lock:
-                in_flight = [future for other, future in self._pending.items() if other != shard]
-            for future in in_flight:  # room is held by downloads in flight
+                # Room held by prefetches is evictable once they finish, so wait for those. Not for fetches of
+                # shards being read: their room stays held while read, and their reader may be waiting here
+                # for this fetch in turn (two readers waiting on each other would hang).
+                in_flight = [
+                    future
+                    for other, future in self._pending.items()
+                    if other != shard and not self._in_use[other]
+                ]
+            for future in in_flight:
                 future.exception()
             if not self._reserve(shard, demand=True):
                 busy = int((self._in_use > 0).sum())
