@@ -547,6 +547,17 @@ def pooled_report(results: dict[str, dict]) -> str:
         lines.append(f"| natural | — | — | — | {np.mean([r['natural']['regret'] for r in records]):.4f} |")
     lines += [
         "",
+        "| median Spearman over checkpoints, held out: | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    for name in predictors:
+        cells = " | ".join(
+            f"{np.median([v for r in result['checkpoints'] for v in r['scores'][name]['spearman']]):.2f}"
+            for result in results.values()
+        )
+        lines.append(f"| {name} | {cells} |")
+    lines += [
+        "",
         "| branch | mean Δ vs stratified | below stratified | mean regret |",
         "|---|---|---|---|",
     ]
@@ -600,6 +611,24 @@ def held_out_steps(result: dict) -> dict[str, list[dict]]:
     return out
 
 
+def saved_hold_outs(paths: list[str]) -> dict[str, dict]:
+    """The held-out runs saved in ``paths`` (``--json`` of ``--hold-out`` or ``--leave-one-out``), keyed
+    ``<hold-out> (seed <s>)``.
+
+    Raises:
+        ConfigError: a file holds no held-out run (the default targets are not pooled).
+    """
+    out = {}
+    for path in paths:
+        with open(path) as handle:
+            saved = json.load(handle)
+        runs = saved["hold_outs"] if saved.get("mode") == "leave-one-out" else {saved.get("hold_out"): saved}
+        if None in runs:
+            raise ConfigError(f"--pool {path}: not a --hold-out or --leave-one-out run; nothing to pool.")
+        out.update({f"{name} (seed {saved['config']['seed']})": run for name, run in runs.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="corpus", help="corpus directory DIR/<domain>/{train,val,test}/")
@@ -622,7 +651,17 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: pool the hold-outs of saved runs",
+    )
     args = parser.parse_args(argv)
+    if args.pool:
+        print(pooled_report(saved_hold_outs(args.pool)))
+        return
     apply_threads(args.threads)
     config = CounterfactualConfig(
         **{item.name: getattr(args, item.name) for item in dataclasses.fields(defaults)}
