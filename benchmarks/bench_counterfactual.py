@@ -11,14 +11,22 @@ effect of the particular rows, not of the mixture. ``--branch-data weighted`` re
 trains on the same ``--weighted-rows`` rows of every domain per step with the loss ``sum_d w_d L_d`` (``L_d``
 the mean loss per token of domain d's rows), the expected loss of a batch drawn with mixture w, so branches
 differ in w alone, continuously. The measured outcome is each target's loss change (mean loss per
-token on fixed val samples after minus before); the targets are every domain's val split.
+token on fixed val samples after minus before); the targets are every domain's val split, or, with
+``--hold-out NAME``, NAME's val split alone while the base run and every branch train on the other domains
+(the experiment's ``--hold-out``, ``tikmix_loader.experiment.targets``). ``--leave-one-out`` runs every
+hold-out in turn and pools the (hold-out, checkpoint) cases in one report (``--pool`` re-reports saved runs,
+e.g. several seeds).
 
 Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
 observed every base training step (one per preconditioner, at ``--k``), and fresh matrices measured at the
 checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``), and, as the
 floor any of them must beat, ``own domain (S = I)``: each target is helped by its own domain only, so its
-ranking is that of the domain's weight. A predictor's prediction for mixture w is ``S w`` (first order: a
-step on w lowers target b by about ``eta (S w)_b``).
+ranking is that of the domain's weight. A held-out target is no training domain, so ``S = I`` has nothing to
+say there; its floor is ``fitted on other checkpoints``: the least-squares linear ``S`` of the branches
+measured at the other checkpoints of the same run, later ones included (what measuring, rather than
+predicting, would know; not a rule a run could follow as it goes), and every checkpoint also branches the
+natural mixture (token shares), a second fixed reference beside stratified. A predictor's prediction for
+mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -37,7 +45,8 @@ Usage (the issue-14 records; 15-30 minutes on a shared 2-core CPU)::
 
     nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
         [--checkpoints 100 200 300] [--branch-steps 10] [--branch-data weighted] [--ks 32] \
-        [--json out/counterfactual.json]
+        [--hold-out NAME | --leave-one-out] [--json out/counterfactual.json]
+    .venv/bin/python benchmarks/bench_counterfactual.py --pool out/seed0.json out/seed1.json
 """
 
 from __future__ import annotations
