@@ -532,7 +532,8 @@ def pooled_report(results: dict[str, dict]) -> str:
     """Markdown pooled over every (hold-out, checkpoint) of ``results`` ({held-out domain: ``run_check``}):
     per predictor the median Spearman/Pearson, how often Spearman reaches 0.8, and the mean regret of its
     pick beside stratified's and natural's; then every TiKMiX-D decision's and natural's mean difference from
-    stratified (wins: below it) and mean regret, and the step fitted on the other checkpoints."""
+    stratified with its standard error over the cases (``scipy.stats.sem``, treating cases as independent),
+    the wins (below stratified) and mean regret, and the same for the step fitted on the other checkpoints."""
     records = [record for result in results.values() for record in result["checkpoints"]]
     n = len(records)
     predictors = [name for name in records[0]["scores"] if all(name in r["scores"] for r in records)]
@@ -567,7 +568,7 @@ def pooled_report(results: dict[str, dict]) -> str:
         lines.append(f"| {name} | {cells} |")
     lines += [
         "",
-        "| branch | mean Δ vs stratified | below stratified | mean regret |",
+        "| branch | mean Δ vs stratified ± SE | below stratified | mean regret |",
         "|---|---|---|---|",
     ]
     rows = {f"TiKMiX-D from {key}": [r["decisions"][key] for r in records] for key in records[0]["decisions"]}
@@ -581,8 +582,10 @@ def pooled_report(results: dict[str, dict]) -> str:
     for name, measured in rows.items():
         deltas = [m["vs_stratified"] for m in measured]
         regret = np.mean([m["regret"] for m in measured])
+        error = stats.sem(deltas) if len(deltas) > 1 else float("nan")
         lines.append(
-            f"| {name} | {np.mean(deltas):+.4f} | {sum(d < 0 for d in deltas)}/{len(deltas)} | {regret:.4f} |"
+            f"| {name} | {np.mean(deltas):+.4f} ± {error:.4f} | {sum(d < 0 for d in deltas)}/{len(deltas)} | "
+            f"{regret:.4f} |"
         )
     return "\n".join(lines)
 
