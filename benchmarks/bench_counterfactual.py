@@ -11,14 +11,22 @@ effect of the particular rows, not of the mixture. ``--branch-data weighted`` re
 trains on the same ``--weighted-rows`` rows of every domain per step with the loss ``sum_d w_d L_d`` (``L_d``
 the mean loss per token of domain d's rows), the expected loss of a batch drawn with mixture w, so branches
 differ in w alone, continuously. The measured outcome is each target's loss change (mean loss per
-token on fixed val samples after minus before); the targets are every domain's val split.
+token on fixed val samples after minus before); the targets are every domain's val split, or, with
+``--hold-out NAME``, NAME's val split alone while the base run and every branch train on the other domains
+(the experiment's ``--hold-out``, ``tikmix_loader.experiment.targets``). ``--leave-one-out`` runs every
+hold-out in turn and pools the (hold-out, checkpoint) cases in one report (``--pool`` re-reports saved runs,
+e.g. several seeds).
 
 Predictors (each an ``S`` [targets, domains], higher = more helpful): the online EMA matrices of engines that
 observed every base training step (one per preconditioner, at ``--k``), and fresh matrices measured at the
 checkpoint from ``--observation-samples`` per domain (each preconditioner at each of ``--ks``), and, as the
 floor any of them must beat, ``own domain (S = I)``: each target is helped by its own domain only, so its
-ranking is that of the domain's weight. A predictor's prediction for mixture w is ``S w`` (first order: a
-step on w lowers target b by about ``eta (S w)_b``).
+ranking is that of the domain's weight. A held-out target is no training domain, so ``S = I`` has nothing to
+say there; its floor is ``fitted on other checkpoints``: the least-squares linear ``S`` of the branches
+measured at the other checkpoints of the same run, later ones included (what measuring, rather than
+predicting, would know; not a rule a run could follow as it goes), and every checkpoint also branches the
+natural mixture (token shares), a second fixed reference beside stratified. A predictor's prediction for
+mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -37,7 +45,8 @@ Usage (the issue-14 records; 15-30 minutes on a shared 2-core CPU)::
 
     nice .venv/bin/python benchmarks/bench_counterfactual.py --corpus corpus --threads 1 \
         [--checkpoints 100 200 300] [--branch-steps 10] [--branch-data weighted] [--ks 32] \
-        [--json out/counterfactual.json]
+        [--hold-out NAME | --leave-one-out] [--json out/counterfactual.json]
+    .venv/bin/python benchmarks/bench_counterfactual.py --pool out/seed0.json out/seed1.json
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from scipy import stats
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import apply_threads, build_model, load_splits, val_targets
+from tikmix_loader.experiment.targets import all_domains, hold_out
 from tikmix_loader.influence import PRECONDITIONERS, GroupInfluence
 from tikmix_loader.losses import IGNORE_INDEX, per_token_loss
 from tikmix_loader.mixing import MixingContext, get_mixer
@@ -66,6 +76,7 @@ from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 
 BRANCH_DATA = ("sampled", "weighted")
 OWN_DOMAIN = "own domain (S = I)"
+FITTED = "fitted on other checkpoints"
 
 
 @dataclass(frozen=True)
@@ -287,22 +298,68 @@ def _fresh_influence(
     return out
 
 
-def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = False) -> dict:
+def measured_branch(weights: np.ndarray, branch_change: np.ndarray, change: np.ndarray) -> dict:
+    """A branch measured beside the M ranked ones: its ``weights``, ``change`` per target, its mean change
+    minus stratified's (``vs_stratified``, branch 0 of ``change``) and minus the best branch's (``regret``).
+    """
+    return {
+        "weights": np.asarray(weights).tolist(),
+        "change": branch_change.tolist(),
+        "vs_stratified": float(branch_change.mean() - change[0].mean()),
+        "regret": float(branch_change.mean() - change.mean(axis=1).min()),
+    }
+
+
+def fitted_influence(mixtures: np.ndarray, changes: list[np.ndarray]) -> np.ndarray:
+    """The linear ``S`` [targets, domains] that fits measured outcomes best: least squares of the loss drop on
+    ``w`` over every branch of ``changes`` (each [branches, targets], branches in ``mixtures`` order). The
+    weights sum to one, so no intercept is needed: a constant shift of every drop is a shift of every S entry.
+    """
+    drops = -np.concatenate(changes)
+    coef, *_ = np.linalg.lstsq(np.concatenate([mixtures] * len(changes)), drops, rcond=None)
+    return coef.T
+
+
+def add_fitted_floor(result: dict) -> None:
+    """Score, at every checkpoint of ``result``, the ``FITTED`` predictor: ``fitted_influence`` of the
+    branches measured at the *other* checkpoints of the same run. It is the floor when the target is not a
+    training domain (``S = I`` then says nothing): a predictor that knows which domains helped this target
+    before, at the price of measured branches, as a RegMix-like search would. Needs two checkpoints or more.
+    """
+    records = result["checkpoints"]
+    if len(records) < 2:
+        return
+    mixtures = np.array(list(result["mixtures"].values()))
+    for index, record in enumerate(records):
+        others = [np.array(other["change"]) for j, other in enumerate(records) if j != index]
+        S = fitted_influence(mixtures, others)
+        record["influence"][FITTED] = S.tolist()
+        record["scores"][FITTED] = score_predictor(S, mixtures, np.array(record["change"]))
+
+
+def run_check(
+    config: CounterfactualConfig, corpus: str, *, hold_out_name: str | None = None, progress: bool = False
+) -> dict:
     """Train the base run, branch at every checkpoint, and score every predictor (see the module docstring).
 
+    With ``hold_out_name`` the run trains on every other domain, and the only target is that domain's val
+    split (the experiment's ``--hold-out``); each checkpoint then also measures the natural mixture's branch,
+    and the floor predictor is ``FITTED`` (``add_fitted_floor``) instead of ``S = I``.
+
     Returns:
-        dict: ``domains``, ``targets``, ``mixtures`` {label: weights}, ``checkpoints``: per checkpoint its
-        ``step``, ``before`` (target losses), ``change`` [branches, targets], ``influence`` {predictor: S} and
-        ``scores`` {predictor: ``score_predictor``} and ``decisions`` {"<predictor> step=<t>": TiKMiX-D's
-        ``weights`` at that partial step, measured ``change``, its mean minus stratified's, ``vs_stratified``,
-        and minus the best branch's, ``regret``}; ``seconds``.
+        dict: ``hold_out``, ``domains`` (trained on), ``targets``, ``mixtures`` {label: weights},
+        ``checkpoints``: per checkpoint its ``step``, ``before`` (target losses), ``change`` [branches,
+        targets], ``influence`` {predictor: S} and ``scores`` {predictor: ``score_predictor``},
+        ``decisions`` {"<predictor> step=<t>": ``measured_branch`` of TiKMiX-D's mixture at that partial
+        step} and, held out, ``natural`` (``measured_branch``); ``seconds``.
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
     splits = load_splits(corpus)
+    target_set = all_domains(splits) if hold_out_name is None else hold_out(splits, hold_out_name)
     model = build_model(config.model, seed=config.seed, seq_len=config.seq_len).to(device)
     loader = MixtureLoader(
-        list(splits.train),
+        list(target_set.train),
         batch_size=config.batch_size,
         seq_len=config.seq_len,
         seed=config.seed,
@@ -311,7 +368,7 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
     names = loader.domain_names
     loader.set_weights(dict.fromkeys(names, 1.0))
     targets = val_targets(
-        splits.val,
+        target_set.val,
         samples=config.target_samples,
         batch_size=config.target_batch_size,
         seq_len=config.seq_len,
@@ -381,33 +438,35 @@ def run_check(config: CounterfactualConfig, corpus: str, *, progress: bool = Fal
                     ).weights
                     branch = run_branch(model, optimizer, solved, data, config=config, start=step)
                     solved_change = target_losses(branch, targets) - before
-                    decisions[f"{name} step={t:g}"] = {
-                        "weights": solved.tolist(),
-                        "change": solved_change.tolist(),
-                        "vs_stratified": float(solved_change.mean() - change[0].mean()),
-                        "regret": float(solved_change.mean() - change.mean(axis=1).min()),
-                    }
-            records.append(
-                {
-                    "step": checkpoint,
-                    "decisions": decisions,
-                    "before": before.tolist(),
-                    "change": change.tolist(),
-                    "influence": {name: S.tolist() for name, S in influence.items()},
-                    "scores": {name: score_predictor(S, mixtures, change) for name, S in influence.items()},
-                }
-            )
+                    decisions[f"{name} step={t:g}"] = measured_branch(solved, solved_change, change)
+            record = {
+                "step": checkpoint,
+                "decisions": decisions,
+                "before": before.tolist(),
+                "change": change.tolist(),
+                "influence": {name: S.tolist() for name, S in influence.items()},
+                "scores": {name: score_predictor(S, mixtures, change) for name, S in influence.items()},
+            }
+            if hold_out_name is not None:
+                natural = np.array(list(loader.natural_weights().values()))
+                branch = run_branch(model, optimizer, natural, data, config=config, start=step)
+                record["natural"] = measured_branch(natural, target_losses(branch, targets) - before, change)
+            records.append(record)
             if progress:
                 print(f"checkpoint {checkpoint}: {time.perf_counter() - started:.0f} s", flush=True)
     finally:
         loader.close()
-    return {
+    result = {
+        "hold_out": hold_out_name,
         "domains": names,
         "targets": list(targets),
         "mixtures": {label: w.tolist() for label, w in labelled.items()},
         "checkpoints": records,
         "seconds": time.perf_counter() - started,
     }
+    if hold_out_name is not None:
+        add_fitted_floor(result)
+    return result
 
 
 def report(result: dict) -> str:
@@ -431,6 +490,9 @@ def report(result: dict) -> str:
         f"{record['scores'][predictors[0]]['baseline_regret']:.4f}" for record in result["checkpoints"]
     )
     lines.append(f"| stratified (baseline) | — | — | — | {baseline} |")
+    if "natural" in result["checkpoints"][0]:
+        natural = " | ".join(f"{record['natural']['regret']:.4f}" for record in result["checkpoints"])
+        lines.append(f"| natural | — | — | — | {natural} |")
     spread = " | ".join(
         f"{np.ptp(np.mean(record['change'], axis=1)):.4f}" for record in result["checkpoints"]
     )
@@ -463,6 +525,68 @@ def report(result: dict) -> str:
         delta = np.mean([pick["vs_stratified"] for pick in fitted])
         regret = np.mean([pick["regret"] for pick in fitted])
         lines.append(f"| {name} | {cells} | {delta:+.4f} | {regret:.4f} ({baseline:.4f}) |")
+    return "\n".join(lines)
+
+
+def pooled_report(results: dict[str, dict]) -> str:
+    """Markdown pooled over every (hold-out, checkpoint) of ``results`` ({held-out domain: ``run_check``}):
+    per predictor the median Spearman/Pearson, how often Spearman reaches 0.8, and the mean regret of its
+    pick beside stratified's and natural's; then every TiKMiX-D decision's and natural's mean difference from
+    stratified with its standard error over the cases (``scipy.stats.sem``, treating cases as independent),
+    the wins (below stratified) and mean regret, and the same for the step fitted on the other checkpoints."""
+    records = [record for result in results.values() for record in result["checkpoints"]]
+    n = len(records)
+    predictors = [name for name in records[0]["scores"] if all(name in r["scores"] for r in records)]
+    lines = [
+        f"Pooled over {len(results)} hold-out(s) x {n // len(results)} checkpoints = {n} cases.",
+        "",
+        "| predictor | median Spearman | median Pearson | Spearman >= 0.8 | mean regret of its pick |",
+        "|---|---|---|---|---|",
+    ]
+    for name in predictors:
+        spearman = [value for r in records for value in r["scores"][name]["spearman"]]
+        pearson = [value for r in records for value in r["scores"][name]["pearson"]]
+        regret = np.mean([r["scores"][name]["regret"] for r in records])
+        lines.append(
+            f"| {name} | {np.median(spearman):.2f} | {np.median(pearson):.2f} | "
+            f"{sum(value >= 0.8 for value in spearman)}/{len(spearman)} | {regret:.4f} |"
+        )
+    baseline = np.mean([r["scores"][predictors[0]]["baseline_regret"] for r in records])
+    lines.append(f"| stratified (baseline) | — | — | — | {baseline:.4f} |")
+    if all("natural" in r for r in records):
+        lines.append(f"| natural | — | — | — | {np.mean([r['natural']['regret'] for r in records]):.4f} |")
+    lines += [
+        "",
+        "| median Spearman over checkpoints, held out: | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    for name in predictors:
+        cells = " | ".join(
+            f"{np.median([v for r in result['checkpoints'] for v in r['scores'][name]['spearman']]):.2f}"
+            for result in results.values()
+        )
+        lines.append(f"| {name} | {cells} |")
+    lines += [
+        "",
+        "| branch | mean Δ vs stratified ± SE | below stratified | mean regret |",
+        "|---|---|---|---|",
+    ]
+    rows = {f"TiKMiX-D from {key}": [r["decisions"][key] for r in records] for key in records[0]["decisions"]}
+    if all("natural" in r for r in records):
+        rows["natural"] = [r["natural"] for r in records]
+    fitted: dict[str, list[dict]] = {}
+    for result in results.values():
+        for name, picks in held_out_steps(result).items():
+            fitted.setdefault(f"TiKMiX-D from {name}, step fitted on other checkpoints", []).extend(picks)
+    rows.update(fitted)
+    for name, measured in rows.items():
+        deltas = [m["vs_stratified"] for m in measured]
+        regret = np.mean([m["regret"] for m in measured])
+        error = stats.sem(deltas) if len(deltas) > 1 else float("nan")
+        lines.append(
+            f"| {name} | {np.mean(deltas):+.4f} ± {error:.4f} | {sum(d < 0 for d in deltas)}/{len(deltas)} | "
+            f"{regret:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -499,12 +623,37 @@ def held_out_steps(result: dict) -> dict[str, list[dict]]:
     return out
 
 
+def saved_hold_outs(paths: list[str]) -> dict[str, dict]:
+    """The held-out runs saved in ``paths`` (``--json`` of ``--hold-out`` or ``--leave-one-out``), keyed
+    ``<hold-out> (seed <s>)``.
+
+    Raises:
+        ConfigError: a file holds no held-out run (the default targets are not pooled).
+    """
+    out = {}
+    for path in paths:
+        with open(path) as handle:
+            saved = json.load(handle)
+        runs = saved["hold_outs"] if saved.get("mode") == "leave-one-out" else {saved.get("hold_out"): saved}
+        if None in runs:
+            raise ConfigError(f"--pool {path}: not a --hold-out or --leave-one-out run; nothing to pool.")
+        out.update({f"{name} (seed {saved['config']['seed']})": run for name, run in runs.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="corpus", help="corpus directory DIR/<domain>/{train,val,test}/")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write every checkpoint's record here")
     parser.add_argument("--progress", action="store_true", help="print the time at every checkpoint")
+    held_out = parser.add_mutually_exclusive_group()
+    held_out.add_argument(
+        "--hold-out", default=None, metavar="NAME", help="train on the other domains; target NAME's val split"
+    )
+    held_out.add_argument(
+        "--leave-one-out", action="store_true", help="--hold-out every domain in turn, pooled in one report"
+    )
     defaults = CounterfactualConfig()
     for item in dataclasses.fields(CounterfactualConfig):
         default = getattr(defaults, item.name)
@@ -514,22 +663,47 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: pool the hold-outs of saved runs",
+    )
     args = parser.parse_args(argv)
+    if args.pool:
+        print(pooled_report(saved_hold_outs(args.pool)))
+        return
     apply_threads(args.threads)
     config = CounterfactualConfig(
         **{item.name: getattr(args, item.name) for item in dataclasses.fields(defaults)}
     )
-    result = run_check(config, args.corpus, progress=args.progress)
-    print(
-        f"{len(result['mixtures'])} branches x {config.branch_steps} steps at steps "
-        f"{list(config.checkpoints)} ({config.model}, {config.batch_size} x {config.seq_len}, seed "
-        f"{config.seed}); {result['seconds']:.0f} s; "
-        f"torch {torch.__version__}, {platform.machine()}, {datetime.date.today()}"
-    )
-    print(report(result))
+    if args.leave_one_out:
+        hold_outs = load_splits(args.corpus).names
+    else:
+        hold_outs = [args.hold_out]
+    results = {}
+    for name in hold_outs:
+        result = run_check(config, args.corpus, hold_out_name=name, progress=args.progress)
+        print(
+            f"{'' if name is None else f'held out {name}: '}{len(result['mixtures'])} branches x "
+            f"{config.branch_steps} steps at steps {list(config.checkpoints)} ({config.model}, "
+            f"{config.batch_size} x {config.seq_len}, seed {config.seed}); {result['seconds']:.0f} s; "
+            f"torch {torch.__version__}, {platform.machine()}, {datetime.date.today()}"
+        )
+        print(report(result), flush=True)
+        results[name] = result
+    if args.leave_one_out:
+        print(pooled_report(results))
+        saved = {"mode": "leave-one-out", "hold_outs": results}
+    elif args.hold_out is not None:
+        print(pooled_report(results))
+        saved = results[args.hold_out]
+    else:
+        saved = results[None]
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"config": dataclasses.asdict(config), **result}, handle, indent=1)
+            json.dump({"config": dataclasses.asdict(config), **saved}, handle, indent=1)
 
 
 if __name__ == "__main__":

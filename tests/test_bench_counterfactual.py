@@ -188,3 +188,97 @@ def test_held_out_step_is_fitted_on_the_other_checkpoints(bench):
     assert [pick["step"] for pick in picks] == [0.5, 1.0, 1.0]
     assert [pick["regret"] for pick in picks] == pytest.approx([0.0, -0.02, 0.02])
     assert bench.held_out_steps({"checkpoints": result["checkpoints"][:1]}) == {}
+
+
+def test_held_out_mode_trains_on_the_others_and_scores_only_the_held_out_target(
+    bench, corpus, tmp_path, capsys, monkeypatch
+):
+    built = []  # the domains of every loader the bench builds (the targets' sampler is not the bench's)
+
+    class Spy(bench.MixtureLoader):
+        def __init__(self, domains, **kwargs):
+            built.append([domain.name for domain in domains])
+            super().__init__(domains, **kwargs)
+
+    monkeypatch.setattr(bench, "MixtureLoader", Spy)
+    out = tmp_path / "held-out.json"
+    args = ["--corpus", str(corpus), "--json", str(out), "--threads", "1", "--preconditioners", "kfac"]
+    for key, value in {**SMALL, "dirichlet": 1, "branch_data": "weighted", "solve_steps": (1.0,)}.items():
+        args += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]
+    bench.main([*args, "--hold-out", "numbers"])
+    table = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert built == [["prose", "code"]] and saved["domains"] == ["prose", "code"]
+    assert saved["hold_out"] == "numbers" and saved["targets"] == ["numbers/val"]
+    assert list(saved["mixtures"]) == ["stratified", "lean:prose", "lean:code", "dirichlet:0"]
+    splits = load_splits(corpus)
+    tokens = np.array([splits.train[0].num_tokens, splits.train[2].num_tokens], dtype=float)
+    for record in saved["checkpoints"]:
+        assert np.array(record["change"]).shape == (4, 1)  # 4 branches, one target
+        assert all(np.array(S).shape == (1, 2) for S in record["influence"].values())
+        np.testing.assert_allclose(record["natural"]["weights"], tokens / tokens.sum())
+        change = np.array(record["change"])[:, 0]
+        assert record["natural"]["regret"] == pytest.approx(record["natural"]["change"][0] - change.min())
+    # S = I says nothing about a target that is not a training domain; the floor is fitted on measurements.
+    assert "own domain (S = I)" not in saved["checkpoints"][0]["scores"]
+    assert "| fitted on other checkpoints |" in table and "| natural |" in table
+    assert "Pooled over 1 hold-out(s) x 2 checkpoints = 2 cases." in table
+
+
+def test_fitted_floor_recovers_a_linear_outcome_from_the_other_checkpoints(bench):
+    mixtures = np.array([[0.5, 0.5], [0.8, 0.2], [0.2, 0.8], [0.6, 0.4]])
+    S = np.array([[0.03, -0.01]])  # one target; domain 0 helps it, domain 1 hurts it
+    result = {
+        "mixtures": {str(i): w.tolist() for i, w in enumerate(mixtures)},
+        "checkpoints": [
+            {"change": (-scale * mixtures @ S.T).tolist(), "influence": {}, "scores": {}}
+            for scale in (2.0, 1.0, 0.5)
+        ],
+    }
+    bench.add_fitted_floor(result)
+    for record in result["checkpoints"]:
+        fitted = np.array(record["influence"]["fitted on other checkpoints"])
+        assert fitted[0, 0] > 0 > fitted[0, 1]  # the sign of each domain's effect, from the others alone
+        assert record["scores"]["fitted on other checkpoints"]["spearman"] == pytest.approx([1.0])
+    # held out 0: the drops of checkpoints 1 and 2 are 1.0 and 0.5 times S w, so the fit is 0.75 S.
+    np.testing.assert_allclose(result["checkpoints"][0]["influence"]["fitted on other checkpoints"], 0.75 * S)
+    single = {"mixtures": result["mixtures"], "checkpoints": result["checkpoints"][:1]}
+    single["checkpoints"][0]["scores"].clear()
+    bench.add_fitted_floor(single)
+    assert single["checkpoints"][0]["scores"] == {}
+
+
+def test_leave_one_out_holds_out_every_domain_once_and_pools_them(
+    bench, corpus, tmp_path, capsys, monkeypatch
+):
+    held = []
+
+    def fake_run_check(config, corpus_dir, *, hold_out_name, progress):  # one checkpoint, two branches
+        held.append(hold_out_name)
+        change = [[-0.02], [-0.01 * (1 + len(held))]]
+        record = {
+            "step": 3,
+            "change": change,
+            "decisions": {},
+            "natural": {"regret": 0.001 * len(held), "vs_stratified": 0.0},
+        }
+        record["scores"] = {"p": {"spearman": [0.1 * len(held)], "pearson": [0.0], "regret": 0.0}}
+        record["scores"]["p"]["baseline_regret"] = 0.002
+        return {"hold_out": hold_out_name, "mixtures": {}, "checkpoints": [record], "seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run_check", fake_run_check)
+    monkeypatch.setattr(bench, "report", lambda result: "")
+    out = tmp_path / "loo.json"
+    bench.main(["--corpus", str(corpus), "--leave-one-out", "--checkpoints", "3", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert held == ["prose", "numbers", "code"]
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "leave-one-out" and list(saved["hold_outs"]) == held
+    # medians and means over the three (hold-out, checkpoint) cases: Spearman 0.1/0.2/0.3, natural 1-3e-3
+    assert "| p | 0.20 | 0.00 | 0/3 | 0.0000 |" in table and "| natural | — | — | — | 0.0020 |" in table
+    bench.main(["--pool", str(out), str(out)])
+    assert "Pooled over 3 hold-out(s) x 1 checkpoints = 3 cases." in capsys.readouterr().out  # same keys
+    default = tmp_path / "default.json"
+    default.write_text(json.dumps({"config": {"seed": 0}, "hold_out": None, "checkpoints": []}))
+    with pytest.raises(ConfigError, match=r"--pool .*default.json: not a --hold-out or --leave-one-out run"):
+        bench.main(["--pool", str(default)])
