@@ -17,6 +17,7 @@ import tikmix_loader.experiment.runs as runs_module
 from tikmix_loader import ConfigError, DomainError, MixtureLoader
 from tikmix_loader.cli import main
 from tikmix_loader.experiment import ExperimentConfig, pool_leave_one_out, run_experiment
+from tikmix_loader.experiment.leave_one_out import loo_markdown
 from tikmix_loader.experiment.targets import split_target_files
 
 
@@ -175,6 +176,31 @@ def test_leave_one_out_pools_the_pairs_by_hold_out_and_seed():
     parts["b"]["seeds"] = [0, 2]
     with pytest.raises(ConfigError, match="hold-out 'b' ran methods"):
         pool_leave_one_out(parts)
+
+
+def test_leave_one_out_states_decision_flops_against_regmix_and_every_baseline_per_hold_out():
+    def part(regmix_flops: float, tikmix_flops: float) -> dict:
+        result = _part({"stratified": [2.0, 2.2], "regmix": [2.1, 2.0], "tikmix-d": [1.9, 2.1]})
+        result["methods"]["regmix"]["decision_flops"] = regmix_flops
+        result["methods"]["tikmix-d"]["decision_flops"] = tikmix_flops
+        return result
+
+    pooled = pool_leave_one_out({"a": part(8e9, 1e9), "b": part(12e9, 3e9)})
+    # Means over hold-outs: RegMix 1e10, TiKMiX-D 2e9, so TiKMiX-D decides at 0.2 of RegMix's FLOPs.
+    assert pooled["methods"]["tikmix-d"]["flops_vs_regmix"] == pytest.approx(0.2)
+    assert pooled["methods"]["stratified"]["flops_vs_regmix"] == 0.0
+    table = loo_markdown(pooled)
+    assert "decision / RegMix's |" in table.splitlines()[0]
+    # tikmix-d - regmix = -0.2, +0.1 on each hold-out: mean -0.05, SE std(ddof=1) / sqrt(n) = 0.0866 pooled
+    # over 4 pairs, 0.15 per hold-out over 2 seeds; tikmix-d - stratified = -0.1 on every pair.
+    pooled_row = (
+        "| tikmix-d | 2.0000 | -0.1000 ± 0.0000 (4/4) | -0.0500 ± 0.0866 (2/4) | 2e+09 | 2.000 | 0.200 |"
+    )
+    assert pooled_row in table
+    assert "| a | tikmix-d | 2.0000 | -0.1000 ± 0.0000 (2/2) | -0.0500 ± 0.1500 (1/2) |" in table
+    assert "RegMix's" not in loo_markdown(
+        pool_leave_one_out({"a": _part({"stratified": [2.0], "natural": [2.1]})})
+    )
 
 
 def test_leave_one_out_end_to_end(corpus, tmp_path, capsys):

@@ -36,9 +36,10 @@ def pool_leave_one_out(parts: Mapping[str, dict], baselines=LOO_BASELINES) -> di
     Returns:
         dict: ``mode`` ("leave-one-out"), ``hold_outs``, ``seeds``, ``pairs`` ([hold-out, seed] in the order
         of every ``diffs`` list), and ``methods`` {name: ``test_loss`` (mean, over pairs), ``decision_flops``
-        and ``train_flops`` (means over hold-outs), ``vs_<baseline>`` (pooled ``paired_differences``, for
-        every baseline in ``baselines`` that ran, but the method itself) and ``per_hold_out`` {hold-out:
-        {``test_loss``, ``vs_<baseline>``}}}.
+        and ``train_flops`` (means over hold-outs), ``flops_vs_regmix`` (``decision_flops`` over RegMix's,
+        when RegMix ran), ``vs_<baseline>`` (pooled ``paired_differences``, for every baseline in
+        ``baselines`` that ran, but the method itself) and ``per_hold_out`` {hold-out: {``test_loss``,
+        ``vs_<baseline>``}}}.
 
     Raises:
         ConfigError: the parts ran different methods or seeds, or no part was given.
@@ -80,6 +81,9 @@ def pool_leave_one_out(parts: Mapping[str, dict], baselines=LOO_BASELINES) -> di
                     losses(method, name), losses(baseline, name)
                 )
         methods[method] = row
+    if "regmix" in methods:
+        for row in methods.values():
+            row["flops_vs_regmix"] = row["decision_flops"] / methods["regmix"]["decision_flops"]
     return {
         "mode": "leave-one-out",
         "hold_outs": hold_outs,
@@ -95,25 +99,28 @@ def _diff_cell(row: dict, baseline: str) -> str:
 
 
 def loo_markdown(pooled: dict) -> str:
-    """The pooled table (Δ = method - baseline over (hold-out, seed) pairs, ± SE, (wins/pairs)) and one row
-    per hold-out and method (Δ vs stratified over seeds)."""
+    """The pooled table (Δ = method - baseline over (hold-out, seed) pairs, ± SE, (wins/pairs); decision
+    FLOPs, over RegMix's when it ran) and one row per hold-out and method (Δ over its seeds)."""
     methods = pooled["methods"]
     baselines = [b for b in LOO_BASELINES if any(f"vs_{b}" in row for row in methods.values())]
+    with_regmix = "regmix" in methods
+    diff_headers = " | ".join(f"Δ vs {b} (± SE) (wins)" for b in baselines)
     lines = [
-        "| method | held-out test loss | "
-        + " | ".join(f"Δ vs {b} (± SE) (wins)" for b in baselines)
-        + " | decision FLOPs | decision / train FLOPs |",
-        "|" + "---|" * (len(baselines) + 4),
+        f"| method | held-out test loss | {diff_headers} | decision FLOPs | decision / train FLOPs |"
+        + (" decision / RegMix's |" if with_regmix else ""),
+        "|" + "---|" * (len(baselines) + 4 + with_regmix),
     ]
     for name, row in methods.items():
         cells = [name, f"{row['test_loss']:.4f}", *(_diff_cell(row, b) for b in baselines)]
         cells += [f"{row['decision_flops']:.3g}", f"{row['decision_flops'] / row['train_flops']:.3f}"]
+        cells += [f"{row['flops_vs_regmix']:.3f}"] if with_regmix else []
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"| hold-out | method | test loss | Δ vs {BASELINE} (± SE) (wins) |", "|---|---|---|---|"]
+    lines += ["", f"| hold-out | method | test loss | {diff_headers} |", "|" + "---|" * (len(baselines) + 3)]
     for hold_out in pooled["hold_outs"]:
         for name, row in methods.items():
             cell = row["per_hold_out"][hold_out]
-            lines.append(f"| {hold_out} | {name} | {cell['test_loss']:.4f} | {_diff_cell(cell, BASELINE)} |")
+            diffs = " | ".join(_diff_cell(cell, b) for b in baselines)
+            lines.append(f"| {hold_out} | {name} | {cell['test_loss']:.4f} | {diffs} |")
     lines += [
         "",
         f"Hold-outs: {pooled['hold_outs']}; seeds: {pooled['seeds']}; pairs = hold-outs x seeds. Lower is "
