@@ -134,7 +134,7 @@ def _influence(run: MethodInputs, *, half_life: float | None = None) -> GroupInf
 def _deciding(controller: MixtureController) -> MethodSetup:
     """The setup of a method whose controller measures S: its engine gets the training optimizer (which the
     ``adam`` preconditioner reads; the others ignore it)."""
-    return MethodSetup(controller, optimizer_hook=controller.influence.bind_optimizer)
+    return MethodSetup(controller, optimizer_hook=controller.bind_optimizer)
 
 
 def _online_half_life(run: MethodInputs) -> float:
@@ -236,7 +236,7 @@ def _tikmix_m(run: MethodInputs) -> MethodSetup:
 
     def bind(optimizer):  # the label copies the optimizer's state; the engine reads it for "adam"
         label.bind(optimizer)
-        controller.influence.bind_optimizer(optimizer)
+        controller.bind_optimizer(optimizer)
 
     return MethodSetup(
         controller=controller,
