@@ -3,6 +3,8 @@ autograd derivation written out here (not the engine's kernels or its ``_adam`` 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from testkit.hf_models import tiny_gpt2
 
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.influence import GroupInfluence, HFCausalLMTask
+from tikmix_loader.influence.reference import exact_influence
 from tikmix_loader.losses import loss_mask
 from tikmix_loader.models import per_token_loss
 
@@ -92,7 +95,11 @@ def test_exact_adam_influence_equals_autograd_with_factored_step_sizes(micro):
     optimizer = _adamw(micro, eps=1e-4)  # an eps that matters next to sqrt(v_hat) (about 1e-3 here)
     domains, targets = _groups()
     gi = GroupInfluence(micro, k=None, preconditioner="adam", optimizer=optimizer)
+    before = copy.deepcopy(optimizer.state_dict())
     S = gi.compute(domains, targets)
+    after = optimizer.state_dict()
+    for key, state in before["state"].items():  # reading the second moments leaves them alone
+        assert all(torch.equal(value, after["state"][key][name]) for name, value in state.items())
     factored = _expected(
         micro, gi.layer_names, domains, targets, lambda w: 1 / _factored(_denominator(optimizer, w))
     )
@@ -138,6 +145,11 @@ def test_rank_one_second_moment_gives_the_unfactored_adam_step(micro):
     gi = GroupInfluence(micro, k=None, preconditioner="adam", optimizer=optimizer)
     unfactored = _expected(micro, gi.layer_names, domains, targets, lambda w: 1 / _denominator(optimizer, w))
     _assert_close(gi.compute(domains, targets).values, unfactored, rtol=2e-6)
+    # The benchmarks' brute-force reference (unfactored D) agrees.
+    reference = exact_influence(
+        micro, domains, targets, layers=gi.layer_names, preconditioner="adam", optimizer=optimizer
+    )
+    _assert_close(reference, unfactored, rtol=1e-9)
 
 
 def test_projected_adam_influence_is_unbiased_over_projection_seeds(micro):

@@ -13,7 +13,8 @@ second moment (Shazeer & Stern 2018): ``M ~ r c^T / sum(r)`` with ``r`` and ``c`
 (the closest rank-1 matrix in generalised KL divergence; exact when ``M`` is rank-1). Then ``D_ij ~ sum(r) /
 (r_i c_j)``, and ``psi^T D phi = <sqrt(D) o Psi, sqrt(D) o Phi>``: both the domain and the target gradients
 have their ``g`` scaled by ``sqrt(sum(r) / r_i)`` and their ``x`` by ``1 / sqrt(c_j)`` before projection,
-after which the inner product is the identity's. Approximated, then: ``M`` by its rank-1 factoring (``eps``
+after which the inner product is the identity's (the engine scales the rows of the projections instead,
+which is the same product and cheaper). Approximated, then: ``M`` by its rank-1 factoring (``eps``
 is kept, inside ``M``; with ``eps = 0`` a row or column of ``M`` that is all zero gets scale 0); only the
 weights count (biases are not tracked, as for every preconditioner); the second moments are read whenever
 gradients are scaled (at each ``observe`` step in online mode, at the call in ``compute`` and
@@ -23,7 +24,6 @@ gradients are scaled (at each ``observe`` step in online mode, at the call in ``
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.influence.task import is_conv1d
@@ -31,11 +31,9 @@ from tikmix_loader.influence.task import is_conv1d
 Scales = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (x scale [d_in], g scale [d_out]), float32
 
 
-def _group_of(optimizer: torch.optim.Optimizer, weight: nn.Parameter) -> dict | None:
-    for group in optimizer.param_groups:
-        if any(param is weight for param in group["params"]):
-            return group
-    return None
+def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    """``id(param)`` -> its param group."""
+    return {id(param): group for group in optimizer.param_groups for param in group["params"]}
 
 
 def check_optimizer(optimizer, layers) -> None:
@@ -46,8 +44,9 @@ def check_optimizer(optimizer, layers) -> None:
             "GroupInfluence: preconditioner 'adam' needs the training optimizer (torch Adam or AdamW), got "
             f"{type(optimizer).__name__}"
         )
+    groups = _groups_by_param(optimizer)
     for layer in layers:
-        group = _group_of(optimizer, layer.module.weight)
+        group = groups.get(id(layer.module.weight))
         if group is None:
             raise ConfigError(
                 f"GroupInfluence: the weight of tracked layer {layer.name!r} is in none of the optimizer's "
@@ -83,8 +82,9 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
 
     Raises:
         ConfigError: some tracked weights have state and others not, the state has no second moment, or
-            its shape differs from the weight's; the message names the layer.
+            its shape differs from the weight's, or ``check_optimizer`` fails; the message names the layer.
     """
+    check_optimizer(optimizer, layers)  # its param groups may have changed since it was bound
     states = [optimizer.state.get(layer.module.weight) or {} for layer in layers]
     if not any(states):
         return None
@@ -94,10 +94,10 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
             f"GroupInfluence: tracked layers {missing} have no optimizer state while others do (did their "
             "weights get no gradient?); exclude them for preconditioner 'adam'"
         )
-    scales = []
+    scales, groups = [], _groups_by_param(optimizer)
     for layer, state in zip(layers, states, strict=True):
         weight = layer.module.weight
-        group = _group_of(optimizer, weight)
+        group = groups[id(weight)]
         v = _second_moment(optimizer, group, state, layer.name)
         if v.shape != weight.shape:
             raise ConfigError(
@@ -106,8 +106,8 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
                 "preconditioner 'adam' needs one full `exp_avg_sq` per weight"
             )
         beta2, step = group["betas"][1], float(state["step"])
-        v_hat = v.detach().float() / (1.0 - beta2**step)  # float32: a weight-sized temporary per layer
-        denominator = v_hat.sqrt() + group["eps"]
+        # float32, one weight-sized temporary per layer (this runs at every online step)
+        denominator = v.detach().float().div(1.0 - beta2**step).sqrt_().add_(group["eps"])
         if is_conv1d(layer.module):  # stored [d_in, d_out]; the kernels use the Linear layout
             denominator = denominator.T
         rows, columns = denominator.sum(1), denominator.sum(0)

@@ -707,9 +707,6 @@ class GroupInfluence:
         x2, g2 = x.reshape(-1, layer.d_in), g.reshape(-1, layer.d_out)
         if x2.dtype != g2.dtype:  # autocast: the Linear multiplied x in g's dtype
             x2 = x2.to(g2.dtype)
-        if pass_.scales is not None:  # "adam": sqrt(D) o G = diag(sqrt(u)) G diag(sqrt(s)), per token
-            x_scale, g_scale = pass_.scales[index]
-            x2, g2 = x2 * x_scale.to(x2.dtype), g2 * g_scale.to(g2.dtype)
         if x2.shape[0] == pass_.token_segments.numel():
             segments = pass_.token_segments
             pass_.token_calls[index] += 1
@@ -722,6 +719,11 @@ class GroupInfluence:
                 f"{pass_.token_segments.numel()} tokens in {pass_.row_segments.numel()} rows; exclude it"
             )
         p_in, p_out = self._projections.get(index, x2.device)
+        if pass_.scales is not None:
+            # "adam": scaling every token's x by s and g by u is scaling the projections' rows, since
+            # P_out^T diag(u) (sum g x^T) diag(s) P_in; O(d k) per call instead of O(tokens d).
+            x_scale, g_scale = pass_.scales[index]
+            p_in, p_out = x_scale[:, None] * p_in, g_scale[:, None] * p_out
         result = ops.project_grads(
             x2,
             g2,
