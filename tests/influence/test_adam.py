@@ -222,7 +222,7 @@ def test_adam_errors_name_the_fix(micro):
         GroupInfluence(micro, k=8, preconditioner="adam", optimizer=fresh).compute(domains, targets)
     adamax = torch.optim.Adamax(micro.parameters())
     _step(micro, adamax)
-    with pytest.raises(ConfigError, match="no `exp_avg_sq` for tracked layer 'blocks.0.attn.qkv'"):
+    with pytest.raises(ConfigError, match="no `exp_avg_sq` and `step` for tracked layer 'blocks.0.attn.qkv'"):
         GroupInfluence(micro, k=8, preconditioner="adam", optimizer=adamax).compute(domains, targets)
     optimizer = _adamw(micro, steps=1)
     gi = GroupInfluence(micro, k=8, preconditioner="adam", optimizer=optimizer)

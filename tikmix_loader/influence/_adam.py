@@ -36,9 +36,10 @@ def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(param): group for group in optimizer.param_groups for param in group["params"]}
 
 
-def check_optimizer(optimizer, layers) -> None:
+def check_optimizer(optimizer, layers) -> dict[int, dict]:
     """Raise ``ConfigError`` unless ``optimizer`` is a torch optimizer with Adam's ``betas`` and ``eps``
-    that updates every tracked layer's weight (``layers``: ``TrackedLayer``s)."""
+    that updates every tracked layer's weight (``layers``: ``TrackedLayer``s); returns ``id(param)`` -> its
+    param group."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ConfigError(
             "GroupInfluence: preconditioner 'adam' needs the training optimizer (torch Adam or AdamW), got "
@@ -58,16 +59,19 @@ def check_optimizer(optimizer, layers) -> None:
                 f"`exp_avg_sq`), but {type(optimizer).__name__}'s group for layer {layer.name!r} has options "
                 f"{sorted(key for key in group if key != 'params')}"
             )
+    return groups
 
 
-def _second_moment(optimizer, group: dict, state: dict, name: str) -> torch.Tensor:
+def _second_moment(optimizer, group: dict, state: dict, name: str) -> tuple[torch.Tensor, float]:
+    """The weight's second moment and step count from its optimizer ``state``."""
     key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"  # AMSGrad divides by the running max
-    if key not in state:
+    if key not in state or "step" not in state:
         raise ConfigError(
-            f"GroupInfluence: the optimizer ({type(optimizer).__name__}) keeps no `{key}` for tracked layer "
-            f"{name!r} (state keys {sorted(state)}); preconditioner 'adam' needs torch Adam or AdamW"
+            f"GroupInfluence: the optimizer ({type(optimizer).__name__}) keeps no `{key}` and `step` for "
+            f"tracked layer {name!r} (state keys {sorted(state)}); preconditioner 'adam' needs torch Adam or "
+            "AdamW"
         )
-    return state[key]
+    return state[key], float(state["step"])
 
 
 def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
@@ -84,7 +88,7 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
         ConfigError: some tracked weights have state and others not, the state has no second moment, or
             its shape differs from the weight's, or ``check_optimizer`` fails; the message names the layer.
     """
-    check_optimizer(optimizer, layers)  # its param groups may have changed since it was bound
+    groups = check_optimizer(optimizer, layers)  # its param groups may have changed since it was bound
     states = [optimizer.state.get(layer.module.weight) or {} for layer in layers]
     if not any(states):
         return None
@@ -94,18 +98,18 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
             f"GroupInfluence: tracked layers {missing} have no optimizer state while others do (did their "
             "weights get no gradient?); exclude them for preconditioner 'adam'"
         )
-    scales, groups = [], _groups_by_param(optimizer)
+    scales = []
     for layer, state in zip(layers, states, strict=True):
         weight = layer.module.weight
         group = groups[id(weight)]
-        v = _second_moment(optimizer, group, state, layer.name)
+        v, step = _second_moment(optimizer, group, state, layer.name)
         if v.shape != weight.shape:
             raise ConfigError(
                 f"GroupInfluence: the optimizer's second moment for tracked layer {layer.name!r} has shape "
                 f"{tuple(v.shape)}, its weight {tuple(weight.shape)} (a sharded or flattened optimizer?); "
                 "preconditioner 'adam' needs one full `exp_avg_sq` per weight"
             )
-        beta2, step = group["betas"][1], float(state["step"])
+        beta2 = group["betas"][1]
         # float32, one weight-sized temporary per layer (this runs at every online step)
         denominator = v.detach().float().div(1.0 - beta2**step).sqrt_().add_(group["eps"])
         if is_conv1d(layer.module):  # stored [d_in, d_out]; the kernels use the Linear layout
