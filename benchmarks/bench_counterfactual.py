@@ -282,7 +282,7 @@ def score_predictor(S: np.ndarray, mixtures: np.ndarray, change: np.ndarray, *, 
 
 
 def _fresh_influence(
-    model, loader, targets, *, config: CounterfactualConfig, key: int
+    model, optimizer, loader, targets, *, config: CounterfactualConfig, key: int
 ) -> dict[str, np.ndarray]:
     observation = {
         name: loader.sample_batches(
@@ -293,7 +293,7 @@ def _fresh_influence(
     out = {}
     for kind in config.preconditioners:
         for k in config.ks:
-            engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed)
+            engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed, optimizer=optimizer)
             out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
     return out
 
@@ -388,6 +388,8 @@ def run_check(
         for kind in config.preconditioners
     }
     optimizer, _ = make_optimizer(model, config.train_config)
+    for engine in online.values():  # the "adam" preconditioner reads its second moments
+        engine.bind_optimizer(optimizer)
     train_config = config.train_config
     batches = iter(loader)
     records, step = [], 0
@@ -411,7 +413,9 @@ def run_check(
             influence = {
                 f"online {kind} k={config.k}": e.influence(targets).values for kind, e in online.items()
             }
-            influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
+            influence.update(
+                _fresh_influence(model, optimizer, loader, targets, config=config, key=checkpoint)
+            )
             if list(targets) == [f"{name}/val" for name in names]:
                 influence[OWN_DOMAIN] = np.eye(len(names))
             before = target_losses(model, targets)

@@ -53,6 +53,7 @@ class DriftProbe:
         self,
         mixer,
         fresh: GroupInfluence,
+        online: GroupInfluence,
         loader: MixtureLoader,
         targets: dict,
         *,
@@ -60,11 +61,13 @@ class DriftProbe:
         batch_size: int,
     ):
         self.name = mixer.name  # what the ledger records
-        self.mixer, self.fresh, self.loader, self.targets = mixer, fresh, loader, targets
+        self.mixer, self.fresh, self.online, self.loader, self.targets = mixer, fresh, online, loader, targets
         self.samples, self.batch_size = samples, batch_size
         self.records: list[dict] = []
 
     def _measure(self, draw: int):
+        if self.online.optimizer is not None:  # bound before the first step; "adam" reads its state
+            self.fresh.bind_optimizer(self.online.optimizer)
         batches = {
             name: self.loader.sample_batches(
                 name, self.samples, batch_size=self.batch_size, seed=10_000 * draw + self.loader.batches_seen
@@ -116,12 +119,18 @@ def run_seed(config: ExperimentConfig, corpus: str, seed: int, *, samples: int, 
     splits = load_splits(corpus)
     probes = []
 
-    def wrap(mixer, *, model, loader, targets):
+    def wrap(mixer, *, model, loader, targets, influence):
         options = {"k": config.influence.k, "preconditioner": config.influence.preconditioner, "seed": seed}
         fresh = GroupInfluence(model, **options)
         probes.append(
             DriftProbe(
-                mixer, fresh, loader, targets, samples=samples, batch_size=config.influence.target_batch_size
+                mixer,
+                fresh,
+                influence,
+                loader,
+                targets,
+                samples=samples,
+                batch_size=config.influence.target_batch_size,
             )
         )
         return probes[-1]

@@ -45,3 +45,13 @@ def test_probe_measures_fresh_influence_without_changing_the_online_run(drift, t
     assert "| L1 of the mixture to the prior (median) |" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["config"]["steps"] == 8 and len(saved["records"]) == 2
+
+
+def test_probe_measures_adam_influence_with_the_runs_optimizer(drift, tmp_path):
+    corpus = make_text_corpus(tmp_path / "corpus")
+    config = ExperimentConfig.from_flat(methods=("tikmix-d",), seeds=(0,), preconditioner="adam", **SMALL)
+    records = drift.run_seed(config, str(corpus), 0, samples=4, progress=False)
+    assert [r["step"] for r in records] == [2, 5]
+    assert all(
+        np.isfinite(r["influence_fresh"]).all() and np.isfinite(r["influence_online"]).all() for r in records
+    )

@@ -20,7 +20,8 @@ def _data():
 
 
 def _run(groups, targets, online_batches):
-    """Observation-mode S (kfac, ekfac), then online S and state over ``online_batches`` (one step each)."""
+    """Observation-mode S (kfac, ekfac), then online S and state over ``online_batches`` (one step each),
+    then observation-mode adam S after one AdamW step on a batch every rank shares (equal optimizer state)."""
     model = TinyGPT.from_preset("micro", seed=0)
     out = {}
     for kind in ("kfac", "ekfac"):
@@ -32,6 +33,13 @@ def _run(groups, targets, online_batches):
             (per_token_loss(model, batch).sum() / (batch["labels"] != -100).sum()).backward()
     out["online"] = gi.influence(targets).values
     out["state"] = gi.state_dict()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.zero_grad()  # the online steps' gradients differ between ranks
+    shared = batches("alpha", 1, seed=400)[0]
+    (per_token_loss(model, shared).sum() / (shared["labels"] != -100).sum()).backward()
+    optimizer.step()
+    gi = GroupInfluence(model, k=8, preconditioner="adam", optimizer=optimizer)
+    out["adam"] = gi.compute(dict(zip(DOMAINS, groups, strict=True)), targets).values
     return out
 
 
@@ -50,7 +58,7 @@ def test_two_ranks_equal_one_rank_on_the_union(tmp_path):
     union_step = {key: torch.cat([mixed(groups, 0)[key], mixed(groups, 1)[key]]) for key in mixed(groups, 0)}
     single = _run(groups, targets, [union_step])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for key in ("kfac", "ekfac", "online"):
+    for key in ("kfac", "ekfac", "online", "adam"):
         for result in ranks:
             np.testing.assert_allclose(result[key], single[key], rtol=1e-5, err_msg=key)
     for saved in (ranks[0]["state"], ranks[1]["state"]):

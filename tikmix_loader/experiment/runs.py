@@ -83,7 +83,7 @@ def train_method(
             replaced).
         progress (bool): Show the training bar. Default: True.
         wrap_mixer (callable, optional): For diagnostics: an adaptive method's mixer is replaced by
-            ``wrap_mixer(mixer, model=..., loader=..., targets=...)`` before training (e.g.
+            ``wrap_mixer(mixer, model=..., loader=..., targets=..., influence=...)`` before training (e.g.
             ``benchmarks/bench_influence_drift.py``). Default: None.
 
     Raises:
@@ -118,7 +118,11 @@ def train_method(
         controller = setup.controller
         if wrap_mixer is not None and controller is not None:
             controller.mixer = wrap_mixer(
-                controller.mixer, model=model, loader=loader, targets=controller.targets
+                controller.mixer,
+                model=model,
+                loader=loader,
+                targets=controller.targets,
+                influence=controller.influence,
             )
         initial = loader.weights
         result = train(
