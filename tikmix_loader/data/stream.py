@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from tikmix_loader.data.domain import Domain
-from tikmix_loader.data.shuffle import WINDOW_ORDER, BlockShuffle, rng_for, stable_key
+from tikmix_loader.data.shuffle import WINDOW_ORDER, BlockShuffle, keyed_permutation, stable_key
 from tikmix_loader.data.sources.base import concatenated_ranges
 from tikmix_loader.errors import ScoreError, StateError
 from tikmix_loader.quality.sampler import QualityParams, QualitySampler
@@ -638,6 +638,6 @@ def _served_below(positions: np.ndarray, windows: np.ndarray, seq_len: int) -> n
 @functools.lru_cache(maxsize=1024)
 def _window_permutation(seed: int, domain_key: int, epoch: int, chunk: int, count: int) -> np.ndarray:
     # Cached: sparse reads revisit a chunk once per sample, and seeding a generator costs more than the read.
-    order = rng_for(seed, domain_key, epoch, WINDOW_ORDER, chunk).permutation(count)
+    order = keyed_permutation(seed, domain_key, epoch, WINDOW_ORDER, chunk, n=count)
     order.flags.writeable = False
     return order

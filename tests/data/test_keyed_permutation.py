@@ -1,0 +1,136 @@
+"""``keyed_permutation`` is numpy's ``Generator(PCG64(SeedSequence(keys))).permutation(n)`` bit for bit:
+compiled where it can be, numpy's own whenever the compiled code is missing, fails or disagrees."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tikmix_loader.data import _native_permutation
+from tikmix_loader.data.shuffle import keyed_permutation
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def numpy_permutation(values, n):
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(values)))).permutation(n)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """The compiled permutation; this machine has a compiler, so a failed build fails these tests."""
+    permutation = _native_permutation.compiled_permutation()
+    assert permutation is not None, "the compiled keyed permutation did not build or load (see the log)"
+    return permutation
+
+
+def random_cases(rng: np.random.Generator, count: int) -> list[tuple[tuple[int, ...], int]]:
+    """(values, n): 1 to 7 values of every width from 1 to 64 bits (zeros among the narrow ones), and n
+    spread over 0 .. 5000 with the power-of-two edges where the rejection mask widens."""
+    edges = [0, 1, 2, 3, 4, 5, 7, 8, 9, 255, 256, 257, 1023, 1024, 1025, 2047, 2048, 2049]
+    cases = []
+    for index in range(count):
+        size = int(rng.integers(1, 8))
+        words = rng.integers(0, 2**64, size, dtype=np.uint64).tolist()
+        values = tuple(word >> (64 - int(bits)) for word, bits in zip(words, rng.integers(1, 65, size)))
+        n = edges[index % len(edges)] if index % 3 == 0 else int(rng.integers(0, 5000))
+        cases.append((values, n))
+    return cases
+
+
+def test_compiled_permutation_equals_numpy_over_thousands_of_keys(compiled):
+    for values, n in random_cases(np.random.default_rng(12), 3000):
+        expected = numpy_permutation(values, n)
+        actual = compiled(list(values), n)
+        assert actual.dtype == expected.dtype == np.int64
+        np.testing.assert_array_equal(actual, expected, err_msg=f"values={values} n={n}")
+
+
+def test_long_permutations_cross_every_mask_width_up_to_2_to_the_17(compiled):
+    for n in (2**16, 2**16 + 1, 2**17 + 3):
+        np.testing.assert_array_equal(compiled([3, 2**40 + 1], n), numpy_permutation([3, 2**40 + 1], n))
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [(0,), (0, 0, 0, 0, 0), (1, 2**32 - 1, 2**32, 2**64 - 1), (5, 1 << 100), (2**64, 3), (7, 2**200 + 9, 0)],
+)
+def test_keyed_permutation_equals_numpy_for_keys_of_every_size(compiled, keys):
+    # Keys of 2**64 and more become uint32 words in Python before the compiled call.
+    for n in (0, 1, 2, 50, 777):
+        np.testing.assert_array_equal(keyed_permutation(*keys, n=n), numpy_permutation(keys, n))
+
+
+def test_keyed_permutation_validates_like_rng_for(compiled):
+    np.testing.assert_array_equal(
+        keyed_permutation(np.int64(4), np.uint64(2**63 + 5), n=np.int32(9)),
+        numpy_permutation((4, 2**63 + 5), 9),
+    )
+    with pytest.raises(ValueError, match="negative"):
+        keyed_permutation(0, -1, n=4)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        keyed_permutation(0, 1, n=-1)
+    with pytest.raises(TypeError):
+        keyed_permutation(0, 1, n=2.5)
+
+
+def test_compiled_code_refuses_lengths_whose_draws_would_need_64_bits(compiled):
+    # Past 2**32 elements numpy's shuffle draws 64-bit numbers, a branch the compiled code does not have.
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\]"):
+        compiled([1], 2**32 + 1)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*32\]"):
+        compiled([1], -1)
+
+
+def test_a_built_library_loads_without_torch(compiled):
+    code = (
+        "import sys\n"
+        "from tikmix_loader.data import _native_permutation\n"
+        "assert _native_permutation.compiled_permutation() is not None\n"
+        "assert 'torch' not in sys.modules, 'loading the built library imported torch'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+
+
+def test_a_failed_build_logs_one_line_and_numpy_serves_the_same_permutations(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.INFO, logger=_native_permutation.__name__):
+        assert _native_permutation.resolve() is None
+    warnings = [
+        record
+        for record in caplog.records
+        if record.name == _native_permutation.__name__ and record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert "numpy computes the shuffles" in warnings[0].getMessage()
+    assert not any(tmp_path.rglob("*.so"))
+    # Forced fallback: keyed_permutation then takes numpy's path and gives the same numbers.
+    monkeypatch.setattr(_native_permutation, "_resolved", True)
+    monkeypatch.setattr(_native_permutation, "_permutation", None)
+    for values, n in random_cases(np.random.default_rng(5), 60):
+        np.testing.assert_array_equal(keyed_permutation(*values, n=n), numpy_permutation(values, n))
+
+
+def test_a_library_that_disagrees_with_numpy_is_not_used(monkeypatch):
+    def shifted(values, n):  # a plausible bug: the right numbers, one draw late
+        return np.roll(numpy_permutation(values, n), 1)
+
+    fake = types.SimpleNamespace(permutation=shifted, __file__="fake.so")
+    monkeypatch.setattr(_native_permutation, "_load_or_build", lambda folder: fake)
+    with pytest.warns(RuntimeWarning, match="differs from numpy"):
+        assert _native_permutation.resolve() is None
+    monkeypatch.setattr(
+        _native_permutation,
+        "_load_or_build",
+        lambda folder: types.SimpleNamespace(permutation=numpy_permutation, __file__="right.so"),
+    )
+    assert _native_permutation.resolve() is numpy_permutation
