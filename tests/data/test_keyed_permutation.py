@@ -120,6 +120,18 @@ def test_a_failed_build_logs_one_line_and_numpy_serves_the_same_permutations(mon
         np.testing.assert_array_equal(keyed_permutation(*values, n=n), numpy_permutation(values, n))
 
 
+def test_a_broken_cached_library_logs_one_line_and_is_not_used(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path))
+    folder = _native_permutation.build_dir()
+    folder.mkdir(parents=True)
+    (folder / f"{_native_permutation.MODULE_NAME}.so").write_bytes(b"not a shared library")
+    (folder / ".built").write_text("marker of a finished build\n")
+    with caplog.at_level(logging.WARNING, logger=_native_permutation.__name__):
+        assert _native_permutation.resolve() is None
+    (record,) = [record for record in caplog.records if record.name == _native_permutation.__name__]
+    assert "ImportError" in record.getMessage() and "numpy computes the shuffles" in record.getMessage()
+
+
 def test_a_library_that_disagrees_with_numpy_is_not_used(monkeypatch):
     def shifted(values, n):  # a plausible bug: the right numbers, one draw late
         return np.roll(numpy_permutation(values, n), 1)

@@ -70,9 +70,13 @@ def compiled_permutation() -> Permutation | None:
 def resolve() -> Permutation | None:
     """Load (building if needed) and check the compiled permutation; None, after one log line or warning,
     when it is unavailable or disagrees with numpy."""
+    expected = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_CHECK_VALUES))).permutation(
+        _CHECK_LENGTH
+    )
     try:
         module = _load_or_build(build_dir())
-    except Exception as exc:  # any build or load failure means "use numpy", never a crash
+        actual = module.permutation(_CHECK_VALUES, _CHECK_LENGTH)
+    except Exception as exc:  # any build, load or call failure means "use numpy", never a crash
         message = " ".join(str(exc).split())[-1000:]
         logger.warning(
             "the compiled keyed permutation is unavailable (%s: %s); numpy computes the shuffles "
@@ -81,10 +85,6 @@ def resolve() -> Permutation | None:
             message,
         )
         return None
-    expected = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_CHECK_VALUES))).permutation(
-        _CHECK_LENGTH
-    )
-    actual = module.permutation(_CHECK_VALUES, _CHECK_LENGTH)
     if actual.dtype != expected.dtype or not np.array_equal(actual, expected):
         warnings.warn(
             f"the compiled keyed permutation ({module.__file__}) differs from numpy {np.__version__}'s "
