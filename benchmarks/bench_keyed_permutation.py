@@ -20,16 +20,17 @@ import timeit
 
 
 def main(argv=None) -> None:
-    from tikmix_loader.data import _native_permutation, shuffle
+    from tikmix_loader.data import _compiled, shuffle
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[0, 16, 256, 2048])
     parser.add_argument("--number", type=int, default=2000, help="calls per timing")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    compiled = _native_permutation.compiled_permutation()
-    if compiled is None:
-        raise SystemExit("the compiled keyed permutation is unavailable here (see the log line above)")
+    library = _compiled.module()
+    if library is None:
+        raise SystemExit("the compiled data-path helpers are unavailable here (see the log line above)")
+    compiled = library.permutation
     keys = (0, shuffle.stable_key("web"), 3, shuffle.WITHIN_BLOCK, 117)
 
     def per_call_us(function) -> float:

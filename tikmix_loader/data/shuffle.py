@@ -15,7 +15,7 @@ import operator
 
 import numpy as np
 
-from tikmix_loader.data import _native_permutation
+from tikmix_loader.data import _compiled
 
 
 def stable_key(name: str) -> int:
@@ -42,8 +42,8 @@ def keyed_permutation(seed: int, *keys: int, n: int) -> np.ndarray:
     ``(seed, *keys)``.
 
     Every shuffle chunk and block a rank reads, and every global batch, needs one, so on the per-batch path
-    the numbers come from compiled code (``_native_permutation``: the same algorithm, checked against numpy
-    at first use), which skips numpy's Python-level seeding; numpy computes them when that is unavailable.
+    the numbers come from compiled code (``_compiled``: the same algorithm, checked against numpy at first
+    use), which skips numpy's Python-level seeding; numpy computes them when that is unavailable.
     Keys are validated like ``rng_for``'s (a negative one raises SeedSequence's ``ValueError``).
 
     Args:
@@ -58,12 +58,12 @@ def keyed_permutation(seed: int, *keys: int, n: int) -> np.ndarray:
     if n < 0:
         raise ValueError(f"keyed_permutation: n must be >= 0, got {n}")
     values = (int(seed), *map(int, keys))
-    permutation = _native_permutation.compiled_permutation()
-    if permutation is None or n > _native_permutation.MAX_LENGTH or min(values) < 0:
+    library = _compiled.module()
+    if library is None or n > _compiled.MAX_LENGTH or min(values) < 0:
         return rng_for(seed, *keys).permutation(n)
     if max(values) >= 2**64:  # the compiled code takes 64-bit values; words are values giving themselves
-        return permutation(_entropy_words(values).tolist(), n)
-    return permutation(values, n)
+        return library.permutation(_entropy_words(values).tolist(), n)
+    return library.permutation(values, n)
 
 
 def _entropy_words(values: tuple[int, ...]) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""``keyed_permutation`` is numpy's ``Generator(PCG64(SeedSequence(keys))).permutation(n)`` bit for bit:
-compiled where it can be, numpy's own whenever the compiled code is missing, fails or disagrees."""
+"""The data path's compiled helpers: ``keyed_permutation`` is numpy's
+``Generator(PCG64(SeedSequence(keys))).permutation(n)`` bit for bit, and numpy's own (with windows cut by
+numpy) whenever the compiled code is missing, fails or disagrees. (That the compiled window cutting gives
+the vectorised cut's pieces is tested in ``test_stream.py``.)"""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from tikmix_loader.data import _native_permutation
+from tikmix_loader import Domain, MixtureLoader
+from tikmix_loader.data import _compiled
 from tikmix_loader.data.shuffle import keyed_permutation
+from tikmix_loader.data.sources.memmap import write_memmap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,9 +31,9 @@ def numpy_permutation(values, n):
 @pytest.fixture(scope="module")
 def compiled():
     """The compiled permutation; this machine has a compiler, so a failed build fails these tests."""
-    permutation = _native_permutation.compiled_permutation()
-    assert permutation is not None, "the compiled keyed permutation did not build or load (see the log)"
-    return permutation
+    library = _compiled.module()
+    assert library is not None, "the compiled data-path helpers did not build or load (see the log)"
+    return library.permutation
 
 
 def random_cases(rng: np.random.Generator, count: int) -> list[tuple[tuple[int, ...], int]]:
@@ -92,8 +97,8 @@ def test_compiled_code_refuses_lengths_whose_draws_would_need_64_bits(compiled):
 def test_a_built_library_loads_without_torch(compiled):
     code = (
         "import sys\n"
-        "from tikmix_loader.data import _native_permutation\n"
-        "assert _native_permutation.compiled_permutation() is not None\n"
+        "from tikmix_loader.data import _compiled\n"
+        "assert _compiled.module() is not None\n"
         "assert 'torch' not in sys.modules, 'loading the built library imported torch'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -103,32 +108,32 @@ def test_a_built_library_loads_without_torch(compiled):
 def test_a_failed_build_logs_one_line_and_numpy_serves_the_same_permutations(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.INFO, logger=_native_permutation.__name__):
-        assert _native_permutation.resolve() is None
+    with caplog.at_level(logging.INFO, logger=_compiled.__name__):
+        assert _compiled.resolve() is None
     warnings = [
         record
         for record in caplog.records
-        if record.name == _native_permutation.__name__ and record.levelno == logging.WARNING
+        if record.name == _compiled.__name__ and record.levelno == logging.WARNING
     ]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
     assert "numpy computes the shuffles" in warnings[0].getMessage()
     assert not any(tmp_path.rglob("*.so"))
     # Forced fallback: keyed_permutation then takes numpy's path and gives the same numbers.
-    monkeypatch.setattr(_native_permutation, "_resolved", True)
-    monkeypatch.setattr(_native_permutation, "_permutation", None)
+    monkeypatch.setattr(_compiled, "_resolved", True)
+    monkeypatch.setattr(_compiled, "_module", None)
     for values, n in random_cases(np.random.default_rng(5), 60):
         np.testing.assert_array_equal(keyed_permutation(*values, n=n), numpy_permutation(values, n))
 
 
 def test_a_broken_cached_library_logs_one_line_and_is_not_used(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path))
-    folder = _native_permutation.build_dir()
+    folder = _compiled.build_dir()
     folder.mkdir(parents=True)
-    (folder / f"{_native_permutation.MODULE_NAME}.so").write_bytes(b"not a shared library")
+    (folder / f"{_compiled.MODULE_NAME}.so").write_bytes(b"not a shared library")
     (folder / ".built").write_text("marker of a finished build\n")
-    with caplog.at_level(logging.WARNING, logger=_native_permutation.__name__):
-        assert _native_permutation.resolve() is None
-    (record,) = [record for record in caplog.records if record.name == _native_permutation.__name__]
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert _compiled.resolve() is None
+    (record,) = [record for record in caplog.records if record.name == _compiled.__name__]
     assert "ImportError" in record.getMessage() and "numpy computes the shuffles" in record.getMessage()
 
 
@@ -137,12 +142,42 @@ def test_a_library_that_disagrees_with_numpy_is_not_used(monkeypatch):
         return np.roll(numpy_permutation(values, n), 1)
 
     fake = types.SimpleNamespace(permutation=shifted, __file__="fake.so")
-    monkeypatch.setattr(_native_permutation, "_load_or_build", lambda folder: fake)
+    monkeypatch.setattr(_compiled, "_load_or_build", lambda folder: fake)
     with pytest.warns(RuntimeWarning, match="differs from numpy"):
-        assert _native_permutation.resolve() is None
-    monkeypatch.setattr(
-        _native_permutation,
-        "_load_or_build",
-        lambda folder: types.SimpleNamespace(permutation=numpy_permutation, __file__="right.so"),
-    )
-    assert _native_permutation.resolve() is numpy_permutation
+        assert _compiled.resolve() is None
+    right = types.SimpleNamespace(permutation=numpy_permutation, __file__="right.so")
+    monkeypatch.setattr(_compiled, "_load_or_build", lambda folder: right)
+    assert _compiled.resolve() is right
+
+
+def test_a_rank_reads_the_same_batches_with_and_without_the_compiled_helpers(monkeypatch, tmp_path, compiled):
+    rng = np.random.default_rng(3)
+    paths = [
+        write_memmap(
+            tmp_path / f"{name}.bin",
+            [rng.integers(0, 250, int(n)) for n in rng.choice([0, 1, 5, 40, 90], size=300)],
+            vocab_size=258,
+        )
+        for name in "ab"
+    ]
+
+    def batches():
+        domains = [Domain(name, path) for name, path in zip("ab", paths)]
+        options = {"batch_size": 2, "seq_len": 16, "seed": 1, "num_workers": 0, "block_docs": 16}
+        loader = MixtureLoader(domains, **options, shuffle_window=64, rank=5, world_size=32)
+        return [loader.next_batch() for _ in range(40)]
+
+    library = _compiled.module()
+    cuts = []
+
+    def counted_window_pieces(*args):
+        cuts.append(len(args[0]))
+        return library.window_pieces(*args)
+
+    spy = types.SimpleNamespace(permutation=library.permutation, window_pieces=counted_window_pieces)
+    monkeypatch.setattr(_compiled, "_module", spy)
+    compiled_batches = batches()
+    assert len(cuts) >= 40  # the rank's sparse reads were cut by the compiled code
+    monkeypatch.setattr(_compiled, "_module", None)  # forced fallback: numpy permutations and cutting
+    for got, want in zip(compiled_batches, batches(), strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)

@@ -4,24 +4,23 @@
 // one per global batch for the batch order, so seeding is on every rank's per-batch path. numpy's
 // SeedSequence mixes its pool in Python-level code (about 12 us per generator, most of a 15 us call), which
 // sets a floor under the per-rank time that does not fall with the world size. The loader's global stream
-// must stay bit-identical, so this file computes the very same permutation in a few hundred nanoseconds;
-// tikmix_loader/data/_native_permutation.py checks it against numpy at first use and falls back to numpy
-// if they ever differ. Each step follows numpy 2.x's sources (named below) operation for operation.
-//
-// The Python module has one function, permutation(values, n). It is built by torch.utils.cpp_extension as a
-// plain pybind11 module (no torch op, whose dispatcher would cost about what this saves) and uses no torch.
+// must stay bit-identical, so this file computes the very same permutation in a microsecond or two;
+// tikmix_loader/data/_compiled.py checks it against numpy at first use and falls back to numpy if they ever
+// differ. Each step follows numpy 2.x's sources (named below) operation for operation.
+
+#pragma once
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <array>
 #include <cstdint>
+#include <string>
 #include <vector>
 
-namespace py = pybind11;
+namespace tikmix_data {
 
-namespace {
+namespace py = pybind11;
 
 using uint128 = unsigned __int128;
 
@@ -38,7 +37,7 @@ constexpr int kXShift = 16;  // half the bits of a uint32
 // The largest n whose Fisher-Yates draws all take random_interval's 32-bit branch (max = i <= n - 1).
 constexpr int64_t kMaxLength = int64_t{1} << 32;
 
-uint32_t hashmix(uint32_t value, uint32_t& hash_const) {
+inline uint32_t hashmix(uint32_t value, uint32_t& hash_const) {
   value ^= hash_const;
   hash_const *= kMultA;
   value *= hash_const;
@@ -46,7 +45,7 @@ uint32_t hashmix(uint32_t value, uint32_t& hash_const) {
   return value;
 }
 
-uint32_t mix(uint32_t x, uint32_t y) {
+inline uint32_t mix(uint32_t x, uint32_t y) {
   uint32_t result = kMixMultL * x - kMixMultR * y;
   result ^= result >> kXShift;
   return result;
@@ -54,7 +53,7 @@ uint32_t mix(uint32_t x, uint32_t y) {
 
 // The uint32 words SeedSequence makes of non-negative ints (bit_generator.pyx, _int_to_uint32_array): each
 // value's words, least significant first, and one word 0 for a zero.
-std::vector<uint32_t> entropy_words(const std::vector<uint64_t>& values) {
+inline std::vector<uint32_t> entropy_words(const std::vector<uint64_t>& values) {
   std::vector<uint32_t> words;
   words.reserve(2 * values.size());
   for (uint64_t value : values) {
@@ -68,7 +67,7 @@ std::vector<uint32_t> entropy_words(const std::vector<uint64_t>& values) {
 
 // SeedSequence(words).generate_state(4, np.uint64): SeedSequence.mix_entropy, then generate_state's 8 uint32
 // words paired little-endian into 4 uint64.
-std::array<uint64_t, 4> seed_state(const std::vector<uint32_t>& entropy) {
+inline std::array<uint64_t, 4> seed_state(const std::vector<uint32_t>& entropy) {
   std::array<uint32_t, kPoolSize> pool;
   uint32_t hash_const = kInitA;
   for (int i = 0; i < kPoolSize; ++i) {
@@ -144,7 +143,7 @@ class Pcg64 {
 
 // numpy/random/src/distributions/distributions.c, random_interval for max <= 0xffffffff: masked rejection
 // on 32-bit draws. (Larger max would take 64-bit draws; kMaxLength keeps every call below that.)
-uint32_t random_interval(Pcg64& rng, uint32_t max) {
+inline uint32_t random_interval(Pcg64& rng, uint32_t max) {
   if (max == 0) return 0;
   uint32_t mask = max;
   mask |= mask >> 1;
@@ -158,7 +157,9 @@ uint32_t random_interval(Pcg64& rng, uint32_t max) {
   return value;
 }
 
-py::array_t<int64_t> permutation(const std::vector<uint64_t>& values, int64_t n) {
+// np.random.Generator(np.random.PCG64(np.random.SeedSequence(values))).permutation(n) for values in
+// [0, 2**64) and n in [0, 2**32], as an int64 array.
+inline py::array_t<int64_t> permutation(const std::vector<uint64_t>& values, int64_t n) {
   if (values.empty()) throw py::value_error("permutation needs at least one key value");
   if (n < 0 || n > kMaxLength) {
     throw py::value_error("permutation length must be in [0, 2**32], got " + std::to_string(n));
@@ -177,11 +178,4 @@ py::array_t<int64_t> permutation(const std::vector<uint64_t>& values, int64_t n)
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "numpy's Generator(PCG64(SeedSequence(words))).permutation(n), compiled.";
-  m.def("permutation", &permutation, py::arg("values"), py::arg("n"),
-        "np.random.Generator(np.random.PCG64(np.random.SeedSequence(values))).permutation(n) for values "
-        "in [0, 2**64) and n in [0, 2**32], as an int64 array.");
-}
+}  // namespace tikmix_data
