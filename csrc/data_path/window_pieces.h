@@ -1,10 +1,10 @@
 // Cutting a few packed windows into document pieces: DomainStream._window_pieces_scalar, compiled.
 //
 // A rank at large world size reads a few windows per domain and batch, and cutting them in Python (a
-// bisect and a handful of int conversions per document piece) was the largest piece of a sparse read's
-// cost. The numpy version, DomainStream._window_pieces (vectorised over windows), is the reference: it
-// cuts the same pieces in the same order (tests/data/test_stream.py compares them) and runs when the
-// compiled helpers are unavailable.
+// bisect and a handful of int conversions per document piece, the same walk as below, which still runs
+// when the compiled helpers are unavailable) was the largest piece of a sparse read's cost. The numpy
+// version, DomainStream._window_pieces (vectorised over windows), is the reference: it cuts the same
+// pieces in the same order (tests/data/test_stream.py compares them).
 
 #pragma once
 

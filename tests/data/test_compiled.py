@@ -1,6 +1,6 @@
 """The data path's compiled helpers: ``keyed_permutation`` is numpy's
-``Generator(PCG64(SeedSequence(keys))).permutation(n)`` bit for bit, and numpy's own (with windows cut by
-numpy) whenever the compiled code is missing, fails or disagrees. (That the compiled window cutting gives
+``Generator(PCG64(SeedSequence(keys))).permutation(n)`` bit for bit, and numpy's own (with windows cut in
+Python) whenever the compiled code is missing, fails or disagrees. (That the compiled window cutting gives
 the vectorised cut's pieces is tested in ``test_stream.py``.)"""
 
 from __future__ import annotations
@@ -178,6 +178,6 @@ def test_a_rank_reads_the_same_batches_with_and_without_the_compiled_helpers(mon
     monkeypatch.setattr(_compiled, "_module", spy)
     compiled_batches = batches()
     assert len(cuts) >= 40  # the rank's sparse reads were cut by the compiled code
-    monkeypatch.setattr(_compiled, "_module", None)  # forced fallback: numpy permutations and cutting
+    monkeypatch.setattr(_compiled, "_module", None)  # forced fallback: numpy permutations, Python cutting
     for got, want in zip(compiled_batches, batches(), strict=True):
         assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)

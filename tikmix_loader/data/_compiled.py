@@ -18,8 +18,8 @@ processes load the finished library directly: it is linked so that it needs only
 Check and fallback: the first permutation the library computes in a process is compared with numpy's; on
 a mismatch (a numpy that changed its algorithm, say) a warning says so and the library is not used, so the
 stream is always numpy's. If there is no compiler, the build fails or the library does not load, one log
-line says why. Without the library, numpy computes the permutations and ``DomainStream._window_pieces``
-cuts every read's windows: the same numbers, more slowly.
+line says why. Without the library, numpy computes the permutations and a Python loop cuts the windows
+(``DomainStream._window_pieces_scalar``): the same numbers, more slowly.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def resolve() -> ModuleType | None:
     except Exception as exc:  # any build, load or call failure means "use numpy", never a crash
         message = " ".join(str(exc).split())[-1000:]
         logger.warning(
-            "the compiled data-path helpers are unavailable (%s: %s); numpy computes the shuffles and cuts "
-            "the windows (the same stream, more slowly)",
+            "the compiled data-path helpers are unavailable (%s: %s); numpy computes the shuffles and Python "
+            "cuts the windows (the same stream, more slowly)",
             type(exc).__name__,
             message,
         )

@@ -20,6 +20,7 @@ comes from cumulative epoch sizes, grown lazily. All of it is index math over le
 
 from __future__ import annotations
 
+import bisect
 import functools
 import threading
 
@@ -41,8 +42,8 @@ from tikmix_loader.quality.scores import read_scores
 SPARSE_RATIO = 4
 _INDEX_CACHE = 64  # block indexes kept for token-range reads
 # Packed reads of at most this many rows keep their bookkeeping in Python ints (``_sparse_window_starts``)
-# and cut their windows in compiled code (``_window_pieces_scalar``): a rank at large world size reads a few
-# rows per domain, and each numpy call on arrays that small costs more than the arithmetic it replaces.
+# and cut their windows in compiled code or Python ints (``_window_pieces_scalar``): a rank at large world
+# size reads a few rows per domain, and each numpy call on arrays that small costs more than the arithmetic.
 SCALAR_ROWS = 16
 
 # A stretch of the stream: from stream index ``start`` on, epochs ``epoch, epoch + 1, ...`` under ``params``
@@ -517,8 +518,8 @@ class DomainStream:
         A window is cut into pieces, one per document it overlaps (the part of the document inside the
         window, then its EOS if that is inside too), and all pieces' tokens come from one
         ``read_doc_ranges`` call. Only the touched blocks' indexes are built. The cutting is vectorised over
-        windows, or compiled for at most ``SCALAR_ROWS`` windows (numpy calls on arrays of a few elements
-        cost more than the arithmetic); both give the same pieces.
+        windows, or compiled (else a Python loop) for at most ``SCALAR_ROWS`` windows (numpy calls on arrays
+        of a few elements cost more than the arithmetic); all give the same pieces.
         """
         width = self.seq_len + 1
         cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
@@ -568,19 +569,43 @@ class DomainStream:
         lows, highs = piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
         return docs[piece_doc], lows, highs, eos_at
 
-    def _window_pieces_scalar(
-        self, epoch: int, starts
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``_window_pieces`` for a few windows, in compiled code (``_compiled``'s ``window_pieces``: a Python
-        loop per document piece cost more than the rest of a rank's read); ``_window_pieces`` itself when
-        the compiled helpers are unavailable."""
-        library = _compiled.module()
-        if library is None:
-            return self._window_pieces(epoch, starts)
+    def _window_pieces_scalar(self, epoch: int, starts) -> tuple:
+        """``_window_pieces`` for a few windows, without numpy calls on arrays of a few elements: in compiled
+        code (``_compiled``'s ``window_pieces``) or, when that is unavailable, walking each window's
+        documents in Python ints (the same walk; a Python loop per document piece costs more than the rest
+        of a rank's read)."""
+        width = self.seq_len + 1
         _, cumulative, _ = self._layout(epoch)
         first_blocks = (np.searchsorted(cumulative, starts, side="right") - 1).tolist()
-        block_index = functools.partial(self._block_index, epoch)
-        return library.window_pieces(starts, self.seq_len + 1, first_blocks, block_index)
+        library = _compiled.module()
+        if library is not None:
+            return library.window_pieces(
+                starts, width, first_blocks, functools.partial(self._block_index, epoch)
+            )
+        docs, lows, highs, eos_at = [], [], [], []
+        indexes = {}  # the block indexes met so far
+        for row, (start, block) in enumerate(zip(starts, first_blocks)):
+            cursor, stop = start, start + width
+            while cursor < stop:  # one block per pass (a block of documents with 0 copies adds nothing)
+                index = indexes.get(block)
+                if index is None:
+                    index = indexes[block] = self._block_index(epoch, block)
+                ids, doc_starts, ends = index
+                doc = bisect.bisect_right(ends, cursor)  # the first document ending after the cursor
+                while doc < len(ids) and cursor < stop:
+                    doc_start, end = int(doc_starts[doc]), int(ends[doc])
+                    piece_stop = min(stop, end)
+                    docs.append(int(ids[doc]))
+                    lows.append(cursor - doc_start)
+                    if piece_stop == end:  # the document's EOS is inside the window
+                        highs.append(end - 1 - doc_start)
+                        eos_at.append(row * width + end - 1 - start)
+                    else:
+                        highs.append(piece_stop - doc_start)
+                    cursor = piece_stop
+                    doc += 1
+                block += 1
+        return docs, lows, highs, eos_at
 
     # -- document mode ----------------------------------------------------------------------------
 
