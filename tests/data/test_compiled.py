@@ -19,6 +19,7 @@ import torch
 from tikmix_loader import Domain, MixtureLoader
 from tikmix_loader.data import _compiled
 from tikmix_loader.data.shuffle import keyed_permutation
+from tikmix_loader.data.sources._tokens import WRITE_DTYPES
 from tikmix_loader.data.sources.memmap import write_memmap
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,16 +169,47 @@ def test_a_rank_reads_the_same_batches_with_and_without_the_compiled_helpers(mon
         return [loader.next_batch() for _ in range(40)]
 
     library = _compiled.module()
-    cuts = []
+    calls = []
 
-    def counted_window_pieces(*args):
-        cuts.append(len(args[0]))
-        return library.window_pieces(*args)
+    def counted(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(library, name)(*args)
 
-    spy = types.SimpleNamespace(permutation=library.permutation, window_pieces=counted_window_pieces)
+        return call
+
+    spy = types.SimpleNamespace(
+        **{name: counted(name) for name in ("permutation", "window_pieces", "gather_ranges")}
+    )
     monkeypatch.setattr(_compiled, "_module", spy)
     compiled_batches = batches()
-    assert len(cuts) >= 40  # the rank's sparse reads were cut by the compiled code
+    # The rank's sparse reads were cut and gathered by the compiled code.
+    assert calls.count("window_pieces") >= 40 and calls.count("gather_ranges") >= 40
     monkeypatch.setattr(_compiled, "_module", None)  # forced fallback: numpy permutations, Python cutting
     for got, want in zip(compiled_batches, batches(), strict=True):
         assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)
+
+
+@pytest.mark.parametrize("dtype", WRITE_DTYPES)
+def test_memmap_token_ranges_are_the_same_with_and_without_the_compiled_helpers(monkeypatch, tmp_path, dtype):
+    rng = np.random.default_rng(len(dtype))
+    documents = [rng.integers(0, 250, int(n)) for n in rng.choice([0, 1, 7, 60], size=50)]
+    domain = Domain("m", write_memmap(tmp_path / "m.bin", documents, dtype=dtype, vocab_size=258))
+    library = _compiled.module()
+    assert library is not None
+    for count in (0, 1, 5, 40, 100):
+        docs = rng.integers(0, len(documents), size=count)
+        lows = np.array([rng.integers(0, len(documents[doc]) + 1) for doc in docs], dtype=np.int64)
+        highs = np.array([rng.integers(low, len(documents[doc]) + 1) for doc, low in zip(docs, lows)])
+        expected = [documents[doc][low:high] for doc, low, high in zip(docs, lows, highs)]
+        compiled = domain.read_doc_ranges(docs, lows, highs)
+        with monkeypatch.context() as patch:
+            patch.setattr(_compiled, "_module", None)
+            fallback = domain.read_doc_ranges(docs, lows, highs)
+        assert compiled.dtype == fallback.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(compiled, fallback)
+        np.testing.assert_array_equal(compiled, np.concatenate([np.zeros(0, np.int64), *expected]))
+    # A range past its document's end: the compiled code declines and the Python path names it.
+    assert library.gather_ranges(domain.source._tokens, domain.source._offsets, [0], [0], [10**6]) is None
+    with pytest.raises(IndexError, match="outside document 0"):
+        domain.read_doc_ranges([0], [0], [10**6])

@@ -8,6 +8,8 @@ The helpers (``csrc/data_path/``, one pybind11 module) are:
   ``tikmix_loader.data.shuffle.keyed_permutation``.
 - ``window_pieces(starts, width, first_blocks, block_index)``: ``DomainStream._window_pieces`` for the few
   packed windows of a rank's sparse read, without a Python loop per document piece.
+- ``gather_ranges(tokens, offsets, docs, lows, highs)``: a memmap's ``read_doc_ranges`` (the token ranges
+  under those pieces), or None when a range is out of bounds (the Python path then names it).
 
 Build: on first use in a process, ``torch.utils.cpp_extension.load`` compiles them as a plain pybind11
 module (about 10 s, once per machine and Python version) into ``<base>/data_path-<hash>``, where ``<base>`` is
@@ -18,8 +20,9 @@ processes load the finished library directly: it is linked so that it needs only
 Check and fallback: the first permutation the library computes in a process is compared with numpy's; on
 a mismatch (a numpy that changed its algorithm, say) a warning says so and the library is not used, so the
 stream is always numpy's. If there is no compiler, the build fails or the library does not load, one log
-line says why. Without the library, numpy computes the permutations and a Python loop cuts the windows
-(``DomainStream._window_pieces_scalar``): the same numbers, more slowly.
+line says why. Without the library, numpy computes the permutations and Python cuts the windows
+(``DomainStream._window_pieces_scalar``) and reads the ranges (``MemmapSource.read_doc_ranges``): the same
+numbers, more slowly.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ _module: ModuleType | None = None
 
 
 def module() -> ModuleType | None:
-    """The checked compiled helpers (``permutation``, ``window_pieces``), or None when numpy must be used;
-    resolved once per process (built or loaded on the first call)."""
+    """The checked compiled helpers (``permutation``, ``window_pieces``, ``gather_ranges``), or None when
+    numpy and Python must do their work; resolved once per process (built or loaded on the first call)."""
     global _resolved, _module
     if not _resolved:
         with _lock:
