@@ -53,11 +53,21 @@ inline py::object gather_ranges(const py::array& tokens, const OffsetArray& offs
     return py::none();
   }
   // isinstance on array_t compares dtypes as numpy does (PyArray_EquivTypes), byte order included.
-  if (py::isinstance<py::array_t<uint8_t>>(tokens)) return gather_ranges_of<uint8_t>(tokens, offsets, docs, lows, highs);
-  if (py::isinstance<py::array_t<uint16_t>>(tokens)) return gather_ranges_of<uint16_t>(tokens, offsets, docs, lows, highs);
-  if (py::isinstance<py::array_t<int32_t>>(tokens)) return gather_ranges_of<int32_t>(tokens, offsets, docs, lows, highs);
-  if (py::isinstance<py::array_t<uint32_t>>(tokens)) return gather_ranges_of<uint32_t>(tokens, offsets, docs, lows, highs);
-  if (py::isinstance<py::array_t<int64_t>>(tokens)) return gather_ranges_of<int64_t>(tokens, offsets, docs, lows, highs);
+  if (py::isinstance<py::array_t<uint8_t>>(tokens)) {
+    return gather_ranges_of<uint8_t>(tokens, offsets, docs, lows, highs);
+  }
+  if (py::isinstance<py::array_t<uint16_t>>(tokens)) {
+    return gather_ranges_of<uint16_t>(tokens, offsets, docs, lows, highs);
+  }
+  if (py::isinstance<py::array_t<int32_t>>(tokens)) {
+    return gather_ranges_of<int32_t>(tokens, offsets, docs, lows, highs);
+  }
+  if (py::isinstance<py::array_t<uint32_t>>(tokens)) {
+    return gather_ranges_of<uint32_t>(tokens, offsets, docs, lows, highs);
+  }
+  if (py::isinstance<py::array_t<int64_t>>(tokens)) {
+    return gather_ranges_of<int64_t>(tokens, offsets, docs, lows, highs);
+  }
   return py::none();
 }
 

@@ -44,7 +44,8 @@ inline py::tuple window_pieces(const std::vector<int64_t>& starts, int64_t width
     const int64_t start = starts[row], stop = start + width;
     int64_t cursor = start, block = first_blocks[row];
     while (cursor < stop) {  // one block per pass (a block of documents with 0 copies adds nothing)
-      auto found = std::find_if(met.begin(), met.end(), [&](const BlockIndex& b) { return b.block == block; });
+      auto found =
+          std::find_if(met.begin(), met.end(), [&](const BlockIndex& index) { return index.block == block; });
       if (found == met.end()) {
         py::tuple index = block_index(block);
         met.push_back({block, index[0].cast<IndexArray>(), index[1].cast<IndexArray>(),

@@ -26,10 +26,11 @@ def stable_key(name: str) -> int:
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
     """An independent generator for ``(seed, *keys)``: equal keys give equal streams, others differ.
 
-    The generator is ``PCG64(SeedSequence([seed, *keys]))``. A loader seeds one per shuffle chunk and block
-    it touches, so seeding is on every rank's per-batch path: SeedSequence splits Python ints into 32-bit
-    words in slow Python-level code, so we hand it those words already split (``_entropy_words``), which
-    gives the same pool, hence the same numbers, at about half the cost of the whole seeding.
+    The generator is ``PCG64(SeedSequence([seed, *keys]))``. The shuffles take their permutations from
+    ``keyed_permutation`` (the same numbers, compiled), which falls back to this generator; seeding it is
+    slow: SeedSequence splits Python ints into 32-bit words in Python-level code, so we hand it those words
+    already split (``_entropy_words``), which gives the same pool, hence the same numbers, at about half the
+    cost of the whole seeding.
     """
     values = (int(seed), *map(int, keys))
     if min(values) < 0:  # not valid entropy: let SeedSequence raise its own error
