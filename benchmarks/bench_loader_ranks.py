@@ -14,10 +14,10 @@ read on demand (``num_workers=0``) so the time is the rank's own work. Per rank 
   as 1/W). Before per-rank reads every rank did the W = 1 work.
 - CPU seconds per rank per global batch (median; the reading thread's own CPU time) and the same speedup:
   on a machine shared with other jobs wall time also counts waiting for a core, CPU time only the work.
-- generators seeded per rank and global batch (``shuffle.rng_for`` calls: the batch order, and the window
-  order of each chunk and the document order of each block the rank reads from for the first time), a cost
-  per chunk and block touched rather than per token, which stops falling once a rank's few samples land in
-  as many chunks and blocks as it has samples.
+- keyed permutations per rank and global batch (``shuffle.keyed_permutation`` calls, each seeding its own
+  generator: the batch order, and the window order of each chunk and the document order of each block the
+  rank reads from for the first time), a cost per chunk and block touched rather than per token, which stops
+  falling once a rank's few samples land in as many chunks and blocks as it has samples.
 
 The simulated ranks of one W share the process-wide cache of window orders, so each rank after the first
 finds part of its seeding done; ``--own-caches`` clears it before each rank, as separate processes would.
@@ -60,7 +60,8 @@ def write_domains(directory: Path, *, docs_per_domain: int, doc_tokens: int, see
 
 class ReadCounter:
     """Spies on ``DomainStream.read_at`` (sample tokens read), on ``Domain.read_docs`` and
-    ``Domain.read_doc_ranges`` (tokens taken from storage) and on ``shuffle.rng_for`` (generators seeded)."""
+    ``Domain.read_doc_ranges`` (tokens taken from storage) and on ``shuffle.keyed_permutation`` (generators
+    seeded)."""
 
     def __init__(self):
         from tikmix_loader.data import planner, shuffle, stream
@@ -70,14 +71,14 @@ class ReadCounter:
         self.sample_tokens = 0
         self.decoded_tokens = 0
         self.seeded = 0
-        rng_for = shuffle.rng_for
+        keyed_permutation = shuffle.keyed_permutation
 
-        def counting_rng_for(*keys):
+        def counting_keyed_permutation(*keys, n):
             self.seeded += 1
-            return rng_for(*keys)
+            return keyed_permutation(*keys, n=n)
 
         for module in (shuffle, stream, planner):  # each imported the name; replace it where it is called
-            module.rng_for = counting_rng_for
+            module.keyed_permutation = counting_keyed_permutation
         read_at, read_docs, read_doc_ranges = DomainStream.read_at, Domain.read_docs, Domain.read_doc_ranges
 
         def counting_read_at(stream, indices):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tikmix_loader.data.quota import allocate_quota
-from tikmix_loader.data.shuffle import BATCH_ORDER, rng_for
+from tikmix_loader.data.shuffle import BATCH_ORDER, keyed_permutation
 from tikmix_loader.errors import ConfigError, MixtureWeightError, ScoreError, StateError
 from tikmix_loader.quality.sampler import QualityParams
 
@@ -265,7 +265,7 @@ class MixturePlanner:
             self._event("drop", domain, "used all of its epochs; dropped, the others renormalised")
         quota = quota + fixed
         starts = self.consumed.copy()
-        order = rng_for(self.seed, BATCH_ORDER, self.batch_index).permutation(size)
+        order = keyed_permutation(self.seed, BATCH_ORDER, self.batch_index, n=size)
         plan = BatchPlan(
             index=self.batch_index, quota=quota, starts=starts, order=order, segments=self.quality_segments
         )

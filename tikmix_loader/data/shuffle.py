@@ -11,8 +11,11 @@ permutation as one array, which is what this design avoids.
 from __future__ import annotations
 
 import hashlib
+import operator
 
 import numpy as np
+
+from tikmix_loader.data import _compiled
 
 
 def stable_key(name: str) -> int:
@@ -23,15 +26,45 @@ def stable_key(name: str) -> int:
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
     """An independent generator for ``(seed, *keys)``: equal keys give equal streams, others differ.
 
-    The generator is ``PCG64(SeedSequence([seed, *keys]))``. A loader seeds one per shuffle chunk and block
-    it touches, so seeding is on every rank's per-batch path: SeedSequence splits Python ints into 32-bit
-    words in slow Python-level code, so we hand it those words already split (``_entropy_words``), which
-    gives the same pool, hence the same numbers, at about half the cost of the whole seeding.
+    The generator is ``PCG64(SeedSequence([seed, *keys]))``. The shuffles take their permutations from
+    ``keyed_permutation`` (the same numbers, compiled), which falls back to this generator; seeding it is
+    slow: SeedSequence splits Python ints into 32-bit words in Python-level code, so we hand it those words
+    already split (``_entropy_words``), which gives the same pool, hence the same numbers, at about half the
+    cost of the whole seeding.
     """
     values = (int(seed), *map(int, keys))
     if min(values) < 0:  # not valid entropy: let SeedSequence raise its own error
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(values))))
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy_words(values))))
+
+
+def keyed_permutation(seed: int, *keys: int, n: int) -> np.ndarray:
+    """``rng_for(seed, *keys).permutation(n)``, bit for bit: a random order of ``0 .. n-1`` keyed by
+    ``(seed, *keys)``.
+
+    Every shuffle chunk and block a rank reads, and every global batch, needs one, so on the per-batch path
+    the numbers come from compiled code (``_compiled``: the same algorithm, checked against numpy at first
+    use), which skips numpy's Python-level seeding; numpy computes them when that is unavailable.
+    Keys are validated like ``rng_for``'s (a negative one raises SeedSequence's ``ValueError``).
+
+    Args:
+        seed (int): Global seed (>= 0).
+        *keys (int): Stream keys (>= 0, any size).
+        n (int): Length of the permutation (>= 0).
+
+    Returns:
+        np.ndarray: int64 array holding each of ``0 .. n-1`` once.
+    """
+    n = operator.index(n)
+    if n < 0:
+        raise ValueError(f"keyed_permutation: n must be >= 0, got {n}")
+    values = (int(seed), *map(int, keys))
+    library = _compiled.module()
+    if library is None or n > _compiled.MAX_LENGTH or min(values) < 0:
+        return rng_for(seed, *keys).permutation(n)
+    if max(values) >= 2**64:  # the compiled code takes 64-bit values; words are values giving themselves
+        return library.permutation(_entropy_words(values).tolist(), n)
+    return library.permutation(values, n)
 
 
 def _entropy_words(values: tuple[int, ...]) -> np.ndarray:
@@ -69,7 +102,7 @@ class BlockShuffle:
         self.domain_key = domain_key
         self.epoch = epoch
         num_blocks = -(-num_docs // block_docs)
-        self.block_order = rng_for(seed, domain_key, epoch, BLOCK_ORDER).permutation(num_blocks)
+        self.block_order = keyed_permutation(seed, domain_key, epoch, BLOCK_ORDER, n=num_blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -83,7 +116,7 @@ class BlockShuffle:
     def within_block(self, block: int) -> np.ndarray:
         """Permutation of the documents of block id ``block`` (offsets into its range)."""
         start, stop = self.block_range(block)
-        return rng_for(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block).permutation(stop - start)
+        return keyed_permutation(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block, n=stop - start)
 
     def documents(self, block: int, copies: np.ndarray | None = None) -> np.ndarray:
         """Storage ids of block id ``block``'s documents in shuffled order.
@@ -96,4 +129,4 @@ class BlockShuffle:
         ids = np.arange(start, stop, dtype=np.int64)
         if copies is not None:
             ids = np.repeat(ids, copies[start:stop])
-        return ids[rng_for(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block).permutation(len(ids))]
+        return ids[keyed_permutation(self.seed, self.domain_key, self.epoch, WITHIN_BLOCK, block, n=len(ids))]

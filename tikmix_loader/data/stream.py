@@ -26,8 +26,9 @@ import threading
 
 import numpy as np
 
+from tikmix_loader.data import _compiled
 from tikmix_loader.data.domain import Domain
-from tikmix_loader.data.shuffle import WINDOW_ORDER, BlockShuffle, rng_for, stable_key
+from tikmix_loader.data.shuffle import WINDOW_ORDER, BlockShuffle, keyed_permutation, stable_key
 from tikmix_loader.data.sources.base import concatenated_ranges
 from tikmix_loader.errors import ScoreError, StateError
 from tikmix_loader.quality.sampler import QualityParams, QualitySampler
@@ -40,9 +41,9 @@ from tikmix_loader.quality.scores import read_scores
 # a document once per window over it.
 SPARSE_RATIO = 4
 _INDEX_CACHE = 64  # block indexes kept for token-range reads
-# Packed reads of at most this many rows keep their bookkeeping in Python ints (``_sparse_window_starts``,
-# ``_window_pieces_scalar``): a rank at large world size reads a few rows per domain, and each numpy call on
-# arrays that small costs more than the Python arithmetic it replaces.
+# Packed reads of at most this many rows keep their bookkeeping in Python ints (``_sparse_window_starts``)
+# and cut their windows in compiled code or Python ints (``_window_pieces_scalar``): a rank at large world
+# size reads a few rows per domain, and each numpy call on arrays that small costs more than the arithmetic.
 SCALAR_ROWS = 16
 
 # A stretch of the stream: from stream index ``start`` on, epochs ``epoch, epoch + 1, ...`` under ``params``
@@ -517,8 +518,8 @@ class DomainStream:
         A window is cut into pieces, one per document it overlaps (the part of the document inside the
         window, then its EOS if that is inside too), and all pieces' tokens come from one
         ``read_doc_ranges`` call. Only the touched blocks' indexes are built. The cutting is vectorised over
-        windows, or a Python loop for at most ``SCALAR_ROWS`` windows (numpy calls on arrays of a few
-        elements cost more than Python ints); both give the same pieces.
+        windows, or compiled (else a Python loop) for at most ``SCALAR_ROWS`` windows (numpy calls on arrays
+        of a few elements cost more than the arithmetic); all give the same pieces.
         """
         width = self.seq_len + 1
         cut = self._window_pieces_scalar if len(starts) <= SCALAR_ROWS else self._window_pieces
@@ -568,11 +569,19 @@ class DomainStream:
         lows, highs = piece_start - piece_doc_starts, piece_stop - with_eos - piece_doc_starts
         return docs[piece_doc], lows, highs, eos_at
 
-    def _window_pieces_scalar(self, epoch: int, starts) -> tuple[list[int], list[int], list[int], list[int]]:
-        """``_window_pieces`` for a few windows, walking each window's documents in Python ints."""
+    def _window_pieces_scalar(self, epoch: int, starts) -> tuple:
+        """``_window_pieces`` for a few windows, without numpy calls on arrays of a few elements: in compiled
+        code (``_compiled``'s ``window_pieces``) or, when that is unavailable, walking each window's
+        documents in Python ints (the same walk; a Python loop per document piece costs more than the rest
+        of a rank's read)."""
         width = self.seq_len + 1
         _, cumulative, _ = self._layout(epoch)
         first_blocks = (np.searchsorted(cumulative, starts, side="right") - 1).tolist()
+        library = _compiled.module()
+        if library is not None:
+            return library.window_pieces(
+                starts, width, first_blocks, functools.partial(self._block_index, epoch)
+            )
         docs, lows, highs, eos_at = [], [], [], []
         indexes = {}  # the block indexes met so far
         for row, (start, block) in enumerate(zip(starts, first_blocks)):
@@ -638,6 +647,6 @@ def _served_below(positions: np.ndarray, windows: np.ndarray, seq_len: int) -> n
 @functools.lru_cache(maxsize=1024)
 def _window_permutation(seed: int, domain_key: int, epoch: int, chunk: int, count: int) -> np.ndarray:
     # Cached: sparse reads revisit a chunk once per sample, and seeding a generator costs more than the read.
-    order = rng_for(seed, domain_key, epoch, WINDOW_ORDER, chunk).permutation(count)
+    order = keyed_permutation(seed, domain_key, epoch, WINDOW_ORDER, chunk, n=count)
     order.flags.writeable = False
     return order

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tikmix_loader.data import _compiled
 from tikmix_loader.data.sources._token_info import read_token_info
 from tikmix_loader.data.sources._tokens import WRITE_DTYPES, cast_tokens
 from tikmix_loader.data.sources.base import TokenSource, concatenated_ranges
@@ -23,8 +24,9 @@ from tikmix_loader.errors import ShardError
 
 SIDECAR_FORMAT = "tikmix-memmap"
 SUPPORTED_DTYPES = WRITE_DTYPES
-# Token-range reads of at most this many ranges are checked and sliced one by one in Python ints: a rank at
-# large world size reads a few ranges per domain and batch, where numpy calls cost more than the slicing.
+# Token-range reads run in compiled code (``_compiled``'s ``gather_ranges``). Without it, reads of at most
+# this many ranges are checked and sliced one by one in Python ints: a rank at large world size reads a few
+# ranges per domain and batch, where numpy calls cost more than the slicing.
 SCALAR_RANGES = 32
 
 
@@ -112,13 +114,20 @@ class MemmapSource(TokenSource):
         return np.split(tokens, offsets[1:-1] - offsets[0])
 
     def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        where = lambda: f"{self.path} (documents {np.min(docs)}..{np.max(docs)})"  # built only on an error
+        library = _compiled.module() if self._offsets.dtype == np.int64 else None
+        if library is not None:  # compiled: checked and copied range by range; None when one is out of bounds
+            tokens = library.gather_ranges(self._tokens, self._offsets, docs, starts, stops)
+            if tokens is not None:
+                return self.check_token_ids(tokens, where)
+        # Python: the error naming a range out of bounds, and the reads when the compiled helpers are missing.
         spans = self._few_spans(docs, starts, stops) if len(docs) <= SCALAR_RANGES else None
         if spans is not None:  # a rank's few ranges, checked: slice and join them
             tokens = np.concatenate([self._tokens[start:stop] for start, stop in spans])
         else:  # one gather from the mapped file: only the wanted tokens are touched, no per-document call
             docs, starts, stops = self.check_doc_ranges(docs, starts, stops)
             tokens = self._tokens[concatenated_ranges(self._offsets[docs] + starts, stops - starts)]
-        return self.check_token_ids(tokens, lambda: f"{self.path} (documents {np.min(docs)}..{np.max(docs)})")
+        return self.check_token_ids(tokens, where)
 
     def _few_spans(self, docs, starts, stops) -> list[tuple[int, int]] | None:
         """The file spans ``[start, stop)`` of a few token ranges, in Python ints (numpy calls on arrays this
