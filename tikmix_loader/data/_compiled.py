@@ -23,6 +23,11 @@ stream is always numpy's. If there is no compiler, the build fails or the librar
 line says why. Without the library, numpy computes the permutations and Python cuts the windows
 (``DomainStream._window_pieces_scalar``) and reads the ranges (``MemmapSource.read_doc_ranges``): the same
 numbers, more slowly.
+
+``TIKMIX_COMPILED_DATA_PATH=0`` in the environment skips the library (numpy and Python do the work, with no
+build and no log line). A process that finds the library unavailable sets it, so the processes it starts
+later (DataLoader workers under ``spawn`` or ``forkserver``, a launcher's ranks) neither retry the build nor
+repeat the log line; forked workers inherit the answer with the rest of the process.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from tikmix_loader import _jit_build
 logger = logging.getLogger(__name__)
 
 MODULE_NAME = "tikmix_data_path"
+SWITCH_ENV = "TIKMIX_COMPILED_DATA_PATH"  # "0": numpy and Python only (set after a failure, for children)
 MAX_LENGTH = 2**32  # the compiled permutation refuses longer ones (their draws would need 64 bits)
 _FOLDER = "data_path"  # under csrc/
 _SOURCE = "module.cpp"  # includes the folder's headers
@@ -70,7 +76,13 @@ def module() -> ModuleType | None:
     if not _resolved:
         with _lock:
             if not _resolved:
-                _module = resolve()
+                if os.environ.get(SWITCH_ENV) == "0":
+                    logger.debug("%s=0: numpy computes the shuffles and Python cuts the windows", SWITCH_ENV)
+                    _module = None
+                else:
+                    _module = resolve()
+                    if _module is None:  # said once: the processes this one starts inherit the answer
+                        os.environ[SWITCH_ENV] = "0"
                 _resolved = True
     return _module
 
@@ -81,16 +93,20 @@ def resolve() -> ModuleType | None:
     expected = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_CHECK_VALUES))).permutation(
         _CHECK_LENGTH
     )
+    folder = None
     try:
-        library = _load_or_build(build_dir())
+        folder = build_dir()
+        library = _load_or_build(folder)
         actual = library.permutation(_CHECK_VALUES, _CHECK_LENGTH)
     except Exception as exc:  # any build, load or call failure means "use numpy", never a crash
         message = " ".join(str(exc).split())[-1000:]
         logger.warning(
-            "the compiled data-path helpers are unavailable (%s: %s); numpy computes the shuffles and Python "
-            "cuts the windows (the same stream, more slowly)",
+            "the compiled data-path helpers are unavailable (%s: %s; build folder %s, set by %s); numpy "
+            "computes the shuffles and Python cuts the windows (the same stream, more slowly)",
             type(exc).__name__,
             message,
+            folder,
+            _jit_build.EXTENSIONS_DIR_ENV,
         )
         return None
     if actual.dtype != expected.dtype or not np.array_equal(actual, expected):
