@@ -18,6 +18,7 @@ import torch
 
 from tikmix_loader import Domain, MixtureLoader, _jit_build
 from tikmix_loader.data import _compiled
+from tikmix_loader.data.dataset import as_dataloader
 from tikmix_loader.data.shuffle import keyed_permutation
 from tikmix_loader.data.sources._tokens import WRITE_DTYPES
 from tikmix_loader.data.sources.memmap import write_memmap
@@ -178,6 +179,22 @@ def test_a_process_that_found_no_library_tells_its_children_and_they_stay_quiet(
     assert child.returncode == 0, child.stderr
     assert child.stdout.split(maxsplit=1) == ["None", f"{numpy_permutation((3, 4), 6).tolist()}\n"]
     assert "unavailable" not in child.stderr and "building" not in child.stderr
+
+
+def test_a_dataloader_with_workers_resolves_the_helpers_before_it_starts_them(monkeypatch, tmp_path):
+    # Resolved lazily, the first read would come after spawned workers started, and each would build or
+    # fail and log on its own.
+    paths = [write_memmap(tmp_path / f"{name}.bin", [np.arange(30)] * 20, vocab_size=258) for name in "ab"]
+    loader = MixtureLoader([Domain(name, path) for name, path in zip("ab", paths)], batch_size=2, seq_len=8)
+    calls = []
+    monkeypatch.delenv(_compiled.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(_compiled, "_resolved", False)
+    monkeypatch.setattr(_compiled, "_module", None)
+    monkeypatch.setattr(_compiled, "resolve", lambda: calls.append("resolve"))  # unavailable
+    as_dataloader(loader, num_workers=0)
+    assert calls == []
+    as_dataloader(loader, num_workers=2, multiprocessing_context="spawn")
+    assert calls == ["resolve"] and os.environ[_compiled.SWITCH_ENV] == "0"
 
 
 def test_a_broken_cached_library_logs_one_line_and_is_not_used(monkeypatch, tmp_path, caplog):

@@ -27,7 +27,8 @@ numbers, more slowly.
 ``TIKMIX_COMPILED_DATA_PATH=0`` in the environment skips the library (numpy and Python do the work, with no
 build and no log line). A process that finds the library unavailable sets it, so the processes it starts
 later (DataLoader workers under ``spawn`` or ``forkserver``, a launcher's ranks) neither retry the build nor
-repeat the log line; forked workers inherit the answer with the rest of the process.
+repeat the log line; forked workers inherit the answer with the rest of the process. ``as_dataloader``
+resolves the library before the DataLoader starts its workers.
 """
 
 from __future__ import annotations
