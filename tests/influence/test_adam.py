@@ -230,6 +230,16 @@ def test_adam_errors_name_the_fix(micro):
     optimizer.state[weight]["exp_avg_sq"] = optimizer.state[weight]["exp_avg_sq"].reshape(-1)
     with pytest.raises(ConfigError, match="'blocks.1.mlp.fc' has shape"):
         gi.compute(domains, targets)
+    # A frozen tracked layer (the engine tracks it anyway): outside the optimizer, or in it without state.
+    frozen = copy.deepcopy(micro)
+    frozen.blocks[0].attn.qkv.weight.requires_grad_(False)
+    trainable = torch.optim.AdamW([param for param in frozen.parameters() if param.requires_grad])
+    with pytest.raises(ConfigError, match=r"'blocks.0.attn.qkv' \(frozen: requires_grad=False\) is in none"):
+        GroupInfluence(frozen, k=8, preconditioner="adam", optimizer=trainable)
+    everything = torch.optim.AdamW(frozen.parameters())
+    _step(frozen, everything)
+    with pytest.raises(ConfigError, match=r"\['blocks.0.attn.qkv \(frozen: requires_grad=False\)'\] have no"):
+        GroupInfluence(frozen, k=8, preconditioner="adam", optimizer=everything).compute(domains, targets)
     # Other preconditioners take an optimizer and ignore it.
     GroupInfluence(micro, k=8, preconditioner="kfac", optimizer=torch.optim.SGD(micro.parameters(), lr=0.1))
 
