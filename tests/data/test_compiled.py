@@ -197,6 +197,16 @@ def test_a_dataloader_with_workers_resolves_the_helpers_before_it_starts_them(mo
     assert calls == ["resolve"] and os.environ[_compiled.SWITCH_ENV] == "0"
 
 
+def test_an_unusable_extensions_dir_logs_one_line_naming_it(monkeypatch, tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the build folder's parent should be\n")
+    monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(blocked))
+    with caplog.at_level(logging.INFO, logger=_compiled.__name__):
+        assert _compiled.resolve() is None
+    (record,) = [r for r in caplog.records if r.name == _compiled.__name__ and r.levelno == logging.WARNING]
+    assert str(blocked) in record.getMessage() and "TIKMIX_EXTENSIONS_DIR" in record.getMessage()
+
+
 def test_a_broken_cached_library_logs_one_line_and_is_not_used(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path))
     folder = _compiled.build_dir()
