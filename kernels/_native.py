@@ -1,8 +1,9 @@
 """Builds on first use, loads and reports on the native ``tikmix::`` ops (C++/OpenMP on the CPU, and CUDA).
 
 The ops are defined once in C++ (``csrc/project_grads/schema.cpp``) and compiled just-in-time by
-``torch.utils.cpp_extension.load`` into a cache folder named ``torch-<torch version>-<hash>``, where the hash
-covers the sources, the build flags and the Python ABI. The folder sits under ``$TIKMIX_EXTENSIONS_DIR``, or
+``torch.utils.cpp_extension.load`` (``tikmix_loader._jit_build``) into a cache folder named
+``torch-<torch version>-<hash>``, where the hash covers the ops' sources (``csrc/project_grads``), the build
+flags and the Python ABI. The folder sits under ``$TIKMIX_EXTENSIONS_DIR``, or
 ``~/.cache/tikmix/extensions`` when that is unset. The project runs in two environments with different torch
 versions (``.venv`` and ``.venv-composer``) from one source tree, and each must load only its own build.
 
@@ -25,13 +26,9 @@ This module also registers the fake (meta) implementations that let ``torch.comp
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import platform
 import re
-import shlex
-import shutil
 import sys
 import threading
 import warnings
@@ -39,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-EXTENSIONS_DIR_ENV = "TIKMIX_EXTENSIONS_DIR"
+from tikmix_loader import _jit_build
+
+EXTENSIONS_DIR_ENV = _jit_build.EXTENSIONS_DIR_ENV  # where builds go (the ops' and the data path's)
 DEVICE_TYPES = ("cpu", "cuda")
 
 _LIBRARY_NAMES = {"cpu": "tikmix_cpu_ops", "cuda": "tikmix_cuda_ops"}
@@ -47,13 +46,10 @@ _SOURCES = {
     "cpu": ("project_grads/schema.cpp", "project_grads/project_grads_cpu.cpp"),
     "cuda": ("project_grads/project_grads_cuda.cu",),
 }
-_SOURCE_SUFFIXES = {".cpp", ".cu", ".cuh", ".h"}
 # -fopenmp is a compile flag only: the OpenMP pragmas then link against the libgomp that torch already loaded,
 # so the ops share torch's thread pool and honour torch.set_num_threads.
 _CPU_CFLAGS = ("-O3", "-fopenmp") if sys.platform.startswith("linux") else ("-O3",)
 _CUDA_CFLAGS = ("-O3",)
-# A build that reached this marker finished linking; the next process loads the library without ninja.
-_BUILT_MARKER = ".built"
 
 _lock = threading.RLock()  # re-entered when the CUDA build first needs the CPU one
 _status: dict[str, str | None] = {}  # device type -> None (loaded) or why not
@@ -82,13 +78,8 @@ def _build_settings_key() -> str:
 
 
 def source_hash() -> str:
-    """16 hex digits of SHA-256 over every source file under ``csrc_dir()`` and the build settings."""
-    digest = hashlib.sha256(_build_settings_key().encode())
-    root = csrc_dir()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in _SOURCE_SUFFIXES:
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    """16 hex digits of SHA-256 over the ops' sources (``csrc/project_grads``) and the build settings."""
+    return _jit_build.source_hash(csrc_dir() / "project_grads", _build_settings_key())
 
 
 def extension_dir() -> Path:
@@ -96,8 +87,7 @@ def extension_dir() -> Path:
 
     ``<base>`` is ``$TIKMIX_EXTENSIONS_DIR``, or ``~/.cache/tikmix/extensions`` when that is unset.
     """
-    base = os.environ.get(EXTENSIONS_DIR_ENV) or Path.home() / ".cache" / "tikmix" / "extensions"
-    return Path(base).expanduser() / f"torch-{torch.__version__}-{source_hash()}"
+    return _jit_build.extensions_base() / f"torch-{torch.__version__}-{source_hash()}"
 
 
 def _build_folder(device_type: str) -> Path:
@@ -117,73 +107,23 @@ def _build_folder(device_type: str) -> Path:
     return extension_dir() / name
 
 
-def _missing_tool(device_type: str) -> str | None:
-    from torch.utils import cpp_extension
-
-    compiler = shlex.split(os.environ.get("CXX", "c++") or "c++")[0]
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler found (looked for {compiler!r}; set CXX to one)"
-    if not cpp_extension.is_ninja_available() and _ninja_package_bin() is None:
-        return "the build tool ninja is not installed (pip install ninja)"
-    if device_type == "cuda" and cpp_extension.CUDA_HOME is None:
-        return "no CUDA toolkit (nvcc) found; set CUDA_HOME to one"
-    return None
-
-
-def _ninja_package_bin() -> str | None:
-    # pip's ninja lives in the environment's bin folder, which is not on PATH unless the venv is activated.
-    try:
-        import ninja
-    except ImportError:
-        return None
-    return getattr(ninja, "BIN_DIR", None)
-
-
-@contextlib.contextmanager
-def _ninja_on_path():
-    from torch.utils import cpp_extension
-
-    extra = None if cpp_extension.is_ninja_available() else _ninja_package_bin()
-    if extra is None:
-        yield
-        return
-    saved = os.environ.get("PATH", "")
-    os.environ["PATH"] = extra + os.pathsep + saved
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = saved
-
-
 def _build_and_load(device_type: str) -> None:
     name = _LIBRARY_NAMES[device_type]
     build_dir = _build_folder(device_type)
-    library = build_dir / f"{name}.so"
-    marker = build_dir / _BUILT_MARKER
-    if marker.is_file() and library.is_file():
+    library = _jit_build.finished_library(build_dir, name)
+    if library is not None:
         torch.ops.load_library(str(library))
         return
-    # Imported only when building: on import it logs where it looked for CUDA.
-    from torch.utils import cpp_extension
-
-    missing = _missing_tool(device_type)
-    if missing is not None:
-        raise RuntimeError(missing)
-    build_dir.mkdir(parents=True, exist_ok=True)
     root = csrc_dir()
-    with _ninja_on_path():
-        cpp_extension.load(
-            name=name,
-            sources=[str(root / source) for source in _SOURCES[device_type]],
-            extra_cflags=list(_CPU_CFLAGS),
-            extra_cuda_cflags=list(_CUDA_CFLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    temporary = marker.with_suffix(f".{os.getpid()}")
-    temporary.write_text(f"{library}\n")
-    temporary.replace(marker)
+    _jit_build.build(  # cpp_extension.load also loads the library it built
+        name,
+        [root / source for source in _SOURCES[device_type]],
+        build_dir,
+        device_type=device_type,
+        extra_cflags=list(_CPU_CFLAGS),
+        extra_cuda_cflags=list(_CUDA_CFLAGS),
+        is_python_module=False,
+    )
 
 
 def _ensure(device_type: str) -> str | None:

@@ -109,10 +109,10 @@ def test_summarize_and_table_pair_every_method_with_the_baseline():
     assert "0.002" in table  # decision / train FLOPs
 
 
-def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsys):
-    out = tmp_path / "out"
+def _fast_experiment(corpus, out) -> list[str]:
+    """``tikmix experiment`` on ``corpus`` into ``out``, one thread, no progress bars, with the FAST flags."""
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
-    args = [
+    return [
         "experiment",
         "--corpus",
         str(corpus),
@@ -123,6 +123,11 @@ def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsy
         "1",
         *flags,
     ]
+
+
+def test_experiment_end_to_end_writes_the_results_schema(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _fast_experiment(corpus, out)
     assert main([*args, "--methods", "stratified", "tikmix-d", "--seeds", "0", "1"]) == 0
     assert torch.get_num_threads() == 1
     results = json.loads((out / "results.json").read_text())
@@ -450,18 +455,7 @@ def test_adam_preconditioner_runs_online_and_fresh_tikmix_d(corpus, tmp_path, mo
         lambda optimizer, layers: reads.append(optimizer) or original(optimizer, layers),
     )
     out = tmp_path / "out"
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
-    args = [
-        "experiment",
-        "--corpus",
-        str(corpus),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--threads",
-        "1",
-        *flags,
-    ]
+    args = _fast_experiment(corpus, out)
     methods = ("tikmix-d", "tikmix-d-fresh")
     assert main([*args, "--preconditioner", "adam", "--methods", *methods, "--seeds", "0"]) == 0
     assert reads and all(isinstance(optimizer, torch.optim.AdamW) for optimizer in reads)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from tikmix_loader import Domain, MixtureLoader
+from tikmix_loader import Domain, MixtureLoader, _jit_build
 from tikmix_loader.data import _compiled
+from tikmix_loader.data.dataset import as_dataloader
 from tikmix_loader.data.shuffle import keyed_permutation
 from tikmix_loader.data.sources._tokens import WRITE_DTYPES
 from tikmix_loader.data.sources.memmap import write_memmap
@@ -31,10 +32,30 @@ def numpy_permutation(values, n):
 
 @pytest.fixture(scope="module")
 def compiled():
-    """The compiled permutation; this machine has a compiler, so a failed build fails these tests."""
+    """The compiled permutation. Where a compiler and ninja are, a failed build fails these tests
+    (``test_the_compiled_helpers_are_active_where_a_compiler_is``); only where one is missing do they skip."""
+    missing = _jit_build.missing_tool("cpu")
+    if missing is not None:
+        pytest.skip(f"the compiled data-path helpers cannot be built here: {missing}")
     library = _compiled.module()
     assert library is not None, "the compiled data-path helpers did not build or load (see the log)"
     return library.permutation
+
+
+def test_the_compiled_helpers_are_active_where_a_compiler_is(caplog):
+    # A fresh clone's test run builds the helpers (or loads the cached build); a build that silently fell
+    # back to numpy would pass every equality test, so this one fails instead. Where no compiler or ninja
+    # is, the fallback is the expected outcome.
+    missing = _jit_build.missing_tool("cpu")
+    assert os.environ.get(_compiled.SWITCH_ENV) != "0", f"{_compiled.SWITCH_ENV}=0 turns the helpers off"
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        library = _compiled.module()
+    if missing is None:
+        assert library is not None, f"a compiler and ninja are here, but: {caplog.text}"
+        assert Path(library.__file__).parent == _compiled.build_dir()
+        assert not [record for record in caplog.records if record.name == _compiled.__name__]
+    else:
+        assert library is None
 
 
 def random_cases(rng: np.random.Generator, count: int) -> list[tuple[tuple[int, ...], int]]:
@@ -124,6 +145,66 @@ def test_a_failed_build_logs_one_line_and_numpy_serves_the_same_permutations(mon
     monkeypatch.setattr(_compiled, "_module", None)
     for values, n in random_cases(np.random.default_rng(5), 60):
         np.testing.assert_array_equal(keyed_permutation(*values, n=n), numpy_permutation(values, n))
+
+
+def test_a_process_that_found_no_library_tells_its_children_and_they_stay_quiet(
+    monkeypatch, tmp_path, caplog
+):
+    # DataLoader workers under spawn/forkserver and launched ranks are fresh interpreters: without the
+    # inherited answer each would retry the failed build and log its own line.
+    monkeypatch.delenv(_compiled.SWITCH_ENV, raising=False)  # restored (removed) after the test
+    monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(_compiled, "_resolved", False)
+    monkeypatch.setattr(_compiled, "_module", None)
+    with caplog.at_level(logging.WARNING, logger=_compiled.__name__):
+        assert _compiled.module() is None
+    (record,) = [record for record in caplog.records if record.name == _compiled.__name__]
+    message = record.getMessage()
+    assert (
+        "no C++ compiler" in message
+        and str(tmp_path / "ext") in message
+        and "TIKMIX_EXTENSIONS_DIR" in message
+    )
+    assert os.environ[_compiled.SWITCH_ENV] == "0"
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "from tikmix_loader.data import _compiled\n"
+        "from tikmix_loader.data.shuffle import keyed_permutation\n"
+        "print(_compiled.module(), keyed_permutation(3, 4, n=6).tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split(maxsplit=1) == ["None", f"{numpy_permutation((3, 4), 6).tolist()}\n"]
+    assert "unavailable" not in child.stderr and "building" not in child.stderr
+
+
+def test_a_dataloader_with_workers_resolves_the_helpers_before_it_starts_them(monkeypatch, tmp_path):
+    # Resolved lazily, the first read would come after spawned workers started, and each would build or
+    # fail and log on its own.
+    paths = [write_memmap(tmp_path / f"{name}.bin", [np.arange(30)] * 20, vocab_size=258) for name in "ab"]
+    loader = MixtureLoader([Domain(name, path) for name, path in zip("ab", paths)], batch_size=2, seq_len=8)
+    calls = []
+    monkeypatch.delenv(_compiled.SWITCH_ENV, raising=False)
+    monkeypatch.setattr(_compiled, "_resolved", False)
+    monkeypatch.setattr(_compiled, "_module", None)
+    monkeypatch.setattr(_compiled, "resolve", lambda: calls.append("resolve"))  # unavailable
+    as_dataloader(loader, num_workers=0)
+    assert calls == []
+    as_dataloader(loader, num_workers=2, multiprocessing_context="spawn")
+    assert calls == ["resolve"] and os.environ[_compiled.SWITCH_ENV] == "0"
+
+
+def test_an_unusable_extensions_dir_logs_one_line_naming_it(monkeypatch, tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the build folder's parent should be\n")
+    monkeypatch.setenv("TIKMIX_EXTENSIONS_DIR", str(blocked))
+    with caplog.at_level(logging.INFO, logger=_compiled.__name__):
+        assert _compiled.resolve() is None
+    (record,) = [r for r in caplog.records if r.name == _compiled.__name__ and r.levelno == logging.WARNING]
+    assert str(blocked) in record.getMessage() and "TIKMIX_EXTENSIONS_DIR" in record.getMessage()
 
 
 def test_a_broken_cached_library_logs_one_line_and_is_not_used(monkeypatch, tmp_path, caplog):

@@ -131,6 +131,34 @@ def test_gpt2_conv1d_weights_are_scaled_in_their_own_layout():
     _assert_close(gi.compute(domains, targets).values, expected, rtol=2e-6)
 
 
+def test_amsgrad_and_half_precision_second_moments(micro):
+    """AMSGrad divides by the running maximum ``max_exp_avg_sq``; a bf16 ``exp_avg_sq`` (AdamW on bf16
+    weights keeps one) is read in float32."""
+    optimizer = torch.optim.AdamW(micro.parameters(), lr=1e-3, betas=(0.9, 0.95), amsgrad=True)
+    for _ in range(2):
+        _step(micro, optimizer)
+    domains, targets = _groups()
+    for state in optimizer.state.values():  # make the running maximum differ from the current moment
+        state["max_exp_avg_sq"] = state["max_exp_avg_sq"] * 3 + 1e-6
+    gi = GroupInfluence(micro, k=None, preconditioner="adam", optimizer=optimizer)
+
+    def amsgrad_denominator(weight):
+        state, group = optimizer.state[weight], optimizer.param_groups[0]
+        v_hat = state["max_exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+        return v_hat.sqrt() + group["eps"]
+
+    expected = _expected(
+        micro, gi.layer_names, domains, targets, lambda w: 1 / _factored(amsgrad_denominator(w))
+    )
+    _assert_close(gi.compute(domains, targets).values, expected, rtol=2e-6)
+    for state in optimizer.state.values():
+        state["max_exp_avg_sq"] = state["max_exp_avg_sq"].bfloat16()
+    rounded = _expected(
+        micro, gi.layer_names, domains, targets, lambda w: 1 / _factored(amsgrad_denominator(w))
+    )
+    _assert_close(gi.compute(domains, targets).values, rounded, rtol=2e-6)
+
+
 def test_rank_one_second_moment_gives_the_unfactored_adam_step(micro):
     """With ``v`` exactly rank-1 and eps = 0 the factoring is exact: S = psi^T D phi, D = 1 / sqrt(v_hat)."""
     optimizer = _adamw(micro, steps=1)
@@ -230,6 +258,16 @@ def test_adam_errors_name_the_fix(micro):
     optimizer.state[weight]["exp_avg_sq"] = optimizer.state[weight]["exp_avg_sq"].reshape(-1)
     with pytest.raises(ConfigError, match="'blocks.1.mlp.fc' has shape"):
         gi.compute(domains, targets)
+    # A frozen tracked layer (the engine tracks it anyway): outside the optimizer, or in it without state.
+    frozen = copy.deepcopy(micro)
+    frozen.blocks[0].attn.qkv.weight.requires_grad_(False)
+    trainable = torch.optim.AdamW([param for param in frozen.parameters() if param.requires_grad])
+    with pytest.raises(ConfigError, match=r"'blocks.0.attn.qkv' \(frozen: requires_grad=False\) is in none"):
+        GroupInfluence(frozen, k=8, preconditioner="adam", optimizer=trainable)
+    everything = torch.optim.AdamW(frozen.parameters())
+    _step(frozen, everything)
+    with pytest.raises(ConfigError, match=r"\['blocks.0.attn.qkv \(frozen: requires_grad=False\)'\] have no"):
+        GroupInfluence(frozen, k=8, preconditioner="adam", optimizer=everything).compute(domains, targets)
     # Other preconditioners take an optimizer and ignore it.
     GroupInfluence(micro, k=8, preconditioner="kfac", optimizer=torch.optim.SGD(micro.parameters(), lr=0.1))
 

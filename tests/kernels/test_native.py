@@ -349,6 +349,18 @@ def test_source_hash_follows_the_sources(monkeypatch, tmp_path):
     assert _native.source_hash() != before
 
 
+def test_source_hash_ignores_the_data_path_sources(monkeypatch, tmp_path):
+    # The loader's compiled helpers (csrc/data_path) have their own build folder: editing them must not
+    # rebuild the ops.
+    copy = tmp_path / "csrc"
+    shutil.copytree(_native.csrc_dir(), copy)
+    monkeypatch.setattr(_native, "csrc_dir", lambda: copy)
+    before = _native.source_hash()
+    with (copy / "data_path" / "module.cpp").open("a") as source:
+        source.write("// changed\n")
+    assert _native.source_hash() == before
+
+
 def test_without_a_compiler_ops_are_unavailable_with_exactly_one_warning(tmp_path):
     script = textwrap.dedent(
         """

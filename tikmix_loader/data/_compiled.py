@@ -23,11 +23,16 @@ stream is always numpy's. If there is no compiler, the build fails or the librar
 line says why. Without the library, numpy computes the permutations and Python cuts the windows
 (``DomainStream._window_pieces_scalar``) and reads the ranges (``MemmapSource.read_doc_ranges``): the same
 numbers, more slowly.
+
+``TIKMIX_COMPILED_DATA_PATH=0`` in the environment skips the library (numpy and Python do the work, with no
+build and no log line). A process that finds the library unavailable sets it, so the processes it starts
+later (DataLoader workers under ``spawn`` or ``forkserver``, a launcher's ranks) neither retry the build nor
+repeat the log line; forked workers inherit the answer with the rest of the process. ``as_dataloader``
+resolves the library before the DataLoader starts its workers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -41,19 +46,20 @@ from types import ModuleType
 
 import numpy as np
 
+from tikmix_loader import _jit_build
+
 logger = logging.getLogger(__name__)
 
 MODULE_NAME = "tikmix_data_path"
+SWITCH_ENV = "TIKMIX_COMPILED_DATA_PATH"  # "0": numpy and Python only (set after a failure, for children)
 MAX_LENGTH = 2**32  # the compiled permutation refuses longer ones (their draws would need 64 bits)
 _FOLDER = "data_path"  # under csrc/
 _SOURCE = "module.cpp"  # includes the folder's headers
-_SUFFIXES = {".cpp", ".h"}
 _CFLAGS = ("-O3",)
 # cpp_extension always links torch's libraries, and two of them re-export C++ runtime symbols. Asking for the
 # C++ runtime first, with --as-needed, keeps torch out of the library's dependencies, so loading it in a
 # process that never imported torch works.
 _LDFLAGS = ("-Wl,--as-needed", "-lstdc++")
-_BUILT_MARKER = ".built"
 # The first-use check: a multi-word key (values past 2**32 and 2**63, a zero) and a length whose draws
 # cross every mask width up to 2**10, and the 32-bit halves' buffering many times over.
 _CHECK_VALUES = [20260101, 2**63 + 12345, 2**32, 0, 7]
@@ -71,7 +77,13 @@ def module() -> ModuleType | None:
     if not _resolved:
         with _lock:
             if not _resolved:
-                _module = resolve()
+                if os.environ.get(SWITCH_ENV) == "0":
+                    logger.debug("%s=0: numpy computes the shuffles and Python cuts the windows", SWITCH_ENV)
+                    _module = None
+                else:
+                    _module = resolve()
+                    if _module is None:  # said once: the processes this one starts inherit the answer
+                        os.environ[SWITCH_ENV] = "0"
                 _resolved = True
     return _module
 
@@ -82,16 +94,20 @@ def resolve() -> ModuleType | None:
     expected = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_CHECK_VALUES))).permutation(
         _CHECK_LENGTH
     )
+    folder = None
     try:
-        library = _load_or_build(build_dir())
+        folder = build_dir()
+        library = _load_or_build(folder)
         actual = library.permutation(_CHECK_VALUES, _CHECK_LENGTH)
     except Exception as exc:  # any build, load or call failure means "use numpy", never a crash
         message = " ".join(str(exc).split())[-1000:]
         logger.warning(
-            "the compiled data-path helpers are unavailable (%s: %s); numpy computes the shuffles and Python "
-            "cuts the windows (the same stream, more slowly)",
+            "the compiled data-path helpers are unavailable (%s: %s; build folder %s, set by %s); numpy "
+            "computes the shuffles and Python cuts the windows (the same stream, more slowly)",
             type(exc).__name__,
             message,
+            folder,
+            _jit_build.EXTENSIONS_DIR_ENV,
         )
         return None
     if actual.dtype != expected.dtype or not np.array_equal(actual, expected):
@@ -122,49 +138,25 @@ def csrc_dir() -> Path:
 
 def build_dir() -> Path:
     """``<base>/data_path-<16 hex digits of SHA-256 over the sources and the build settings>``."""
-    settings = (
-        _CFLAGS,
-        _LDFLAGS,
-        sys.implementation.cache_tag,
-        platform.machine(),
-        os.environ.get("CXX", ""),
-    )
-    digest = hashlib.sha256(repr(settings).encode())
-    for path in sorted((csrc_dir() / _FOLDER).iterdir()):
-        if path.suffix in _SUFFIXES:
-            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    base = os.environ.get("TIKMIX_EXTENSIONS_DIR") or Path.home() / ".cache" / "tikmix" / "extensions"
-    return Path(base).expanduser() / f"{_FOLDER}-{digest.hexdigest()[:16]}"
+    cxx = os.environ.get("CXX", "")
+    settings = (_CFLAGS, _LDFLAGS, sys.implementation.cache_tag, platform.machine(), cxx)
+    digest = _jit_build.source_hash(csrc_dir() / _FOLDER, repr(settings))
+    return _jit_build.extensions_base() / f"{_FOLDER}-{digest}"
 
 
 def _load_or_build(folder: Path) -> ModuleType:
-    path = folder / f"{MODULE_NAME}.so"
-    marker = folder / _BUILT_MARKER
-    if marker.is_file() and path.is_file():
-        return _import(path)
+    library = _jit_build.finished_library(folder, MODULE_NAME)
+    if library is not None:
+        return _import(library)
     logger.info("building the compiled data-path helpers into %s (once per machine)", folder)
-    # Imported only to build: cpp_extension and the native ops' tool checks import torch.
-    from tikmix_kernels import _native
-    from torch.utils import cpp_extension
-
-    missing = _native._missing_tool("cpu")
-    if missing is not None:
-        raise RuntimeError(missing)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _native._ninja_on_path():
-        library = cpp_extension.load(
-            name=MODULE_NAME,
-            sources=[str(csrc_dir() / _FOLDER / _SOURCE)],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(folder),
-            is_python_module=True,
-            verbose=False,
-        )
-    temporary = marker.with_suffix(f".{os.getpid()}")
-    temporary.write_text(f"{path}\n")
-    temporary.replace(marker)
-    return library
+    return _jit_build.build(
+        MODULE_NAME,
+        [csrc_dir() / _FOLDER / _SOURCE],
+        folder,
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        is_python_module=True,
+    )
 
 
 def _import(path: Path) -> ModuleType:

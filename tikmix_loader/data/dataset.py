@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from tikmix_loader.data import _compiled
 from tikmix_loader.data.planner import BatchPlan
 from tikmix_loader.errors import ConfigError, MissingExtraError
 
@@ -160,12 +161,10 @@ def as_dataloader(loader, *, stateful: bool = False, **kwargs) -> DataLoader:
             f"mixture sampling); remove them from the call."
         )
     cls = _stateful_dataloader_class() if stateful else MixtureDataLoader
-    return cls(
-        MixtureDataset(loader),
-        batch_size=None,
-        sampler=PlanSampler(loader, ahead=kwargs.get("num_workers", 0) > 0),
-        **kwargs,
-    )
+    workers = kwargs.get("num_workers", 0) > 0
+    if workers:  # build or load the compiled helpers once, here: workers inherit the library or the fallback
+        _compiled.module()
+    return cls(MixtureDataset(loader), batch_size=None, sampler=PlanSampler(loader, ahead=workers), **kwargs)
 
 
 @functools.cache

@@ -36,6 +36,11 @@ def _groups_by_param(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
     return {id(param): group for group in optimizer.param_groups for param in group["params"]}
 
 
+def _frozen(layer) -> str:
+    """`` (frozen: requires_grad=False)`` for a layer whose weight the optimizer cannot have trained."""
+    return "" if layer.module.weight.requires_grad else " (frozen: requires_grad=False)"
+
+
 def check_optimizer(optimizer, layers) -> dict[int, dict]:
     """Raise ``ConfigError`` unless ``optimizer`` is a torch optimizer with Adam's ``betas`` and ``eps``
     that updates every tracked layer's weight (``layers``: ``TrackedLayer``s); returns ``id(param)`` -> its
@@ -50,8 +55,9 @@ def check_optimizer(optimizer, layers) -> dict[int, dict]:
         group = groups.get(id(layer.module.weight))
         if group is None:
             raise ConfigError(
-                f"GroupInfluence: the weight of tracked layer {layer.name!r} is in none of the optimizer's "
-                "param groups; pass the optimizer that trains it, or exclude the layer"
+                f"GroupInfluence: the weight of tracked layer {layer.name!r}{_frozen(layer)} is in none of "
+                "the optimizer's param groups; pass the optimizer that trains it, or exclude the layer "
+                "(`exclude=`)"
             )
         if "betas" not in group or "eps" not in group:
             raise ConfigError(
@@ -92,11 +98,11 @@ def adam_scales(optimizer: torch.optim.Optimizer, layers) -> Scales | None:
     states = [optimizer.state.get(layer.module.weight) or {} for layer in layers]
     if not any(states):
         return None
-    missing = [layer.name for layer, state in zip(layers, states, strict=True) if not state]
+    missing = [layer.name + _frozen(layer) for layer, state in zip(layers, states, strict=True) if not state]
     if missing:
         raise ConfigError(
             f"GroupInfluence: tracked layers {missing} have no optimizer state while others do (did their "
-            "weights get no gradient?); exclude them for preconditioner 'adam'"
+            "weights get no gradient?); exclude them (`exclude=`) for preconditioner 'adam'"
         )
     scales = []
     for layer, state in zip(layers, states, strict=True):
