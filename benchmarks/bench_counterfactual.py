@@ -26,7 +26,12 @@ say there; its floor is ``fitted on other checkpoints``: the least-squares linea
 measured at the other checkpoints of the same run, later ones included (what measuring, rather than
 predicting, would know; not a rule a run could follow as it goes), and every checkpoint also branches the
 natural mixture (token shares), a second fixed reference beside stratified. A predictor's prediction for
-mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
+mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``). ``--exact`` adds
+fresh predictors computed with plain autograd over every trainable parameter, unprojected, on the same
+observation and target samples (``exact_influence``): ``adam-exact`` = ``g_t^T D g_d`` with AdamW's own
+``D = 1 / (sqrt(v_hat) + eps)`` at the checkpoint (the first-order effect of an AdamW step on ``sum_d w_d
+L_d``), and ``gradient-exact`` = ``g_t^T g_d``; together they separate Adam's preconditioning from the
+engine's projection and its restriction to Linear weights.
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -77,6 +82,7 @@ from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 BRANCH_DATA = ("sampled", "weighted")
 OWN_DOMAIN = "own domain (S = I)"
 FITTED = "fitted on other checkpoints"
+EXACT = ("adam", "gradient")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,13 @@ class CounterfactualConfig:
     preconditioners: tuple[str, ...] = field(
         default=("identity", "kfac", "ekfac"), metadata={"help": "preconditioners compared"}
     )
+    exact: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "exact fresh predictors, every trainable parameter, no projection: 'adam' (g_t^T D g_d, "
+            "D from AdamW's second moments) and/or 'gradient' (g_t^T g_d)"
+        },
+    )
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
     max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
     min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
@@ -116,7 +129,7 @@ class CounterfactualConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self):
-        for name in ("checkpoints", "ks", "preconditioners", "solve_steps"):
+        for name in ("checkpoints", "ks", "preconditioners", "exact", "solve_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checkpoints = self.checkpoints
         if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1:
@@ -133,6 +146,11 @@ class CounterfactualConfig:
         if unknown or not self.preconditioners:
             raise ConfigError(
                 f"CounterfactualConfig: unknown `preconditioners` {unknown}; valid: {sorted(PRECONDITIONERS)}"
+            )
+        if not set(self.exact) <= set(EXACT):
+            raise ConfigError(
+                f"CounterfactualConfig: unknown `exact` predictors {sorted(set(self.exact) - set(EXACT))}; "
+                f"valid: {list(EXACT)}"
             )
         if not 0 < self.lean < 1:
             raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
@@ -282,7 +300,7 @@ def score_predictor(S: np.ndarray, mixtures: np.ndarray, change: np.ndarray, *, 
 
 
 def _fresh_influence(
-    model, loader, targets, *, config: CounterfactualConfig, key: int
+    model, optimizer, loader, targets, *, config: CounterfactualConfig, key: int
 ) -> dict[str, np.ndarray]:
     observation = {
         name: loader.sample_batches(
@@ -295,7 +313,81 @@ def _fresh_influence(
         for k in config.ks:
             engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed)
             out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
+    if config.exact:
+        out.update(exact_influence(model, optimizer, observation, targets, kinds=config.exact))
     return out
+
+
+def mean_loss_gradient(model, batches: list[dict], params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradient of the mean loss per token over every row of ``batches`` (one group, as ``GroupInfluence``
+    pools a domain's or target's samples) with respect to ``params``, flattened into one float64 vector."""
+    device = next(model.parameters()).device
+    total = [torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in params]
+    tokens = 0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        loss = per_token_loss(model, batch).sum()  # masked positions are 0
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for into, grad in zip(total, grads, strict=True):
+            if grad is not None:
+                into += grad.reshape(-1).double()
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+    return torch.cat(total) / max(tokens, 1)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """AdamW's elementwise step preconditioner ``D = 1 / (sqrt(v / (1 - beta2^step)) + eps)`` of ``params``,
+    flattened in their order (what ``torch.optim.AdamW`` divides the first moment by at its next step).
+
+    Raises:
+        ConfigError: a parameter is not in ``optimizer`` or has no ``exp_avg_sq`` yet (no step taken).
+    """
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out = []
+    for index, param in enumerate(params):
+        state = optimizer.state.get(param, {})
+        if id(param) not in groups or "exp_avg_sq" not in state:
+            raise ConfigError(
+                f"adam_preconditioner: parameter {index} {tuple(param.shape)} has no AdamW second moment "
+                "(not in the optimizer, or before its first step)"
+            )
+        group = groups[id(param)]
+        correction = 1.0 - group["betas"][1] ** float(state["step"])
+        v_hat = state["exp_avg_sq"].double() / correction
+        out.append((1.0 / (v_hat.sqrt() + group["eps"])).reshape(-1))
+    return torch.cat(out)
+
+
+def exact_influence(
+    model, optimizer, domains: dict[str, list[dict]], targets: dict[str, list[dict]], *, kinds
+) -> dict[str, np.ndarray]:
+    """Unprojected fresh ``S`` over every trainable parameter, with plain autograd (``config.exact``):
+    ``fresh gradient-exact`` = ``g_t^T g_d`` and ``fresh adam-exact`` = ``g_t^T D g_d`` with AdamW's full
+    bias-corrected ``D`` (``adam_preconditioner``), ``g_d`` the gradient of domain d's mean loss per token
+    (a branch trains on ``sum_d w_d L_d``) and ``g_t`` that of the target's. To first order an AdamW step on
+    mixture w changes target t by ``-lr (1 - beta1) sum_d w_d g_t^T D g_d`` plus terms that do not depend on w
+    (the momentum already held), so the branches follow ``adam-exact`` as far as the first order holds;
+    ``gradient-exact`` separates Adam's preconditioning from the engine's projection and layer restriction.
+    Passes run in ``eval()`` mode, as ``GroupInfluence``'s observation passes do."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        g_domains = torch.stack([mean_loss_gradient(model, batches, params) for batches in domains.values()])
+        g_targets = torch.stack([mean_loss_gradient(model, batches, params) for batches in targets.values()])
+    finally:
+        model.train(was_training)
+    out = {}
+    for kind in kinds:
+        scale = adam_preconditioner(optimizer, params) if kind == "adam" else torch.ones_like(g_domains[0])
+        out[f"fresh {kind}-exact"] = ((g_targets * scale) @ g_domains.T).cpu().numpy()
+    return out
+
+
+def decides(name: str, config: CounterfactualConfig) -> bool:
+    """Whether TiKMiX-D decisions are branched from predictor ``name``: the engines' at ``config.k`` and the
+    exact ones."""
+    return name.endswith(f" k={config.k}") or name.endswith("-exact")
 
 
 def measured_branch(weights: np.ndarray, branch_change: np.ndarray, change: np.ndarray) -> dict:
@@ -411,7 +503,9 @@ def run_check(
             influence = {
                 f"online {kind} k={config.k}": e.influence(targets).values for kind, e in online.items()
             }
-            influence.update(_fresh_influence(model, loader, targets, config=config, key=checkpoint))
+            influence.update(
+                _fresh_influence(model, optimizer, loader, targets, config=config, key=checkpoint)
+            )
             if list(targets) == [f"{name}/val" for name in names]:
                 influence[OWN_DOMAIN] = np.eye(len(names))
             before = target_losses(model, targets)
@@ -427,7 +521,7 @@ def run_check(
             prior = dict.fromkeys(names, 1.0)
             decisions = {}
             for name, S in influence.items():
-                if not name.endswith(f" k={config.k}"):
+                if not decides(name, config):
                     continue
                 for t in config.solve_steps:
                     solver = get_mixer(
@@ -659,7 +753,7 @@ def main(argv: list[str] | None = None) -> None:
         default = getattr(defaults, item.name)
         flag = f"--{item.name.replace('_', '-')}"
         if isinstance(default, tuple):
-            kind = {"preconditioners": str, "solve_steps": float}.get(item.name, int)
+            kind = {"preconditioners": str, "exact": str, "solve_steps": float}.get(item.name, int)
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])
