@@ -311,7 +311,7 @@ def _fresh_influence(
     out = {}
     for kind in config.preconditioners:
         for k in config.ks:
-            engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed)
+            engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed, optimizer=optimizer)
             out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
     if config.exact:
         out.update(exact_influence(model, optimizer, observation, targets, kinds=config.exact))
@@ -480,6 +480,8 @@ def run_check(
         for kind in config.preconditioners
     }
     optimizer, _ = make_optimizer(model, config.train_config)
+    for engine in online.values():  # the "adam" preconditioner reads its second moments
+        engine.bind_optimizer(optimizer)
     train_config = config.train_config
     batches = iter(loader)
     records, step = [], 0

@@ -11,7 +11,8 @@
    Pearson correlation of the two S, over domain-level S (distinct domains) and over fine-grained S (groups of
    two rows from one domain, the hard case). ``--curve`` also prints the projection curve (correlation with
    the unprojected S as k grows) from ``tikmix_loader.influence.reference.projection_curve``, the helper the
-   tests use.
+   tests use. With ``--preconditioner adam`` it also compares the engine's rank-1 factored Adam S (k=None)
+   with the exact element-wise one from ``reference.exact_influence``.
 
 Usage::
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from tikmix_loader.influence import GroupInfluence
-from tikmix_loader.influence.reference import correlation, projection_curve
+from tikmix_loader.influence.reference import correlation, exact_influence, projection_curve
 from tikmix_loader.losses import loss_mask, mark_labels, per_token_loss
 from tikmix_loader.models import GPTConfig, TinyGPT
 
@@ -104,6 +105,7 @@ def bench_overhead(preset: str, ks: list[int], args, device: torch.device) -> li
             domains=DOMAINS,
             half_life=100,
             backend=args.backend,
+            optimizer=optimizer,  # read by "adam" at every step, ignored by the others
         )
         for k in ks
     }
@@ -173,23 +175,53 @@ def bench_fidelity(args, device: torch.device) -> None:
     for fine in (False, True):
         domains, targets = (_on(device, g) for g in _fidelity_groups(config.seq_len, fine))
         for k in args.ks:
-            gi = GroupInfluence(model, k=k, preconditioner=args.preconditioner, backend=args.backend)
+            gi = GroupInfluence(
+                model, k=k, preconditioner=args.preconditioner, backend=args.backend, optimizer=optimizer
+            )
             fp32 = gi.compute(domains, targets).values
             bf16 = gi.compute(domains, targets, loss_fn=bf16_loss).values
             value = correlation(bf16, fp32, per_target=fine)
             error = np.abs(bf16 - fp32).max() / np.abs(fp32).max()
             kind = "fine" if fine else "domain"
             print(f"{kind:>8} {k:>4} {value:18.6f} {error:13.2e} {GOAL_FIDELITY:5.2f}")
+    if args.preconditioner == "adam":
+        _adam_factoring(model, optimizer, device, config.seq_len)
     if args.curve:
         print("\n# projection curve: correlation with unprojected S (mean over projection seeds 0, 1)")
         for fine in (False, True):
             domains, targets = (_on(device, g) for g in _fidelity_groups(config.seq_len, fine))
             for name in ("identity", args.preconditioner):
                 curve = projection_curve(
-                    model, domains, targets, ks=(4, 8, 16, 32, 64), preconditioner=name, per_target=fine
+                    model,
+                    domains,
+                    targets,
+                    ks=(4, 8, 16, 32, 64),
+                    preconditioner=name,
+                    per_target=fine,
+                    optimizer=optimizer,
                 )
                 points = "  ".join(f"k={k}: {np.mean(v):.3f}" for k, v in curve.items())
                 print(f"{'fine' if fine else 'domain':>8} {name:>8}  {points}")
+
+
+def _adam_factoring(model, optimizer, device, seq_len: int) -> None:
+    """Print how far the engine's rank-1 factored Adam S (unprojected) is from the exact element-wise one."""
+    print(
+        "\n# adam: rank-1 factored D (engine, k=None) vs the exact element-wise D (reference), every Linear"
+    )
+    print(f"{'groups':>8} {'corr factored vs exact':>23} {'max rel diff':>13} {'corr exact vs identity':>23}")
+    for fine in (False, True):
+        domains, targets = (_on(device, g) for g in _fidelity_groups(seq_len, fine))
+        gi = GroupInfluence(model, k=None, preconditioner="adam", optimizer=optimizer)
+        factored = gi.compute(domains, targets).values
+        options = {"layers": gi.layer_names, "optimizer": optimizer}
+        exact = exact_influence(model, domains, targets, preconditioner="adam", **options)
+        plain = exact_influence(model, domains, targets, preconditioner="identity", **options)
+        error = np.abs(factored - exact).max() / np.abs(exact).max()
+        print(
+            f"{'fine' if fine else 'domain':>8} {correlation(factored, exact, per_target=fine):23.4f} "
+            f"{error:13.2e} {correlation(exact, plain, per_target=fine):23.4f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per provider")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per training batch")
-    parser.add_argument("--preconditioner", default="kfac", help="identity, kfac or ekfac")
+    parser.add_argument("--preconditioner", default="kfac", help="identity, kfac, ekfac or adam")
     parser.add_argument("--backend", default="auto", help="kernel backend")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(

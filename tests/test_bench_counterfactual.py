@@ -137,7 +137,7 @@ def test_config_rejects_checkpoints_past_the_run(bench):
 @pytest.mark.parametrize("exact", [(), ("adam", "gradient")])
 def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys, exact):
     out = tmp_path / "cf.json"
-    kinds = ("identity", "kfac")
+    kinds = ("identity", "kfac", "adam")
     args = ["--corpus", str(corpus), "--json", str(out), "--threads", "1", "--preconditioners", *kinds]
     args += ["--exact", *exact] if exact else []
     for key, value in SMALL.items():
@@ -145,6 +145,7 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys, exac
     bench.main(args)
     table = capsys.readouterr().out
     assert "| online kfac k=8 |" in table and "| fresh identity k=8 |" in table
+    assert "| online adam k=8 |" in table and "| fresh adam k=8 |" in table  # the optimizer reached both
     assert "| stratified (baseline) |" in table and "| own domain (S = I) |" in table
     saved = json.loads(out.read_text())
     assert [record["step"] for record in saved["checkpoints"]] == [3, 6]

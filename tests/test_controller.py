@@ -30,13 +30,27 @@ def _loader(domains, **options):
 class Run:
     """A tiny training run driven by a controller, exactly as the README's loop does it."""
 
-    def __init__(self, domains, ledger_path=None, *, mixer="tikmix_d", schedule=None, online=True):
+    def __init__(
+        self,
+        domains,
+        ledger_path=None,
+        *,
+        mixer="tikmix_d",
+        schedule=None,
+        online=True,
+        preconditioner="kfac",
+    ):
         torch.manual_seed(0)
         self.loader = _loader(domains)
         self.model = TinyGPT(GPTConfig.preset("micro", seq_len=SEQ_LEN), seed=0)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
         targets = {name: [self.loader.sample_domain(name, 4, seed=99)] for name in ("a", "c")}
-        influence = GroupInfluence(self.model, k=8, domains=self.loader.domain_names if online else None)
+        influence = GroupInfluence(
+            self.model,
+            k=8,
+            preconditioner=preconditioner,
+            domains=self.loader.domain_names if online else None,
+        )
         self.controller = MixtureController(
             self.loader,
             mixer,
@@ -46,6 +60,7 @@ class Run:
             ledger=None if ledger_path is None else MixtureLedger(ledger_path),
             observation_samples=None if online else 8,
         )
+        self.controller.bind_optimizer(self.optimizer)
 
     def step(self, step):
         batch = self.loader.next_batch()
@@ -128,9 +143,10 @@ def test_odm_gets_per_domain_training_losses(domains, tmp_path):
     assert np.all(np.isfinite(captured[0])) and np.all(captured[0] > 0)
 
 
-def test_resume_makes_the_same_decisions_at_every_midpoint(domains):
+@pytest.mark.parametrize("preconditioner", ["kfac", "adam"])
+def test_resume_makes_the_same_decisions_at_every_midpoint(domains, preconditioner):
     assert_resumes_exactly(
-        lambda: Run(domains),
+        lambda: Run(domains, preconditioner=preconditioner),
         lambda run, step: (run.step(step), run.loader.weights),
         total=8,
         midpoints=[1, 2, 3, 6],  # before, at and after the decisions of steps 2 and 5
@@ -172,3 +188,21 @@ def test_bad_configuration_is_rejected(domains, tmp_path):
     state = controller.state_dict()
     with pytest.raises(StateError, match="schedule"):
         MixtureController(loader, "stratified", schedule=every(3)).load_state_dict(state)
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_adam_influence_decides_with_the_bound_optimizer(domains, tmp_path, online):
+    run = Run(domains, tmp_path / "l.jsonl", preconditioner="adam", online=online)
+    for step in range(6):
+        run.step(step)
+    assert run.controller.decisions == 2 and run.controller.last_influence.preconditioner == "adam"
+    values = run.controller.last_influence.values
+    assert np.isfinite(values).all() and np.any(values != 0)
+    assert run.controller.influence.optimizer is run.optimizer
+
+
+def test_adam_influence_without_the_optimizer_names_the_fix(domains):
+    run = Run(domains, preconditioner="adam")
+    run.controller.influence.optimizer = None  # as if bind_optimizer had not been called
+    with pytest.raises(ConfigError, match=r"needs the training optimizer.*bind_optimizer"):
+        run.step(0)

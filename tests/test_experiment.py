@@ -338,7 +338,7 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
         ({"num_workers": -1}, "`num_workers` must be >= 0"),
         ({"eval_samples": 0}, "`eval_samples` must be a positive int"),
         ({"lr": 0.0}, "`lr` must be a finite float > 0"),
-        ({"preconditioner": "adam"}, "`preconditioner` must be one of"),
+        ({"preconditioner": "shampoo"}, "`preconditioner` must be one of"),
         ({"regmix_regressor": "mlp"}, "`regmix_regressor` must be one of"),
     ],
 )
@@ -435,3 +435,42 @@ def test_tikmix_d_fresh_measures_a_fresh_observation_pass_at_every_decision(corp
     assert [d["step"] for d in run.result.decisions] == [2, 5]
     assert calls["compute"] == 2  # one observation pass per decision, on fresh samples
     assert calls["observe"] == 0 and calls["online influence"] == 0  # no EMA is collected or read
+
+
+def test_adam_preconditioner_runs_online_and_fresh_tikmix_d(corpus, tmp_path, monkeypatch):
+    """``--preconditioner adam``: the optimizer reaches the engine before the first step, and every decision
+    of online and fresh TiKMiX-D is measured with AdamW's step sizes."""
+    import tikmix_loader.influence.group_influence as engine
+
+    reads = []
+    original = engine.adam_scales
+    monkeypatch.setattr(
+        engine,
+        "adam_scales",
+        lambda optimizer, layers: reads.append(optimizer) or original(optimizer, layers),
+    )
+    out = tmp_path / "out"
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    args = [
+        "experiment",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+        *flags,
+    ]
+    methods = ("tikmix-d", "tikmix-d-fresh")
+    assert main([*args, "--preconditioner", "adam", "--methods", *methods, "--seeds", "0"]) == 0
+    assert reads and all(isinstance(optimizer, torch.optim.AdamW) for optimizer in reads)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["preconditioner"] == "adam"
+    for name in methods:
+        ledger = [
+            json.loads(line) for line in Path(results["methods"][name]["ledgers"][0]).read_text().splitlines()
+        ]
+        assert [record["step"] for record in ledger] == [2], name  # none after the last step
+        for record in ledger:
+            assert np.isfinite(record["influence"]["values"]).all() and np.any(record["influence"]["values"])

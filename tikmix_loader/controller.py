@@ -12,6 +12,9 @@ A training loop calls, per step (the order matters)::
         optimizer.zero_grad()
         controller.step(step)                # may decide; new weights apply from the next batch
 
+With ``GroupInfluence(..., preconditioner="adam")`` call ``controller.bind_optimizer(optimizer)`` once before
+the loop (or pass ``optimizer_hook=controller.bind_optimizer`` to ``train``).
+
 At a decision the controller measures Group Influence on the targets (online: from the statistics the
 training backward passes accumulated; observation mode: from fresh samples of each domain drawn with
 ``loader.sample_domain``), builds a ``MixingContext``, lets rank 0's mixer propose, broadcasts the weights
@@ -154,6 +157,12 @@ class MixtureController:
         # Row 0: summed per-token training loss per domain, row 1: loss tokens. Kept on the loss's device and
         # read only at a decision, so record_losses never synchronises the GPU.
         self._loss_stats = torch.zeros(2, len(loader.domain_names), dtype=torch.float64)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hand the training optimizer to the influence engine, before the first step (its ``"adam"``
+        preconditioner reads the second moments; the others ignore it). A no-op without an engine."""
+        if self.influence is not None:
+            self.influence.bind_optimizer(optimizer)
 
     # -- per step ---------------------------------------------------------------------------------
 

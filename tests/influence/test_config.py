@@ -36,7 +36,7 @@ def test_config_round_trips_and_reports_changed_fields():
         ({"k": True}, r"`k` must be"),
         (
             {"preconditioner": "newton"},
-            r"unknown `preconditioner` 'newton'; valid: \['ekfac', 'identity', 'kfac'\]",
+            r"unknown `preconditioner` 'newton'; valid: \['adam', 'ekfac', 'identity', 'kfac'\]",
         ),
         ({"damping": 0.0}, r"`damping` must be a finite float > 0"),
         ({"layers": ()}, r"`layers` is empty; pass None"),
@@ -52,10 +52,10 @@ def test_bad_settings_raise_config_errors(kwargs, match):
 
 
 def test_preconditioner_registry_lists_valid_names():
-    assert sorted(PRECONDITIONERS) == ["ekfac", "identity", "kfac"]
+    assert sorted(PRECONDITIONERS) == ["adam", "ekfac", "identity", "kfac"]
     assert get_preconditioner("kfac").name == "kfac"
     with pytest.raises(
-        ConfigError, match=r"unknown preconditioner 'shampoo'; valid: \['ekfac', 'identity', 'kfac'\]"
+        ConfigError, match=r"unknown preconditioner 'shampoo'; valid: \['adam', 'ekfac', 'identity', 'kfac'\]"
     ):
         get_preconditioner("shampoo")
 

@@ -56,12 +56,14 @@ def _recording(propose, recorder):
     return recorded
 
 
-def _trainer(domains, tmp_path, ledger_name, **options):
+def _trainer(domains, tmp_path, ledger_name, *, preconditioner="kfac", **options):
     torch.manual_seed(0)
     loader = MixtureLoader(domains, batch_size=6, seq_len=SEQ_LEN, seed=2, num_workers=1)
     model = ComposerTinyGPT()
     targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
-    influence = GroupInfluence(model.model, k=8, domains=loader.domain_names, backend="torch")
+    influence = GroupInfluence(
+        model.model, k=8, preconditioner=preconditioner, domains=loader.domain_names, backend="torch"
+    )
     controller = MixtureController(
         loader,
         "tikmix_d",
@@ -128,6 +130,22 @@ def test_fit_changes_weights_checkpoints_and_resumes_the_same_stream(tmp_path):
         tmp_path / "straight" / "ledger.jsonl"
     ).read_bytes()
     resumed.close()
+
+
+def test_adam_influence_reads_the_trainers_optimizer(tmp_path):
+    (tmp_path / "data").mkdir()
+    domains = write_domains(tmp_path / "data", {"a": 30, "b": 40, "c": 25}, max_len=60)
+    trainer, _, recorder = _trainer(
+        domains, tmp_path / "adam", "ledger.jsonl", preconditioner="adam", max_duration="4ba"
+    )
+    trainer.fit()
+    callback = next(c for c in trainer.state.callbacks if isinstance(c, TikMixCallback))
+    influence = callback.controller.influence
+    assert influence.optimizer is trainer.state.optimizers[0] and len(recorder.contexts) == 1
+    assert influence.steps == 3  # the first batch ran before the optimizer had second moments
+    assert callback.controller.last_influence.preconditioner == "adam"
+    assert np.isfinite(callback.controller.last_influence.values).all()
+    trainer.close()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "amp_fp16"])

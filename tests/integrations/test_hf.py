@@ -35,7 +35,15 @@ class RecordingTrainer(TikMixTrainer):
 
 
 def _trainer(
-    domains, output_dir, *, max_steps=8, save_steps=None, batch_size=4, accumulation=1, label_convention="hf"
+    domains,
+    output_dir,
+    *,
+    max_steps=8,
+    save_steps=None,
+    batch_size=4,
+    accumulation=1,
+    label_convention="hf",
+    preconditioner="kfac",
 ):
     """A dropout-free GPT-2 trained ``max_steps`` steps, deciding with TiKMiX-D every 3, on batches of
     ``batch_size`` accumulated ``accumulation`` times per optimizer step; a checkpoint every ``save_steps``
@@ -50,7 +58,12 @@ def _trainer(
     )
     model = tiny_gpt2(seq_len=SEQ_LEN)
     influence = GroupInfluence(
-        model, task=HFCausalLMTask(), k=8, domains=loader.domain_names, backend="torch"
+        model,
+        task=HFCausalLMTask(),
+        k=8,
+        preconditioner=preconditioner,
+        domains=loader.domain_names,
+        backend="torch",
     )
     targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
     controller = MixtureController(
@@ -100,6 +113,17 @@ def test_train_changes_weights_and_resumes_from_a_trainer_checkpoint(domains, tm
         assert all(torch.equal(got[key], expected[key]) for key in expected)
     assert resumed.controller.loader.state_dict()["weight_history"] == history
     assert resumed.controller.decisions == 2
+
+
+def test_adam_influence_reads_the_trainers_optimizer(domains, tmp_path):
+    trainer = _trainer(domains, tmp_path / "adam", max_steps=4, preconditioner="adam")
+    trainer.train()
+    influence = trainer.controller.influence
+    assert influence.optimizer is trainer.optimizer and trainer.controller.decisions == 1
+    assert influence.steps == 3  # the first step ran before the optimizer had second moments: not observed
+    values = trainer.controller.last_influence.values
+    assert trainer.controller.last_influence.preconditioner == "adam"
+    assert np.isfinite(values).all() and np.any(values != 0)
 
 
 def test_trainer_refuses_shifted_labels(domains, tmp_path):

@@ -42,10 +42,12 @@ class TinyGPTModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def _fit(domains, root, *, max_steps, ckpt_path=None, plugins=None):
+def _fit(domains, root, *, max_steps, ckpt_path=None, plugins=None, preconditioner="kfac"):
     loader = MixtureLoader(domains, batch_size=4, seq_len=SEQ_LEN, seed=2, num_workers=0)
     module = TinyGPTModule(loader)
-    influence = GroupInfluence(module.model, k=8, domains=loader.domain_names, backend="torch")
+    influence = GroupInfluence(
+        module.model, k=8, preconditioner=preconditioner, domains=loader.domain_names, backend="torch"
+    )
     targets = {"b": [loader.sample_domain("b", 4, seed=5)]}
     controller = MixtureController(
         loader, "tikmix_d", influence=influence, targets=targets, schedule=every(3)
@@ -65,6 +67,7 @@ def _fit(domains, root, *, max_steps, ckpt_path=None, plugins=None):
         plugins=plugins,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
+    module.trainer_optimizer = trainer.optimizers[0]
     return module, loader, controller
 
 
@@ -124,3 +127,11 @@ def test_fp16_grad_scaling_does_not_scale_the_online_statistics(domains, tmp_pat
 def _fp16_plugin():
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     return lightning.pytorch.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def test_adam_influence_reads_the_trainers_optimizer(domains, tmp_path):
+    module, _, controller = _fit(domains, tmp_path, max_steps=4, preconditioner="adam")
+    assert controller.influence.optimizer is module.trainer_optimizer and controller.decisions == 1
+    assert controller.influence.steps == 3  # the first step ran before the optimizer had second moments
+    assert controller.last_influence.preconditioner == "adam"
+    assert np.isfinite(controller.last_influence.values).all() and np.any(controller.last_influence.values)

@@ -57,7 +57,7 @@ class InfluenceOptions:
     """How the influence methods measure Group Influence and draw their targets."""
 
     k: int = _option(32, "Group Influence projection width")
-    preconditioner: str = _option("kfac", "identity, kfac or ekfac")
+    preconditioner: str = _option("kfac", "identity, kfac, ekfac or adam (the training AdamW's step sizes)")
     target_samples: int = _option(64, "val samples per domain for the targets")
     target_batch_size: int = _option(16, "batch size of target/observation passes")
 

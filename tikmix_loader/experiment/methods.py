@@ -131,6 +131,12 @@ def _influence(run: MethodInputs, *, half_life: float | None = None) -> GroupInf
     )
 
 
+def _deciding(controller: MixtureController) -> MethodSetup:
+    """The setup of a method whose controller measures S: its engine gets the training optimizer (which the
+    ``adam`` preconditioner reads; the others ignore it)."""
+    return MethodSetup(controller, optimizer_hook=controller.bind_optimizer)
+
+
 def _online_half_life(run: MethodInputs) -> float:
     return run.config.tikmix_d.half_life or run.config.every
 
@@ -176,7 +182,7 @@ def _observing_tikmix_d(run: MethodInputs, schedule) -> MixtureController:
 
 def _tikmix_d(run: MethodInputs) -> MethodSetup:
     run.start_adaptive()
-    return MethodSetup(_online_tikmix_d(run))
+    return _deciding(_online_tikmix_d(run))
 
 
 def _tikmix_d_fresh(run: MethodInputs) -> MethodSetup:
@@ -184,14 +190,14 @@ def _tikmix_d_fresh(run: MethodInputs) -> MethodSetup:
     the counterfactual check fresh K-FAC/EK-FAC ``S`` ranked measured branches better than the EMA, which
     mixes gradients of parameters the model has since left (docs/methods.md §6)."""
     run.start_adaptive()
-    return MethodSetup(_observing_tikmix_d(run, every(run.config.every)))
+    return _deciding(_observing_tikmix_d(run, every(run.config.every)))
 
 
 def _tikmix_d_stage(run: MethodInputs) -> MethodSetup:
     run.start_adaptive()
     config, stages = run.config, run.config.stage.stages
     milestones = [config.tokens_per_run * j // (stages + 1) for j in range(1, stages + 1)]
-    return MethodSetup(_observing_tikmix_d(run, at_tokens(*milestones)))
+    return _deciding(_observing_tikmix_d(run, at_tokens(*milestones)))
 
 
 def _lookahead_flops(label: LookAheadLabel, model: GPTConfig, seq_len: int) -> float:
@@ -227,9 +233,14 @@ def _tikmix_m(run: MethodInputs) -> MethodSetup:
         schedule=every(options.every or 2 * config.every),
         ledger=run.fresh_ledger(),
     )
+
+    def bind(optimizer):  # the label copies the optimizer's state; the engine reads it for "adam"
+        label.bind(optimizer)
+        controller.bind_optimizer(optimizer)
+
     return MethodSetup(
         controller=controller,
-        optimizer_hook=label.bind,
+        optimizer_hook=bind,
         extra_flops=lambda: _lookahead_flops(label, run.model.config, config.seq_len),
     )
 
@@ -273,7 +284,7 @@ def _quadmix_tikmix_d(run: MethodInputs) -> MethodSetup:
     params = _quadmix_start(run)
     controller = _online_tikmix_d(run)
     controller.set_quality(params, step=0)  # recorded in the ledger before the first decision
-    return MethodSetup(controller)
+    return _deciding(controller)
 
 
 TOPK = tuple(f"topk-{criterion}" for criterion in DEFAULT_CRITERIA)  # single-criterion filters

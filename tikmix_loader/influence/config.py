@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from tikmix_loader.errors import ConfigError, StateError
 
-PRECONDITIONER_NAMES = ("ekfac", "identity", "kfac")
+PRECONDITIONER_NAMES = ("adam", "ekfac", "identity", "kfac")
 
 
 def _positive_int(value: object) -> bool:
@@ -23,8 +23,8 @@ class InfluenceConfig:
         k (int | tuple[int, int] | None): Projection width: one int for both sides, a ``(k_in, k_out)`` pair,
             or None for no projection (exact gradients; for tests and small models). A side whose k is at
             least the layer's width is not projected (the identity is exact and no wider). Default: 64.
-        preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"`` (docs/methods.md §3). Default:
-        ``"kfac"``.
+        preconditioner (str): ``"identity"``, ``"kfac"``, ``"ekfac"`` or ``"adam"`` (the training optimizer's
+            step sizes; the engine needs the optimizer) (docs/methods.md §3). Default: ``"kfac"``.
         damping (float): Damping relative to the unprojected layer's mean eigenvalue: K-FAC adds ``damping *
             trace(A) / d_in`` to A and ``damping * trace(B) / d_out`` to B; EK-FAC adds ``damping *
             sum(Lambda) / (d_out d_in)`` to Lambda (traces survive projection, so the shift is the same for
@@ -42,7 +42,7 @@ class InfluenceConfig:
     k: int | tuple[int, int] | None = field(
         default=64, metadata={"help": "projection width, (k_in, k_out) or None"}
     )
-    preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac or ekfac"})
+    preconditioner: str = field(default="kfac", metadata={"help": "identity, kfac, ekfac or adam"})
     damping: float = field(
         default=0.1, metadata={"help": "damping relative to the unprojected mean eigenvalue"}
     )

@@ -28,6 +28,13 @@ masked tails get -1 and stay out of the curvature factors. Loss tokens (the divi
 task's ``loss_mask`` marks (the batch's labels under its recorded label convention); a ``loss_fn`` returning
 one loss per row ([B]) makes rows the unit instead.
 
+Adam (``preconditioner="adam"``, with the training ``optimizer``): ``H^-1`` is AdamW's per-weight step size
+``1 / (sqrt(v_hat) + eps)``, rank-1 factored and applied to every token's ``x`` and ``g`` before projection
+(``influence/_adam.py`` states what is approximated). The second moments are read when the gradients are
+taken: in online mode each ``observe`` step scales its domain gradients by that step's optimizer state (a
+step before the optimizer's first ``step()``, when there is none, is not observed) and ``influence`` scales
+the targets by the state at the call; ``compute`` scales both by the state at the call.
+
 Passes never touch parameters' ``.grad`` or the optimizer: observation passes use
 ``torch.autograd.grad(loss, layer outputs)``, run in ``eval()`` mode and give the tracked weights
 ``requires_grad=True`` temporarily (so frozen models work); online mode only reads the training backward.
@@ -54,15 +61,18 @@ from tqdm.auto import tqdm
 
 from tikmix_loader import ops
 from tikmix_loader.errors import ConfigError, DomainError, StateError
+from tikmix_loader.influence._adam import Scales, adam_scales, check_optimizer
 from tikmix_loader.influence._capture import Projections, capture, select_layers, tied_uses
 from tikmix_loader.influence._statistics import Statistics, distributed_world
 from tikmix_loader.influence.config import InfluenceConfig
 from tikmix_loader.influence.matrix import InfluenceMatrix
 from tikmix_loader.influence.preconditioners import (
+    AdamPreconditioner,
     Eigenbasis,
     EKFACPreconditioner,
     IdentityPreconditioner,
     KFACPreconditioner,
+    get_preconditioner,
 )
 from tikmix_loader.influence.task import CausalLMTask, Task
 
@@ -96,6 +106,7 @@ class _Pass:
     accumulate_phi: bool = True
     segment_groups: torch.Tensor | None = None  # group of each kernel segment; None = segment ids are groups
     basis: list[Eigenbasis] | None = None  # accumulate EK-FAC's Lambda in this basis
+    scales: Scales | None = None  # per layer (x, g) scales applied before projection ("adam")
     fired: int = 0
     token_calls: list[int] = field(default_factory=list)  # per layer: calls that saw one row per token
     row_calls: list[int] = field(default_factory=list)  # per layer: calls that saw one row per example
@@ -149,7 +160,8 @@ class GroupInfluence:
             ``HFCausalLMTask()`` for Hugging Face causal LMs. Default: None (``CausalLMTask()``:
             ``model(input_ids)`` returning logits or an output with ``.logits``, e.g. TinyGPT).
         k (int | tuple[int, int] | None): Projection width, ``(k_in, k_out)``, or None (exact). Default: 64.
-        preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"``. Default: ``"kfac"``.
+        preconditioner (str): ``"identity"``, ``"kfac"``, ``"ekfac"`` or ``"adam"`` (needs ``optimizer``).
+            Default: ``"kfac"``.
         damping (float): Damping relative to the mean eigenvalue (see ``InfluenceConfig``). Default: 0.1.
         layers (Sequence[str] | None): fnmatch patterns of tracked layer names; None = every layer the task
             lists. Default: None.
@@ -159,6 +171,9 @@ class GroupInfluence:
         half_life (float | None): Online EMA half-life in ``observe`` steps; None = plain sum. Default: None.
         domains (Sequence[str] | None): Online mode: domain names, indexed by the batches' ``domain`` column
             (e.g. ``loader.domain_names``). Default: None.
+        optimizer (torch.optim.Optimizer | None): The training Adam/AdamW, whose second moments the
+            ``"adam"`` preconditioner reads (or call ``bind_optimizer`` later, before the first pass); the
+            other preconditioners ignore it. Default: None.
 
     Only the tracked layers' weights count (biases are left out: the kernels are weights-only);
     ``layer_names`` lists them and ``tracked_fraction`` is their share of the model's parameters (logged).
@@ -167,6 +182,7 @@ class GroupInfluence:
     Raises:
         TrackingError: the model has no ``nn.Linear``/``Conv1D`` the task can track, or ``layers``/``exclude``
             select none.
+        ConfigError: ``optimizer`` is not an Adam-family torch optimizer of every tracked weight ("adam").
 
     Example (online)::
 
@@ -194,6 +210,7 @@ class GroupInfluence:
         backend: str = "auto",
         half_life: float | None = None,
         domains=None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         self.config = InfluenceConfig(
             k=k,
@@ -234,6 +251,48 @@ class GroupInfluence:
         self._step: Statistics | None = None
         self._basis: list[Eigenbasis] | None = None
         self.steps = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
+
+    def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` (the training Adam/AdamW) for the ``"adam"`` preconditioner; other
+        preconditioners ignore it. Usable as a training loop's ``optimizer_hook``.
+
+        Raises:
+            ConfigError: ("adam") not a torch optimizer with Adam's ``betas`` and ``eps``, or a tracked
+                layer's weight is in none of its param groups; the message names the layer.
+        """
+        if self._kind.needs_optimizer:
+            check_optimizer(optimizer, self.layers)
+        self.optimizer = optimizer
+
+    @property
+    def _kind(self) -> type:
+        return get_preconditioner(self.config.preconditioner)
+
+    def _scales(self, what: str, *, before_first_step: bool = False) -> Scales | None:
+        """The ``"adam"`` (x, g) scales from the optimizer's current state (None for other preconditioners,
+        and before the optimizer's first step when ``before_first_step`` allows it).
+
+        Raises:
+            ConfigError: no optimizer bound, or (unless allowed) it has not stepped yet.
+        """
+        if not self._kind.needs_optimizer:
+            return None
+        if self.optimizer is None:
+            raise ConfigError(
+                f"{what}: preconditioner 'adam' needs the training optimizer; build the engine with "
+                "`optimizer=` or call `bind_optimizer(optimizer)` first"
+            )
+        scales = adam_scales(self.optimizer, self.layers)
+        if scales is None and not before_first_step:
+            raise ConfigError(
+                f"{what}: preconditioner 'adam' reads the optimizer's second moments, but it has no state "
+                f"for the tracked layers yet (e.g. {self.layer_names[0]!r}); call it after the first "
+                "`optimizer.step()`"
+            )
+        return scales
 
     # -- public: observation mode -----------------------------------------------------------------
 
@@ -272,11 +331,14 @@ class GroupInfluence:
         """
         domain_names, target_names = _names(domains, "domains"), _names(targets, "targets")
         kind = self.config.preconditioner
+        scales = self._scales("GroupInfluence.compute")
         if kind == "ekfac":
             domains = {name: list(batches) for name, batches in domains.items()}
         with self._observation_mode():
-            stats = self._new_stats(len(domain_names), factors=kind != "identity", lam=False)
-            processed = self._observe_groups(domains, loss_fn, stats, progress=progress, what="domain")
+            stats = self._new_stats(len(domain_names), factors=self._kind.needs_factors, lam=False)
+            processed = self._observe_groups(
+                domains, loss_fn, stats, progress=progress, what="domain", scales=scales
+            )
             stats.all_reduce_()
             self._require_tokens(stats.tokens, domain_names, "domain")
             if kind != "ekfac":
@@ -292,7 +354,9 @@ class GroupInfluence:
                 preconditioner = EKFACPreconditioner(
                     bases=bases, lambdas=lambdas, widths=self._widths, damping=self.config.damping
                 )
-            target_stats, target_processed = self._collect_targets(targets, loss_fn, progress=progress)
+            target_stats, target_processed = self._collect_targets(
+                targets, loss_fn, progress=progress, scales=scales
+            )
         return self._matrix(
             stats, target_stats, preconditioner, processed + target_processed, domain_names, target_names
         )
@@ -315,8 +379,13 @@ class GroupInfluence:
                 ``loss_mask``), i.e. ``1 / count``. With gradient accumulation over n micro-batches pass
                 ``1 / (count * n)``; with an AMP ``GradScaler`` multiply by ``scaler.get_scale()``.
 
+        With ``preconditioner="adam"`` the domain gradients are scaled by the optimizer's state now (before
+        this step's ``optimizer.step()``); a block before the optimizer's first step has no state to read,
+        so it is not observed (nothing is added and ``steps`` does not count it).
+
         Raises:
-            ConfigError: ``domains`` was not given, or the batch lacks ``labels``/``domain``.
+            ConfigError: ``domains`` was not given, the batch lacks ``labels``/``domain``, or ("adam") no
+                optimizer is bound.
             DomainError: a ``domain`` index is out of range.
             StateError: no backward reached a tracked layer inside the block.
         """
@@ -344,6 +413,11 @@ class GroupInfluence:
                 f"GroupInfluence.observe: `loss_scale` must be a positive float, got {loss_scale!r}"
             )
         layout = self._layout(batch, per_row=False, device=device)
+        scales = self._scales("GroupInfluence.observe", before_first_step=True)
+        if self._kind.needs_optimizer and scales is None:
+            logger.info("GroupInfluence.observe ('adam'): the optimizer has not stepped yet; not observed")
+            yield
+            return
         if self._online is None:
             self._online = self._new_online_stats()
         if self._step is None:
@@ -354,8 +428,8 @@ class GroupInfluence:
             pass_ = self._make_pass(step, layout, rows, len(domain), factors=True, segment_groups=domain)
             pass_.basis = self._basis
         else:
-            factors = self.config.preconditioner != "identity"
-            pass_ = self._make_pass(step, layout, domain, len(self.domains), factors=factors)
+            pass_ = self._make_pass(step, layout, domain, len(self.domains), factors=self._kind.needs_factors)
+        pass_.scales = scales
         step.tokens.index_add_(0, domain, layout.units.to(step.tokens.dtype))
         self._pass = pass_
         try:
@@ -402,6 +476,7 @@ class GroupInfluence:
                 "GroupInfluence.influence: no `observe` step yet; observe training batches first"
             )
         target_names = _names(targets, "targets")
+        scales = self._scales("GroupInfluence.influence")
         stats = self._online.clone().all_reduce_()
         kind = self.config.preconditioner
         if kind != "ekfac":
@@ -416,7 +491,9 @@ class GroupInfluence:
                 bases=bases, lambdas=lambdas, widths=self._widths, damping=self.config.damping
             )
         with self._observation_mode():
-            target_stats, processed = self._collect_targets(targets, loss_fn, progress=progress)
+            target_stats, processed = self._collect_targets(
+                targets, loss_fn, progress=progress, scales=scales
+            )
         matrix = self._matrix(stats, target_stats, preconditioner, processed, self.domains, target_names)
         if kind == "ekfac":
             self._basis = fresh
@@ -502,8 +579,8 @@ class GroupInfluence:
         return Statistics(shapes, n_groups, device=device, factors=factors, lam=lam)
 
     def _new_online_stats(self) -> Statistics:
-        kind = self.config.preconditioner
-        return self._new_stats(len(self.domains), factors=kind != "identity", lam=kind == "ekfac")
+        kind = self._kind
+        return self._new_stats(len(self.domains), factors=kind.needs_factors, lam=kind.needs_lambda)
 
     def _layout(self, batch: dict, *, per_row: bool, device: torch.device) -> _Layout:
         labels = batch.get("labels")
@@ -551,24 +628,28 @@ class GroupInfluence:
             row_calls=[0] * len(self.layers),
         )
 
-    def _observe_groups(self, groups, loss_fn, stats, *, progress, what, basis=None) -> int:
+    def _observe_groups(self, groups, loss_fn, stats, *, progress, what, basis=None, scales=None) -> int:
         """One observation pass over every group's batches into ``stats``; returns the tokens processed."""
         processed = 0
         step = stats.like(dtype=torch.float32)
         for index, (name, batches) in enumerate(groups.items()):
             for batch in tqdm(batches, desc=f"{what} {name}", disable=not progress, leave=False):
-                processed += self._observe_batch(batch, loss_fn, step.zero_(), index, basis=basis)
+                processed += self._observe_batch(
+                    batch, loss_fn, step.zero_(), index, basis=basis, scales=scales
+                )
                 stats.merge_(step)
         return processed
 
-    def _collect_targets(self, targets, loss_fn, *, progress) -> tuple[Statistics, int]:
+    def _collect_targets(self, targets, loss_fn, *, progress, scales) -> tuple[Statistics, int]:
         stats = self._new_stats(len(targets), factors=False, lam=False)
-        processed = self._observe_groups(targets, loss_fn, stats, progress=progress, what="target")
+        processed = self._observe_groups(
+            targets, loss_fn, stats, progress=progress, what="target", scales=scales
+        )
         stats.all_reduce_()
         self._require_tokens(stats.tokens, tuple(targets), "target")
         return stats, processed
 
-    def _observe_batch(self, batch, loss_fn, step, group: int, *, basis=None) -> int:
+    def _observe_batch(self, batch, loss_fn, step, group: int, *, basis=None, scales=None) -> int:
         """Forward and backward one batch, summing its statistics into ``step`` (as ``group``)."""
         outputs: list[torch.Tensor] = []
         with capture(self.layers, self._sink, outputs):
@@ -598,6 +679,7 @@ class GroupInfluence:
                 row_ids = torch.arange(rows, device=device)
                 pass_ = self._make_pass(step, layout, row_ids, rows, factors=False)
                 pass_.accumulate_phi, pass_.basis = False, basis
+            pass_.scales = scales
             if not outputs or not loss.requires_grad:
                 raise ConfigError(
                     "GroupInfluence: no tracked layer ran with gradients inside `loss_fn`, or its loss does "
@@ -637,6 +719,11 @@ class GroupInfluence:
                 f"{pass_.token_segments.numel()} tokens in {pass_.row_segments.numel()} rows; exclude it"
             )
         p_in, p_out = self._projections.get(index, x2.device)
+        if pass_.scales is not None:
+            # "adam": scaling every token's x by s and g by u is scaling the projections' rows, since
+            # P_out^T diag(u) (sum g x^T) diag(s) P_in; O(d k) per call instead of O(tokens d).
+            x_scale, g_scale = pass_.scales[index]
+            p_in, p_out = x_scale[:, None] * p_in, g_scale[:, None] * p_out
         result = ops.project_grads(
             x2,
             g2,
@@ -663,9 +750,12 @@ class GroupInfluence:
     # -- results ----------------------------------------------------------------------------------
 
     def _factored_preconditioner(self, stats: Statistics):
-        """The identity or K-FAC preconditioner from the factor sums in ``stats`` (callers build EK-FAC)."""
+        """The identity, Adam or K-FAC preconditioner from the factor sums in ``stats`` (callers build
+        EK-FAC)."""
         if self.config.preconditioner == "identity":
             return IdentityPreconditioner()
+        if self.config.preconditioner == "adam":  # D was applied before projection
+            return AdamPreconditioner()
         return KFACPreconditioner(
             factors=self._cpu_factors(stats), widths=self._widths, damping=self.config.damping
         )

@@ -1,5 +1,5 @@
-"""Per-layer inverse-curvature preconditioners in projected space: identity, K-FAC and EK-FAC
-(docs/methods.md §3).
+"""Per-layer preconditioners in projected space: identity, K-FAC and EK-FAC (inverse curvatures) and Adam
+(the optimizer's step sizes) (docs/methods.md §3).
 
 Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_out, k_in] to ``H^-1 M``:
 
@@ -8,6 +8,8 @@ Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_ou
   ``B = sum_tokens g~ g~^T / examples``.
 - ``ekfac``: ``Q_B [(Q_B^T M Q_A) / (Lambda + lambda)] Q_A^T`` with the eigenbases ``Q_A``, ``Q_B`` of A and B
   and ``Lambda = E_examples[(Q_B^T phi_e Q_A)^2]``.
+- ``adam``: ``M`` as well, because ``D = 1 / (sqrt(v_hat) + eps)`` of the training Adam/AdamW was applied
+  (rank-1 factored) to ``x`` and ``g`` *before* projection (``influence/_adam.py``).
 
 Ours (the paper is silent): ``g`` is the gradient of the *summed* per-token loss, so it has per-token scale,
 and B is normalised by examples (rows) while A is normalised by tokens. Then ``A (x) B`` approximates the
@@ -84,10 +86,19 @@ class IdentityPreconditioner:
     name = "identity"
     needs_factors = False
     needs_lambda = False
+    needs_optimizer = False
 
     def apply(self, layer: int, m: torch.Tensor) -> torch.Tensor:
         """``m`` unchanged."""
         return m
+
+
+class AdamPreconditioner(IdentityPreconditioner):
+    """``H^-1 = D``, Adam's per-weight step sizes: the engine scales every gradient by the rank-1 factored
+    ``sqrt(D)`` before projection (``influence/_adam.py``), so in projected space it is the identity."""
+
+    name = "adam"
+    needs_optimizer = True
 
 
 class KFACPreconditioner:
@@ -102,6 +113,7 @@ class KFACPreconditioner:
     name = "kfac"
     needs_factors = True
     needs_lambda = False
+    needs_optimizer = False
 
     def __init__(
         self,
@@ -135,6 +147,7 @@ class EKFACPreconditioner:
     name = "ekfac"
     needs_factors = True
     needs_lambda = True
+    needs_optimizer = False
 
     def __init__(
         self,
@@ -160,6 +173,7 @@ class EKFACPreconditioner:
 
 
 PRECONDITIONERS = {
+    "adam": AdamPreconditioner,
     "ekfac": EKFACPreconditioner,
     "identity": IdentityPreconditioner,
     "kfac": KFACPreconditioner,

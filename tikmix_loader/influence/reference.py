@@ -3,9 +3,11 @@
 Nothing here is projected, fused or hooked into the kernels. Weight gradients come from
 ``torch.autograd.grad`` with respect to the weights themselves (per example by looping over rows, for EK-FAC);
 the K-FAC factors come from the layers' inputs and from output gradients taken with ``torch.autograd.grad``;
-the preconditioners are written out with dense ``torch.linalg`` calls. It follows the conventions documented
-in ``tikmix_loader.influence.group_influence`` and ``.preconditioners`` (summed-loss scale, live tokens, A per
-token, B per example, relative damping), restated here so a slip in either place shows up as a mismatch.
+the preconditioners are written out with dense ``torch.linalg`` calls, and ``adam`` uses the optimizer's
+element-wise ``1 / (sqrt(v_hat) + eps)`` itself, not the engine's rank-1 factoring of it. It follows the
+conventions documented in ``tikmix_loader.influence.group_influence`` and ``.preconditioners`` (summed-loss
+scale, live tokens, A per token, B per example, relative damping), restated here so a slip in either place
+shows up as a mismatch.
 Gradients of Hugging Face ``Conv1D`` weights (stored ``[d_in, d_out]``) are transposed to the Linear layout
 ``[d_out, d_in]`` the factors are written in. Cost grows with d_out * d_in per example: use it on small models
 only.
@@ -91,6 +93,15 @@ def _damped(factor: torch.Tensor, damping: float) -> torch.Tensor:
     return factor + (damping * mean if mean > 0 else damping) * torch.eye(factor.shape[0], dtype=factor.dtype)
 
 
+def _adam_denominator(optimizer: torch.optim.Optimizer, module: nn.Module) -> torch.Tensor:
+    """AdamW's ``sqrt(v_hat) + eps`` for ``module``'s weight, in the Linear layout [d_out, d_in], float64."""
+    group = next(g for g in optimizer.param_groups if any(p is module.weight for p in g["params"]))
+    state = optimizer.state[module.weight]
+    v_hat = state["exp_avg_sq"].double() / (1 - group["betas"][1] ** float(state["step"]))
+    denominator = v_hat.sqrt() + group["eps"]
+    return denominator.T if is_conv1d(module) else denominator
+
+
 def exact_influence(
     model: nn.Module,
     domains: Mapping[str, Iterable[dict]],
@@ -100,6 +111,7 @@ def exact_influence(
     loss_fn=per_token_loss,
     preconditioner: str = "identity",
     damping: float = 0.1,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> np.ndarray:
     """Unprojected ``S[b, d] = psi_b^T H^-1 phi_d`` [n_targets, n_domains] float64, by brute force.
 
@@ -109,8 +121,10 @@ def exact_influence(
         targets (Mapping[str, Iterable[dict]]): Target name -> batches.
         layers (list[str]): Names of the ``nn.Linear``/``Conv1D`` modules whose weights count.
         loss_fn: Per-token loss [B, T]. Default: ``per_token_loss``.
-        preconditioner (str): ``"identity"``, ``"kfac"`` or ``"ekfac"``. Default: ``"identity"``.
+        preconditioner (str): ``"identity"``, ``"kfac"``, ``"ekfac"`` or ``"adam"``. Default: ``"identity"``.
         damping (float): Relative damping, as in ``InfluenceConfig``. Default: 0.1.
+        optimizer (torch.optim.Optimizer | None): ``"adam"``: the torch Adam/AdamW whose bias-corrected
+            ``exp_avg_sq`` gives ``D = 1 / (sqrt(v_hat) + eps)``, element-wise (unfactored). Default: None.
     """
     training = model.training
     model.eval()
@@ -124,6 +138,9 @@ def exact_influence(
         all_domain_batches = [batch for batches in domains.values() for batch in batches]
         if preconditioner == "identity":
             precondition = lambda i, m: m
+        elif preconditioner == "adam":
+            denominators = [_adam_denominator(optimizer, module) for module in modules]
+            precondition = lambda i, m: m / denominators[i]
         else:
             factors = _factors(model, modules, all_domain_batches, loss_fn)
             if preconditioner == "kfac":

@@ -8,7 +8,9 @@ the loader through the dataset-state protocol, without spinning through batches)
     trainer = Trainer(model=model, train_dataloader=loader.as_dataloader(),
                       callbacks=[TikMixCallback(controller)], max_duration="10000ba", ...)
 
-Events: each microbatch's forward and backward run inside ``controller.observe`` (``BEFORE_FORWARD`` to
+Events: at ``FIT_START`` the trainer's first optimizer (``state.optimizers[0]``) goes to the controller
+(``bind_optimizer``: the influence engine's ``"adam"`` preconditioner reads its second moments). Each
+microbatch's forward and backward run inside ``controller.observe`` (``BEFORE_FORWARD`` to
 ``AFTER_BACKWARD``), so online influence reads the training backward itself. At ``AFTER_FORWARD`` the
 per-token loss of the model's logits goes to ``controller.record_losses`` (mixers that use training losses,
 such as ODM, read it); the model must return logits (a tensor, or an output with ``.logits``). The
@@ -45,6 +47,10 @@ class TikMixCallback(Callback):
         controller.broadcast = lambda objects: dist.broadcast_object_list(objects, src=0)
         self._batch_size = 0
         self._observing: contextlib.ExitStack | None = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if state.optimizers:
+            self.controller.bind_optimizer(state.optimizers[0])
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
         self._batch_size = len(state.batch["input_ids"])

@@ -27,6 +27,8 @@ neither the batch nor the outputs):
 - ``compute_loss`` also passes the per-token loss of the model's logits to ``controller.record_losses``.
   The loss must be the model's own next-token cross-entropy: ``label_smoothing_factor`` and
   ``compute_loss_func`` raise ``ConfigError``.
+- ``TikMixCallback.on_train_begin`` hands the Trainer's optimizer to the controller (``bind_optimizer``:
+  the influence engine's ``"adam"`` preconditioner reads its second moments).
 - ``TikMixCallback.on_step_end`` lets the controller decide after the optimizer step, so new weights apply
   from the next step's batch, before the Trainer saves a checkpoint at that step; ``on_save`` writes the
   loader and controller state to ``tikmix_state.pt`` in the checkpoint folder, and ``train`` loads it from
@@ -52,7 +54,8 @@ STATE_FILE = "tikmix_state.pt"
 
 
 class TikMixCallback(TrainerCallback):
-    """Decides after each optimizer step and saves the loader and controller state with each checkpoint.
+    """Binds the optimizer, decides after each optimizer step and saves the loader and controller state with
+    each checkpoint.
 
     Args:
         controller (MixtureController): The controller; its loader must feed the trainer.
@@ -60,6 +63,10 @@ class TikMixCallback(TrainerCallback):
 
     def __init__(self, controller):
         self.controller = controller
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:  # the Trainer creates (and wraps) it before this event
+            self.controller.bind_optimizer(optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.controller.step(state.global_step - 1)  # the Trainer has already counted the finished step

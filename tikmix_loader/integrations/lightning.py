@@ -15,7 +15,9 @@ callback::
     trainer = L.Trainer(max_steps=10_000, callbacks=[TikMixLightningCallback(controller)])
     trainer.fit(Module(), ckpt_path="last")
 
-Hooks: the forward and backward of each batch run inside ``influence.observe`` (``on_train_batch_start`` to
+Hooks: ``on_train_start`` hands the first optimizer (``trainer.optimizers[0]``) to the controller
+(``bind_optimizer``: the influence engine's ``"adam"`` preconditioner reads its second moments). The forward
+and backward of each batch run inside ``influence.observe`` (``on_train_batch_start`` to
 ``on_after_backward``), with ``loss_scale`` for a loss that is the mean over the batch's loss tokens divided
 by ``accumulate_grad_batches`` and, under ``precision="16-mixed"``, multiplied by the GradScaler's scale
 (what Lightning backpropagates). When ``training_step`` returns a dict with ``"logits"``, their per-token
@@ -55,6 +57,8 @@ class TikMixLightningCallback(pl.Callback):
         self._unmeasured = None  # the MixtureDataLoader whose read-ahead is measured at the next batch
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.optimizers:
+            self.controller.bind_optimizer(trainer.optimizers[0])
         dataloader = trainer.train_dataloader
         if isinstance(getattr(dataloader, "dataset", None), MixtureDataset):
             self._unmeasured = dataloader
