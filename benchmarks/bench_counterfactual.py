@@ -31,7 +31,11 @@ fresh predictors computed with plain autograd over every trainable parameter, un
 observation and target samples (``exact_influence``): ``adam-exact`` = ``g_t^T D g_d`` with AdamW's own
 ``D = 1 / (sqrt(v_hat) + eps)`` at the checkpoint (the first-order effect of an AdamW step on ``sum_d w_d
 L_d``), and ``gradient-exact`` = ``g_t^T g_d``; together they separate Adam's preconditioning from the
-engine's projection and its restriction to Linear weights.
+engine's projection and its restriction to Linear weights. ``--exact branch-rows`` adds an oracle no run
+could follow, ``adam-exact`` with each domain's gradient taken on the very rows the branches train on
+(``branch_rows_influence``). Every checkpoint also scores two fits to its own branches, no extra training:
+the ``linear ceiling``, each branch predicted by the least-squares linear ``S`` of the other branches, and
+the in-sample ``linear fit``; if they stay below a goal, no linear ``S`` can reach it on these branches.
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -82,7 +86,10 @@ from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 BRANCH_DATA = ("sampled", "weighted")
 OWN_DOMAIN = "own domain (S = I)"
 FITTED = "fitted on other checkpoints"
-EXACT = ("adam", "gradient")
+EXACT = ("adam", "gradient", "branch-rows")
+BRANCH_ROWS = "branch rows adam-exact (oracle)"
+CEILING = "linear ceiling (same checkpoint, LOO branch)"
+IN_SAMPLE = "linear fit (same checkpoint, in-sample)"
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,8 @@ class CounterfactualConfig:
         default=(),
         metadata={
             "help": "exact fresh predictors, every trainable parameter, no projection: 'adam' (g_t^T D g_d, "
-            "D from AdamW's second moments) and/or 'gradient' (g_t^T g_d)"
+            "D from AdamW's second moments), 'gradient' (g_t^T g_d), 'branch-rows' (adam with g_d taken on "
+            "the rows the branches train on: an oracle)"
         },
     )
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
@@ -273,17 +281,23 @@ def target_losses(model, targets: dict[str, list[dict]]) -> np.ndarray:
 
 
 def score_predictor(S: np.ndarray, mixtures: np.ndarray, change: np.ndarray, *, baseline: int = 0) -> dict:
-    """How well ``S`` [targets, domains] predicts the measured loss ``change`` [branches, targets].
+    """How well ``S`` [targets, domains] predicts the measured loss ``change`` [branches, targets]: the
+    ``score_prediction`` of ``S w``."""
+    return score_prediction(mixtures @ S.T, change, baseline=baseline)
+
+
+def score_prediction(predicted: np.ndarray, change: np.ndarray, *, baseline: int = 0) -> dict:
+    """How well ``predicted`` [branches, targets] (higher = larger predicted drop) ranks the measured loss
+    ``change`` [branches, targets].
 
     Returns:
-        dict: per target ``spearman`` and ``pearson`` of ``S w`` with the loss drop over branches; the
+        dict: per target ``spearman`` and ``pearson`` of the prediction with the loss drop over branches; the
         ``pick`` (branch index with the highest mean predicted drop) and its ``regret`` (its measured mean
         change minus the best branch's); ``baseline_regret`` of branch ``baseline``.
     """
-    predicted = mixtures @ S.T  # [branches, targets], higher = predicted larger drop
     drop = -change
-    spearman = [float(stats.spearmanr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
-    pearson = [float(stats.pearsonr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
+    spearman = [float(stats.spearmanr(predicted[:, b], drop[:, b]).statistic) for b in range(drop.shape[1])]
+    pearson = [float(stats.pearsonr(predicted[:, b], drop[:, b]).statistic) for b in range(drop.shape[1])]
     mean_change = change.mean(axis=1)
     pick = int(np.argmax(predicted.mean(axis=1)))
     return {
@@ -313,8 +327,9 @@ def _fresh_influence(
         for k in config.ks:
             engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed, optimizer=optimizer)
             out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
-    if config.exact:
-        out.update(exact_influence(model, optimizer, observation, targets, kinds=config.exact))
+    exact = [kind for kind in config.exact if kind != "branch-rows"]  # the oracle needs the branch data
+    if exact:
+        out.update(exact_influence(model, optimizer, observation, targets, kinds=exact))
     return out
 
 
@@ -386,8 +401,17 @@ def exact_influence(
 
 def decides(name: str, config: CounterfactualConfig) -> bool:
     """Whether TiKMiX-D decisions are branched from predictor ``name``: the engines' at ``config.k`` and the
-    exact ones."""
-    return name.endswith(f" k={config.k}") or name.endswith("-exact")
+    exact fresh ones (not the oracle)."""
+    return name.endswith(f" k={config.k}") or (name.startswith("fresh ") and name.endswith("-exact"))
+
+
+def branch_rows_influence(model, optimizer, data, names: list[str], targets) -> np.ndarray:
+    """The ``BRANCH_ROWS`` oracle: ``adam-exact`` with ``g_d`` the gradient on the rows every branch trains on
+    (``data``, all steps pooled; in the weighted mode exactly the rows of ``L_d``) instead of an independent
+    sample of d. No run could know these rows in advance; the gap between it and ``fresh adam-exact`` is
+    what the particular rows, not the mixture, do to the outcome."""
+    rows = {name: [samples[index] for samples in data] for index, name in enumerate(names)}
+    return exact_influence(model, optimizer, rows, targets, kinds=("adam",))["fresh adam-exact"]
 
 
 def measured_branch(weights: np.ndarray, branch_change: np.ndarray, change: np.ndarray) -> dict:
@@ -410,6 +434,31 @@ def fitted_influence(mixtures: np.ndarray, changes: list[np.ndarray]) -> np.ndar
     drops = -np.concatenate(changes)
     coef, *_ = np.linalg.lstsq(np.concatenate([mixtures] * len(changes)), drops, rcond=None)
     return coef.T
+
+
+def linear_ceiling(mixtures: np.ndarray, change: np.ndarray, *, leave_one_out: bool = True) -> np.ndarray:
+    """The predicted drop [branches, targets] of the best linear ``S`` fitted on one checkpoint's own
+    branches (``fitted_influence``): each branch predicted by the fit on the *other* branches
+    (``leave_one_out``; a linear ``S`` learnt from this checkpoint's measurements), or by the fit on all of
+    them (in-sample; no linear ``S`` ranks this checkpoint better in least squares)."""
+    predicted = np.empty_like(change)
+    for index in range(len(mixtures)):
+        keep = np.arange(len(mixtures)) != index if leave_one_out else slice(None)
+        predicted[index] = mixtures[index] @ fitted_influence(mixtures[keep], [change[keep]]).T
+    return predicted
+
+
+def add_linear_ceiling(result: dict) -> None:
+    """Score, at every checkpoint of ``result`` that lacks them, ``CEILING`` and ``IN_SAMPLE``
+    (``linear_ceiling`` of its own branches): whether any linear ``S`` could rank this checkpoint's branches,
+    needing no extra training (runs saved before they existed get them on ``--pool``)."""
+    mixtures = np.array(list(result["mixtures"].values()))
+    for record in result["checkpoints"]:
+        change = np.array(record["change"])
+        for name, leave_one_out in ((CEILING, True), (IN_SAMPLE, False)):
+            if name not in record["scores"]:
+                predicted = linear_ceiling(mixtures, change, leave_one_out=leave_one_out)
+                record["scores"][name] = score_prediction(predicted, change)
 
 
 def add_fitted_floor(result: dict) -> None:
@@ -513,6 +562,8 @@ def run_check(
             before = target_losses(model, targets)
             rows = config.weighted_rows if config.branch_data == "weighted" else config.batch_size
             data = branch_data(loader, steps=config.branch_steps, batch_size=rows, key=checkpoint)
+            if "branch-rows" in config.exact:
+                influence[BRANCH_ROWS] = branch_rows_influence(model, optimizer, data, names, targets)
             change = np.stack(
                 [
                     target_losses(run_branch(model, optimizer, w, data, config=config, start=step), targets)
@@ -562,6 +613,7 @@ def run_check(
     }
     if hold_out_name is not None:
         add_fitted_floor(result)
+    add_linear_ceiling(result)
     return result
 
 
@@ -733,6 +785,8 @@ def saved_hold_outs(paths: list[str]) -> dict[str, dict]:
         runs = saved["hold_outs"] if saved.get("mode") == "leave-one-out" else {saved.get("hold_out"): saved}
         if None in runs:
             raise ConfigError(f"--pool {path}: not a --hold-out or --leave-one-out run; nothing to pool.")
+        for run in runs.values():
+            add_linear_ceiling(run)
         out.update({f"{name} (seed {saved['config']['seed']})": run for name, run in runs.items()})
     return out
 

@@ -134,7 +134,7 @@ def test_config_rejects_checkpoints_past_the_run(bench):
         bench.CounterfactualConfig(solve_steps=(0.0, 1.0))
 
 
-@pytest.mark.parametrize("exact", [(), ("adam", "gradient")])
+@pytest.mark.parametrize("exact", [(), ("adam", "gradient", "branch-rows")])
 def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys, exact):
     out = tmp_path / "cf.json"
     kinds = ("identity", "kfac", "adam")
@@ -159,10 +159,12 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys, exac
             for kind in kinds
             for t in ("0.5", "1")
         ]
-        + [f"fresh {kind}-exact step={t}" for kind in exact for t in ("0.5", "1")]
+        + [f"fresh {kind}-exact step={t}" for kind in exact[:2] for t in ("0.5", "1")]
     )
-    for kind in exact:  # scored and decided on like the engines' predictors
+    for kind in exact[:2]:  # scored and decided on like the engines' predictors
         assert f"| fresh {kind}-exact |" in table and f"| fresh {kind}-exact step=1 |" in table
+    assert ("| branch rows adam-exact (oracle) |" in table) == bool(exact)  # scored, never decided on
+    assert "| linear ceiling (same checkpoint, LOO branch) |" in table
     for decision in decisions.values():  # TiKMiX-D's own branch, compared with stratified's on the same data
         assert sum(decision["weights"]) == pytest.approx(1.0) and min(decision["weights"]) >= 0.1 - 1e-9
         delta = np.mean(decision["change"]) - change[0].mean()
