@@ -331,33 +331,32 @@ def _func_gradient(model, batches):
     return torch.func.grad(loss)(params)
 
 
+def _hand_adam_denominator(recorded, beta2=0.95, eps=1e-8):
+    """``1 / (sqrt(v_hat) + eps)`` per parameter name, from the recorded gradients of every step so far:
+    ``v_n = sum_i (1 - beta2) beta2^(n - i) g_i^2``, bias-corrected by ``1 - beta2^n`` (torch.optim.AdamW)."""
+    n = len(recorded)
+    out = {}
+    for name in recorded[0]:
+        v = sum(
+            (1 - beta2) * beta2 ** (n - i) * g[name].double() ** 2 for i, g in enumerate(recorded, start=1)
+        )
+        out[name] = 1.0 / ((v / (1 - beta2**n)).sqrt() + eps)
+    return out
+
+
+def _dot(a, b, scale):
+    return float(sum((a[name].double() * scale.get(name, 1.0) * b[name].double()).sum() for name in a))
+
+
 def test_exact_predictors_equal_torch_func_gradients_and_a_hand_built_adam_second_moment(bench, corpus):
     model, optimizer, recorded, domains, targets = _trained_with_recorded_grads(corpus)
     model.eval()  # TinyGPT has no dropout; eval() as the predictors' passes use
-    beta2, eps, n = 0.95, 1e-8, len(recorded)
-    D = {  # v_n = sum_i (1 - beta2) beta2^(n - i) g_i^2, bias-corrected; torch.optim.AdamW's denominator
-        name: 1.0
-        / (
-            (
-                sum(
-                    (1 - beta2) * beta2 ** (n - i) * g[name].double() ** 2
-                    for i, g in enumerate(recorded, start=1)
-                )
-                / (1 - beta2**n)
-            ).sqrt()
-            + eps
-        )
-        for name in recorded[0]
-    }
+    D = _hand_adam_denominator(recorded)
     g_d = [_func_gradient(model, batches) for batches in domains.values()]
     g_t = [_func_gradient(model, batches) for batches in targets.values()]
-
-    def dot(a, b, scale):
-        return float(sum((a[name].double() * scale.get(name, 1.0) * b[name].double()).sum() for name in a))
-
     expected = {
-        "fresh adam-exact": np.array([[dot(t, d, D) for d in g_d] for t in g_t]),
-        "fresh gradient-exact": np.array([[dot(t, d, {}) for d in g_d] for t in g_t]),
+        "fresh adam-exact": np.array([[_dot(t, d, D) for d in g_d] for t in g_t]),
+        "fresh gradient-exact": np.array([[_dot(t, d, {}) for d in g_d] for t in g_t]),
     }
     model.train()
     got = bench.exact_influence(model, optimizer, domains, targets, kinds=("adam", "gradient"))
@@ -368,6 +367,43 @@ def test_exact_predictors_equal_torch_func_gradients_and_a_hand_built_adam_secon
     # v is not constant, so Adam's preconditioning changes the matrix beyond a scale factor
     adam, plain = (got[name] / np.abs(got[name]).max() for name in expected)
     assert np.abs(adam - plain).max() > 0.05
+
+
+def test_branch_rows_oracle_takes_each_domains_gradient_on_the_rows_of_every_branch_step(bench, corpus):
+    model, optimizer, recorded, domains, targets = _trained_with_recorded_grads(corpus)
+    loader = MixtureLoader(list(load_splits(corpus).train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    data = bench.branch_data(loader, steps=2, batch_size=3, key=7)  # [step][domain] samples of 3 rows
+    loader.close()
+    got = bench.branch_rows_influence(model, optimizer, data, list(domains), targets)
+    model.eval()
+    D = _hand_adam_denominator(recorded)
+    g_d = [_func_gradient(model, [data[0][index], data[1][index]]) for index in range(len(domains))]
+    g_t = [_func_gradient(model, batches) for batches in targets.values()]
+    expected = np.array([[_dot(t, d, D) for d in g_d] for t in g_t])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())
+    independent = bench.exact_influence(model, optimizer, domains, targets, kinds=("adam",))
+    assert not np.allclose(got, independent["fresh adam-exact"], rtol=0.05)  # other rows, another S
+
+
+def test_linear_ceiling_leaves_each_branch_out_of_its_own_fit(bench):
+    mixtures = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
+    S = np.array([[0.5, -1.0, 2.0]])
+    change = -(mixtures @ S.T)  # exactly linear: every fit recovers S
+    for leave_one_out in (True, False):
+        np.testing.assert_allclose(
+            bench.linear_ceiling(mixtures, change, leave_one_out=leave_one_out), -change, atol=1e-12
+        )
+    bumped = change.copy()
+    bumped[3] += 1.0  # one branch off the line: left out, it is predicted from the others' S
+    predicted = bench.linear_ceiling(mixtures, bumped)
+    np.testing.assert_allclose(predicted[3], -change[3], atol=1e-12)
+    in_sample = bench.linear_ceiling(mixtures, bumped, leave_one_out=False)
+    assert in_sample[3, 0] < predicted[3, 0] - 0.1  # the fit that saw it is pulled towards its worse drop
+    result = {"mixtures": {str(i): w.tolist() for i, w in enumerate(mixtures)}}
+    result["checkpoints"] = [{"change": change.tolist(), "scores": {}}]
+    bench.add_linear_ceiling(result)
+    scores = result["checkpoints"][0]["scores"]
+    assert scores[bench.CEILING]["spearman"] == pytest.approx([1.0]) and scores[bench.CEILING]["regret"] == 0
 
 
 def test_exact_adam_with_a_constant_second_moment_is_the_scaled_gradient_product(bench, corpus):
