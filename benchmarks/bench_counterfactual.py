@@ -440,7 +440,7 @@ def linear_ceiling(mixtures: np.ndarray, change: np.ndarray, *, leave_one_out: b
     """The predicted drop [branches, targets] of the best linear ``S`` fitted on one checkpoint's own
     branches (``fitted_influence``): each branch predicted by the fit on the *other* branches
     (``leave_one_out``; a linear ``S`` learnt from this checkpoint's measurements), or by the fit on all of
-    them (in-sample; no linear ``S`` ranks this checkpoint better in least squares)."""
+    them (in-sample; no linear ``S`` fits this checkpoint better in least squares)."""
     predicted = np.empty_like(change)
     for index in range(len(mixtures)):
         keep = np.arange(len(mixtures)) != index if leave_one_out else slice(None)
