@@ -26,7 +26,16 @@ say there; its floor is ``fitted on other checkpoints``: the least-squares linea
 measured at the other checkpoints of the same run, later ones included (what measuring, rather than
 predicting, would know; not a rule a run could follow as it goes), and every checkpoint also branches the
 natural mixture (token shares), a second fixed reference beside stratified. A predictor's prediction for
-mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``).
+mixture w is ``S w`` (first order: a step on w lowers target b by about ``eta (S w)_b``). ``--exact`` adds
+fresh predictors computed with plain autograd over every trainable parameter, unprojected, on the same
+observation and target samples (``exact_influence``): ``adam-exact`` = ``g_t^T D g_d`` with AdamW's own
+``D = 1 / (sqrt(v_hat) + eps)`` at the checkpoint (the first-order effect of an AdamW step on ``sum_d w_d
+L_d``), and ``gradient-exact`` = ``g_t^T g_d``; together they separate Adam's preconditioning from the
+engine's projection and its restriction to Linear weights. ``--exact branch-rows`` adds an oracle no run
+could follow, ``adam-exact`` with each domain's gradient taken on the very rows the branches train on
+(``branch_rows_influence``). Every checkpoint also scores two fits to its own branches, no extra training:
+the ``linear ceiling``, each branch predicted by the least-squares linear ``S`` of the other branches, and
+the in-sample ``linear fit``; if they stay below a goal, no linear ``S`` can reach it on these branches.
 
 Per checkpoint and target it reports Spearman and Pearson (``scipy.stats``) between ``S w`` and the measured
 loss drop over the M branches, and the regret of the branch each predictor would pick by mean predicted drop
@@ -77,6 +86,10 @@ from tikmix_loader.train import TrainConfig, make_optimizer, resolve_device
 BRANCH_DATA = ("sampled", "weighted")
 OWN_DOMAIN = "own domain (S = I)"
 FITTED = "fitted on other checkpoints"
+EXACT = ("adam", "gradient", "branch-rows")
+BRANCH_ROWS = "branch rows adam-exact (oracle)"
+CEILING = "linear ceiling (same checkpoint, LOO branch)"
+IN_SAMPLE = "linear fit (same checkpoint, in-sample)"
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,14 @@ class CounterfactualConfig:
     preconditioners: tuple[str, ...] = field(
         default=("identity", "kfac", "ekfac"), metadata={"help": "preconditioners compared"}
     )
+    exact: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "exact fresh predictors, every trainable parameter, no projection: 'adam' (g_t^T D g_d, "
+            "D from AdamW's second moments), 'gradient' (g_t^T g_d), 'branch-rows' (adam with g_d taken on "
+            "the rows the branches train on: an oracle)"
+        },
+    )
     half_life: float = field(default=200.0, metadata={"help": "online EMA half-life in steps"})
     max_step: float = field(default=2.0, metadata={"help": "TiKMiX-D trust region of the solved branches"})
     min_weight: float = field(default=0.1, metadata={"help": "TiKMiX-D floor of the solved branches"})
@@ -116,7 +137,7 @@ class CounterfactualConfig:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
 
     def __post_init__(self):
-        for name in ("checkpoints", "ks", "preconditioners", "solve_steps"):
+        for name in ("checkpoints", "ks", "preconditioners", "exact", "solve_steps"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         checkpoints = self.checkpoints
         if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 1:
@@ -133,6 +154,11 @@ class CounterfactualConfig:
         if unknown or not self.preconditioners:
             raise ConfigError(
                 f"CounterfactualConfig: unknown `preconditioners` {unknown}; valid: {sorted(PRECONDITIONERS)}"
+            )
+        if not set(self.exact) <= set(EXACT):
+            raise ConfigError(
+                f"CounterfactualConfig: unknown `exact` predictors {sorted(set(self.exact) - set(EXACT))}; "
+                f"valid: {list(EXACT)}"
             )
         if not 0 < self.lean < 1:
             raise ConfigError(f"CounterfactualConfig: `lean` must be in (0, 1), got {self.lean!r}")
@@ -255,17 +281,23 @@ def target_losses(model, targets: dict[str, list[dict]]) -> np.ndarray:
 
 
 def score_predictor(S: np.ndarray, mixtures: np.ndarray, change: np.ndarray, *, baseline: int = 0) -> dict:
-    """How well ``S`` [targets, domains] predicts the measured loss ``change`` [branches, targets].
+    """How well ``S`` [targets, domains] predicts the measured loss ``change`` [branches, targets]: the
+    ``score_prediction`` of ``S w``."""
+    return score_prediction(mixtures @ S.T, change, baseline=baseline)
+
+
+def score_prediction(predicted: np.ndarray, change: np.ndarray, *, baseline: int = 0) -> dict:
+    """How well ``predicted`` [branches, targets] (higher = larger predicted drop) ranks the measured loss
+    ``change`` [branches, targets].
 
     Returns:
-        dict: per target ``spearman`` and ``pearson`` of ``S w`` with the loss drop over branches; the
+        dict: per target ``spearman`` and ``pearson`` of the prediction with the loss drop over branches; the
         ``pick`` (branch index with the highest mean predicted drop) and its ``regret`` (its measured mean
         change minus the best branch's); ``baseline_regret`` of branch ``baseline``.
     """
-    predicted = mixtures @ S.T  # [branches, targets], higher = predicted larger drop
     drop = -change
-    spearman = [float(stats.spearmanr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
-    pearson = [float(stats.pearsonr(predicted[:, b], drop[:, b]).statistic) for b in range(S.shape[0])]
+    spearman = [float(stats.spearmanr(predicted[:, b], drop[:, b]).statistic) for b in range(drop.shape[1])]
+    pearson = [float(stats.pearsonr(predicted[:, b], drop[:, b]).statistic) for b in range(drop.shape[1])]
     mean_change = change.mean(axis=1)
     pick = int(np.argmax(predicted.mean(axis=1)))
     return {
@@ -295,7 +327,91 @@ def _fresh_influence(
         for k in config.ks:
             engine = GroupInfluence(model, k=k, preconditioner=kind, seed=config.seed, optimizer=optimizer)
             out[f"fresh {kind} k={k}"] = engine.compute(domains=observation, targets=targets).values
+    exact = [kind for kind in config.exact if kind != "branch-rows"]  # the oracle needs the branch data
+    if exact:
+        out.update(exact_influence(model, optimizer, observation, targets, kinds=exact))
     return out
+
+
+def mean_loss_gradient(model, batches: list[dict], params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradient of the mean loss per token over every row of ``batches`` (one group, as ``GroupInfluence``
+    pools a domain's or target's samples) with respect to ``params``, flattened into one float64 vector."""
+    device = next(model.parameters()).device
+    total = [torch.zeros(p.numel(), dtype=torch.float64, device=device) for p in params]
+    tokens = 0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        loss = per_token_loss(model, batch).sum()  # masked positions are 0
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for into, grad in zip(total, grads, strict=True):
+            if grad is not None:
+                into += grad.reshape(-1).double()
+        tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+    return torch.cat(total) / max(tokens, 1)
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """AdamW's elementwise step preconditioner ``D = 1 / (sqrt(v / (1 - beta2^step)) + eps)`` of ``params``,
+    flattened in their order (what ``torch.optim.AdamW`` divides the first moment by at its next step).
+
+    Raises:
+        ConfigError: a parameter is not in ``optimizer`` or has no ``exp_avg_sq`` yet (no step taken).
+    """
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    out = []
+    for index, param in enumerate(params):
+        state = optimizer.state.get(param, {})
+        if id(param) not in groups or "exp_avg_sq" not in state:
+            raise ConfigError(
+                f"adam_preconditioner: parameter {index} {tuple(param.shape)} has no AdamW second moment "
+                "(not in the optimizer, or before its first step)"
+            )
+        group = groups[id(param)]
+        correction = 1.0 - group["betas"][1] ** float(state["step"])
+        v_hat = state["exp_avg_sq"].double() / correction
+        out.append((1.0 / (v_hat.sqrt() + group["eps"])).reshape(-1))
+    return torch.cat(out)
+
+
+def exact_influence(
+    model, optimizer, domains: dict[str, list[dict]], targets: dict[str, list[dict]], *, kinds
+) -> dict[str, np.ndarray]:
+    """Unprojected fresh ``S`` over every trainable parameter, with plain autograd (``config.exact``):
+    ``fresh gradient-exact`` = ``g_t^T g_d`` and ``fresh adam-exact`` = ``g_t^T D g_d`` with AdamW's full
+    bias-corrected ``D`` (``adam_preconditioner``), ``g_d`` the gradient of domain d's mean loss per token
+    (a branch trains on ``sum_d w_d L_d``) and ``g_t`` that of the target's. To first order an AdamW step on
+    mixture w changes target t by ``-lr (1 - beta1) sum_d w_d g_t^T D g_d`` plus terms that do not depend on w
+    (the momentum already held), so the branches follow ``adam-exact`` as far as the first order holds;
+    ``gradient-exact`` separates Adam's preconditioning from the engine's projection and layer restriction.
+    Passes run in ``eval()`` mode, as ``GroupInfluence``'s observation passes do."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        g_domains = torch.stack([mean_loss_gradient(model, batches, params) for batches in domains.values()])
+        g_targets = torch.stack([mean_loss_gradient(model, batches, params) for batches in targets.values()])
+    finally:
+        model.train(was_training)
+    out = {}
+    for kind in kinds:
+        scale = adam_preconditioner(optimizer, params) if kind == "adam" else torch.ones_like(g_domains[0])
+        out[f"fresh {kind}-exact"] = ((g_targets * scale) @ g_domains.T).cpu().numpy()
+    return out
+
+
+def decides(name: str, config: CounterfactualConfig) -> bool:
+    """Whether TiKMiX-D decisions are branched from predictor ``name``: the engines' at ``config.k`` and the
+    exact fresh ones (not the oracle)."""
+    return name.endswith(f" k={config.k}") or (name.startswith("fresh ") and name.endswith("-exact"))
+
+
+def branch_rows_influence(model, optimizer, data, names: list[str], targets) -> np.ndarray:
+    """The ``BRANCH_ROWS`` oracle: ``adam-exact`` with ``g_d`` the gradient on the rows every branch trains on
+    (``data``, all steps pooled; in the weighted mode exactly the rows of ``L_d``) instead of an independent
+    sample of d. No run could know these rows in advance; the gap between it and ``fresh adam-exact`` is
+    what the particular rows, not the mixture, do to the outcome."""
+    rows = {name: [samples[index] for samples in data] for index, name in enumerate(names)}
+    return exact_influence(model, optimizer, rows, targets, kinds=("adam",))["fresh adam-exact"]
 
 
 def measured_branch(weights: np.ndarray, branch_change: np.ndarray, change: np.ndarray) -> dict:
@@ -318,6 +434,31 @@ def fitted_influence(mixtures: np.ndarray, changes: list[np.ndarray]) -> np.ndar
     drops = -np.concatenate(changes)
     coef, *_ = np.linalg.lstsq(np.concatenate([mixtures] * len(changes)), drops, rcond=None)
     return coef.T
+
+
+def linear_ceiling(mixtures: np.ndarray, change: np.ndarray, *, leave_one_out: bool = True) -> np.ndarray:
+    """The predicted drop [branches, targets] of the best linear ``S`` fitted on one checkpoint's own
+    branches (``fitted_influence``): each branch predicted by the fit on the *other* branches
+    (``leave_one_out``; a linear ``S`` learnt from this checkpoint's measurements), or by the fit on all of
+    them (in-sample; no linear ``S`` fits this checkpoint better in least squares)."""
+    predicted = np.empty_like(change)
+    for index in range(len(mixtures)):
+        keep = np.arange(len(mixtures)) != index if leave_one_out else slice(None)
+        predicted[index] = mixtures[index] @ fitted_influence(mixtures[keep], [change[keep]]).T
+    return predicted
+
+
+def add_linear_ceiling(result: dict) -> None:
+    """Score, at every checkpoint of ``result`` that lacks them, ``CEILING`` and ``IN_SAMPLE``
+    (``linear_ceiling`` of its own branches): whether any linear ``S`` could rank this checkpoint's branches,
+    needing no extra training (runs saved before they existed get them on ``--pool``)."""
+    mixtures = np.array(list(result["mixtures"].values()))
+    for record in result["checkpoints"]:
+        change = np.array(record["change"])
+        for name, leave_one_out in ((CEILING, True), (IN_SAMPLE, False)):
+            if name not in record["scores"]:
+                predicted = linear_ceiling(mixtures, change, leave_one_out=leave_one_out)
+                record["scores"][name] = score_prediction(predicted, change)
 
 
 def add_fitted_floor(result: dict) -> None:
@@ -421,6 +562,8 @@ def run_check(
             before = target_losses(model, targets)
             rows = config.weighted_rows if config.branch_data == "weighted" else config.batch_size
             data = branch_data(loader, steps=config.branch_steps, batch_size=rows, key=checkpoint)
+            if "branch-rows" in config.exact:
+                influence[BRANCH_ROWS] = branch_rows_influence(model, optimizer, data, names, targets)
             change = np.stack(
                 [
                     target_losses(run_branch(model, optimizer, w, data, config=config, start=step), targets)
@@ -431,7 +574,7 @@ def run_check(
             prior = dict.fromkeys(names, 1.0)
             decisions = {}
             for name, S in influence.items():
-                if not name.endswith(f" k={config.k}"):
+                if not decides(name, config):
                     continue
                 for t in config.solve_steps:
                     solver = get_mixer(
@@ -470,6 +613,7 @@ def run_check(
     }
     if hold_out_name is not None:
         add_fitted_floor(result)
+    add_linear_ceiling(result)
     return result
 
 
@@ -641,6 +785,8 @@ def saved_hold_outs(paths: list[str]) -> dict[str, dict]:
         runs = saved["hold_outs"] if saved.get("mode") == "leave-one-out" else {saved.get("hold_out"): saved}
         if None in runs:
             raise ConfigError(f"--pool {path}: not a --hold-out or --leave-one-out run; nothing to pool.")
+        for run in runs.values():
+            add_linear_ceiling(run)
         out.update({f"{name} (seed {saved['config']['seed']})": run for name, run in runs.items()})
     return out
 
@@ -663,7 +809,7 @@ def main(argv: list[str] | None = None) -> None:
         default = getattr(defaults, item.name)
         flag = f"--{item.name.replace('_', '-')}"
         if isinstance(default, tuple):
-            kind = {"preconditioners": str, "solve_steps": float}.get(item.name, int)
+            kind = {"preconditioners": str, "exact": str, "solve_steps": float}.get(item.name, int)
             parser.add_argument(flag, nargs="+", type=kind, default=list(default), help=item.metadata["help"])
         else:
             parser.add_argument(flag, type=type(default), default=default, help=item.metadata["help"])

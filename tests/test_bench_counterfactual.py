@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from testkit.corpus import make_text_corpus
 
 from tikmix_loader._bench_commands import _repo_benchmark
 from tikmix_loader.data.loader import MixtureLoader
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import build_model, load_splits, val_targets
-from tikmix_loader.train import make_optimizer
+from tikmix_loader.train import TrainConfig, make_optimizer
 
 SMALL = {"model": "micro", "steps": 6, "checkpoints": (3, 6), "branch_steps": 2, "dirichlet": 2}
 SMALL.update(batch_size=4, seq_len=32, target_samples=4, observation_samples=4, target_batch_size=4, ks=(8,))
@@ -133,10 +134,12 @@ def test_config_rejects_checkpoints_past_the_run(bench):
         bench.CounterfactualConfig(solve_steps=(0.0, 1.0))
 
 
-def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("exact", [(), ("adam", "gradient", "branch-rows")])
+def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys, exact):
     out = tmp_path / "cf.json"
     kinds = ("identity", "kfac", "adam")
     args = ["--corpus", str(corpus), "--json", str(out), "--threads", "1", "--preconditioners", *kinds]
+    args += ["--exact", *exact] if exact else []
     for key, value in SMALL.items():
         args += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]
     bench.main(args)
@@ -150,8 +153,18 @@ def test_smoke_run_reports_every_predictor(bench, corpus, tmp_path, capsys):
     assert change.shape == (6, 3) and np.isfinite(change).all()  # stratified, 3 leaning, 2 Dirichlet
     decisions = saved["checkpoints"][1]["decisions"]
     assert sorted(decisions) == sorted(
-        f"{when} {kind} k=8 step={t}" for when in ("online", "fresh") for kind in kinds for t in ("0.5", "1")
+        [
+            f"{when} {kind} k=8 step={t}"
+            for when in ("online", "fresh")
+            for kind in kinds
+            for t in ("0.5", "1")
+        ]
+        + [f"fresh {kind}-exact step={t}" for kind in exact[:2] for t in ("0.5", "1")]
     )
+    for kind in exact[:2]:  # scored and decided on like the engines' predictors
+        assert f"| fresh {kind}-exact |" in table and f"| fresh {kind}-exact step=1 |" in table
+    assert ("| branch rows adam-exact (oracle) |" in table) == bool(exact)  # scored, never decided on
+    assert "| linear ceiling (same checkpoint, LOO branch) |" in table
     for decision in decisions.values():  # TiKMiX-D's own branch, compared with stratified's on the same data
         assert sum(decision["weights"]) == pytest.approx(1.0) and min(decision["weights"]) >= 0.1 - 1e-9
         delta = np.mean(decision["change"]) - change[0].mean()
@@ -283,3 +296,130 @@ def test_leave_one_out_holds_out_every_domain_once_and_pools_them(
     default.write_text(json.dumps({"config": {"seed": 0}, "hold_out": None, "checkpoints": []}))
     with pytest.raises(ConfigError, match=r"--pool .*default.json: not a --hold-out or --leave-one-out run"):
         bench.main(["--pool", str(default)])
+
+
+def _trained_with_recorded_grads(corpus, steps=3):
+    """A micro model after ``steps`` AdamW steps (no clipping) on loader batches, and their gradients."""
+    splits = load_splits(corpus)
+    model = build_model("micro", seed=0, seq_len=32)
+    optimizer, _ = make_optimizer(model, TrainConfig(steps=10))
+    loader = MixtureLoader(list(splits.train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    batches = iter(loader)
+    recorded = []
+    for _ in range(steps):
+        batch = next(batches)
+        logits = model(batch["input_ids"])
+        F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).backward()
+        recorded.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    domains = {name: loader.sample_batches(name, 6, batch_size=4, seed=5) for name in loader.domain_names}
+    targets = val_targets(splits.val, samples=5, batch_size=2, seq_len=32, seed=0)
+    loader.close()
+    return model, optimizer, recorded, domains, targets
+
+
+def _func_gradient(model, batches):
+    """torch.func gradient of the mean loss per token over every row of ``batches`` taken as one batch."""
+    batch = {key: torch.cat([b[key] for b in batches]) for key in ("input_ids", "labels")}
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params):
+        logits = torch.func.functional_call(model, params, (batch["input_ids"],))
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+    return torch.func.grad(loss)(params)
+
+
+def _hand_adam_denominator(recorded, beta2=0.95, eps=1e-8):
+    """``1 / (sqrt(v_hat) + eps)`` per parameter name, from the recorded gradients of every step so far:
+    ``v_n = sum_i (1 - beta2) beta2^(n - i) g_i^2``, bias-corrected by ``1 - beta2^n`` (torch.optim.AdamW)."""
+    n = len(recorded)
+    out = {}
+    for name in recorded[0]:
+        v = sum(
+            (1 - beta2) * beta2 ** (n - i) * g[name].double() ** 2 for i, g in enumerate(recorded, start=1)
+        )
+        out[name] = 1.0 / ((v / (1 - beta2**n)).sqrt() + eps)
+    return out
+
+
+def _dot(a, b, scale):
+    return float(sum((a[name].double() * scale.get(name, 1.0) * b[name].double()).sum() for name in a))
+
+
+def test_exact_predictors_equal_torch_func_gradients_and_a_hand_built_adam_second_moment(bench, corpus):
+    model, optimizer, recorded, domains, targets = _trained_with_recorded_grads(corpus)
+    model.eval()  # TinyGPT has no dropout; eval() as the predictors' passes use
+    D = _hand_adam_denominator(recorded)
+    g_d = [_func_gradient(model, batches) for batches in domains.values()]
+    g_t = [_func_gradient(model, batches) for batches in targets.values()]
+    expected = {
+        "fresh adam-exact": np.array([[_dot(t, d, D) for d in g_d] for t in g_t]),
+        "fresh gradient-exact": np.array([[_dot(t, d, {}) for d in g_d] for t in g_t]),
+    }
+    model.train()
+    got = bench.exact_influence(model, optimizer, domains, targets, kinds=("adam", "gradient"))
+    assert model.training and sorted(got) == sorted(expected)
+    for name, S in expected.items():
+        assert S.shape == (3, 3)
+        np.testing.assert_allclose(got[name], S, rtol=1e-6, atol=1e-7 * np.abs(S).max())
+    # v is not constant, so Adam's preconditioning changes the matrix beyond a scale factor
+    adam, plain = (got[name] / np.abs(got[name]).max() for name in expected)
+    assert np.abs(adam - plain).max() > 0.05
+
+
+def test_branch_rows_oracle_takes_each_domains_gradient_on_the_rows_of_every_branch_step(bench, corpus):
+    model, optimizer, recorded, domains, targets = _trained_with_recorded_grads(corpus)
+    loader = MixtureLoader(list(load_splits(corpus).train), batch_size=4, seq_len=32, seed=0, num_workers=0)
+    data = bench.branch_data(loader, steps=2, batch_size=3, key=7)  # [step][domain] samples of 3 rows
+    loader.close()
+    got = bench.branch_rows_influence(model, optimizer, data, list(domains), targets)
+    model.eval()
+    D = _hand_adam_denominator(recorded)
+    g_d = [_func_gradient(model, [data[0][index], data[1][index]]) for index in range(len(domains))]
+    g_t = [_func_gradient(model, batches) for batches in targets.values()]
+    expected = np.array([[_dot(t, d, D) for d in g_d] for t in g_t])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())
+    independent = bench.exact_influence(model, optimizer, domains, targets, kinds=("adam",))
+    assert not np.allclose(got, independent["fresh adam-exact"], rtol=0.05)  # other rows, another S
+
+
+def test_linear_ceiling_leaves_each_branch_out_of_its_own_fit(bench):
+    mixtures = np.random.default_rng(0).dirichlet(np.ones(3), size=8)
+    S = np.array([[0.5, -1.0, 2.0]])
+    change = -(mixtures @ S.T)  # exactly linear: every fit recovers S
+    for leave_one_out in (True, False):
+        np.testing.assert_allclose(
+            bench.linear_ceiling(mixtures, change, leave_one_out=leave_one_out), -change, atol=1e-12
+        )
+    bumped = change.copy()
+    bumped[3] += 1.0  # one branch off the line: left out, it is predicted from the others' S
+    predicted = bench.linear_ceiling(mixtures, bumped)
+    np.testing.assert_allclose(predicted[3], -change[3], atol=1e-12)
+    in_sample = bench.linear_ceiling(mixtures, bumped, leave_one_out=False)
+    assert in_sample[3, 0] < predicted[3, 0] - 0.1  # the fit that saw it is pulled towards its worse drop
+    result = {"mixtures": {str(i): w.tolist() for i, w in enumerate(mixtures)}}
+    result["checkpoints"] = [{"change": change.tolist(), "scores": {}}]
+    bench.add_linear_ceiling(result)
+    scores = result["checkpoints"][0]["scores"]
+    assert scores[bench.CEILING]["spearman"] == pytest.approx([1.0]) and scores[bench.CEILING]["regret"] == 0
+
+
+def test_exact_adam_with_a_constant_second_moment_is_the_scaled_gradient_product(bench, corpus):
+    model, optimizer, _, domains, targets = _trained_with_recorded_grads(corpus, steps=2)
+    for state in optimizer.state.values():
+        state["exp_avg_sq"].fill_(4e-6)
+    got = bench.exact_influence(model, optimizer, domains, targets, kinds=("adam", "gradient"))
+    scale = 1.0 / (np.sqrt(4e-6 / (1 - 0.95**2)) + 1e-8)
+    np.testing.assert_allclose(got["fresh adam-exact"], scale * got["fresh gradient-exact"], rtol=1e-6)
+
+
+def test_exact_adam_needs_the_optimizers_second_moments(bench):
+    model = build_model("micro", seed=0, seq_len=32)
+    optimizer, _ = make_optimizer(model, TrainConfig(steps=10))
+    params = list(model.parameters())
+    with pytest.raises(ConfigError, match=r"parameter 0 .* no AdamW second moment"):
+        bench.adam_preconditioner(optimizer, params)
+    with pytest.raises(ConfigError, match=r"unknown `exact` predictors \['hessian'\]"):
+        bench.CounterfactualConfig(exact=("adam", "hessian"))
