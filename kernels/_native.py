@@ -57,12 +57,8 @@ _warned = False
 
 
 def csrc_dir() -> Path:
-    """The C++/CUDA source folder: ``tikmix_kernels/csrc`` (wheel) or ``<repo>/csrc`` (editable install)."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "csrc", package.parent / "csrc"):
-        if (candidate / _SOURCES["cpu"][0]).is_file():
-            return candidate
-    return package.parent / "csrc"
+    """The C++/CUDA source folder (``_jit_build.csrc_dir``) that holds the ops' sources."""
+    return _jit_build.csrc_dir(_SOURCES["cpu"][0])
 
 
 def _build_settings_key() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import shlex
 import shutil
@@ -30,6 +31,19 @@ def extensions_base() -> Path:
     """``$TIKMIX_EXTENSIONS_DIR``, or ``~/.cache/tikmix/extensions`` when that is unset or empty."""
     base = os.environ.get(EXTENSIONS_DIR_ENV) or Path.home() / ".cache" / "tikmix" / "extensions"
     return Path(base).expanduser()
+
+
+def csrc_dir(probe: str) -> Path:
+    """The C++ source folder holding ``probe`` (a path relative to it): ``<repo>/csrc`` in a source tree or
+    an editable install, ``tikmix_kernels/csrc`` in a wheel (setup.py copies it there). Finds the package
+    without importing it, so no torch import."""
+    source_tree = Path(__file__).resolve().parents[1] / "csrc"
+    spec = importlib.util.find_spec("tikmix_kernels")
+    wheel = [Path(folder) / "csrc" for folder in (spec.submodule_search_locations or [])] if spec else []
+    for candidate in (source_tree, *wheel):
+        if (candidate / probe).is_file():
+            return candidate
+    return source_tree
 
 
 def source_hash(folder: Path, settings: str) -> str:

@@ -123,17 +123,8 @@ def resolve() -> ModuleType | None:
 
 
 def csrc_dir() -> Path:
-    """The C++ source folder: ``<repo>/csrc`` (a source tree) or ``tikmix_kernels/csrc`` (a wheel).
-
-    ``tikmix_kernels._native.csrc_dir`` says the same but imports torch, which loading does not need.
-    """
-    source_tree = Path(__file__).resolve().parents[2] / "csrc"
-    spec = importlib.util.find_spec("tikmix_kernels")  # finds the package without importing it
-    wheel = [Path(folder) / "csrc" for folder in (spec.submodule_search_locations or [])] if spec else []
-    for candidate in (source_tree, *wheel):
-        if (candidate / _FOLDER / _SOURCE).is_file():
-            return candidate
-    return source_tree
+    """The C++ source folder (``_jit_build.csrc_dir``) that holds the data-path sources."""
+    return _jit_build.csrc_dir(f"{_FOLDER}/{_SOURCE}")
 
 
 def build_dir() -> Path:
