@@ -14,6 +14,12 @@ COMPOSER_EXTRAS := dev,composer
 MAIN_LOCK := requirements/main.txt
 COMPOSER_LOCK := requirements/composer.txt
 LOCK_BUILD := build/lock
+# The least free disk each build needs (GB): each venv holds a CUDA build of torch and is ~6.5 GB installed
+# (pip also holds the downloaded wheels, ~2.5 GB more for the Composer one, until it finishes). Checked
+# before building, so a disk too small fails at once with the figures instead of halfway through pip.
+# Set to 0 to skip the check.
+MAIN_VENV_GB ?= 7
+COMPOSER_VENV_GB ?= 7
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -21,9 +27,15 @@ DEMO_ARGS ?=
 
 all: test
 
-# $(call install-locked,VENV_DIR,EXTRAS,LOCK): a fresh venv with the project installed under the lock's pins.
+# $(call install-locked,VENV_DIR,EXTRAS,LOCK,FREE_GB,FREE_GB_VARIABLE): a fresh venv with the project installed under the lock's pins.
 define install-locked
 	rm -rf $(1)
+	@free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
+	if [ "$$free_kb" -lt $$(( $(4) * 1048576 )) ]; then \
+		echo "Building $(1) needs at least $(4) GB free on $$(df -P . | awk 'NR == 2 {print $$6}'), but only" \
+			"$$(( free_kb / 1048576 )) GB is; free some space (or set $(5)=0 to try anyway)." >&2; \
+		exit 1; \
+	fi
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet -c $(3) pip
 	$(1)/bin/pip install --quiet -c $(3) -e ".[$(2)]"
@@ -44,10 +56,10 @@ define resolve-lock
 endef
 
 $(VENV)/.installed: pyproject.toml setup.py $(MAIN_LOCK)
-	$(call install-locked,$(VENV),$(MAIN_EXTRAS),$(MAIN_LOCK))
+	$(call install-locked,$(VENV),$(MAIN_EXTRAS),$(MAIN_LOCK),$(MAIN_VENV_GB),MAIN_VENV_GB)
 
 $(COMPOSER_VENV)/.installed: pyproject.toml setup.py $(COMPOSER_LOCK)
-	$(call install-locked,$(COMPOSER_VENV),$(COMPOSER_EXTRAS),$(COMPOSER_LOCK))
+	$(call install-locked,$(COMPOSER_VENV),$(COMPOSER_EXTRAS),$(COMPOSER_LOCK),$(COMPOSER_VENV_GB),COMPOSER_VENV_GB)
 
 venv: $(VENV)/.installed
 
