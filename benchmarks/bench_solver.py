@@ -31,20 +31,10 @@ import numpy as np
 import scipy
 from scipy.optimize import minimize
 
-from tikmix_loader.mixing import TikmixObjective, solve_tikmix_d, tikmix_d
+from tikmix_loader.mixing import TikmixObjective, solve_tikmix_d, synthetic_problem, tikmix_d
 from tikmix_loader.mixing._threads import blas_threads
 
 GOALS_MS = {(26, 9): 50.0, (256, 32): 1000.0}
-
-
-def make_problem(num_domains: int, num_targets: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Influence with a shared positive domain quality, target-specific structure and noise; a weak prior."""
-    rng = np.random.default_rng(seed)
-    quality = rng.gamma(2.0, 1.0, num_domains)
-    affinity = rng.normal(0.0, 1.0, (num_targets, num_domains))
-    S = quality[None, :] * (1.0 + 0.5 * affinity) * rng.uniform(0.2, 3.0, (num_targets, 1))
-    prior = rng.dirichlet(np.full(num_domains, 2.0)) / (1.0 + quality)
-    return S, prior / prior.sum()
 
 
 def solve_plain(S: np.ndarray, w_prior: np.ndarray) -> np.ndarray:
@@ -89,7 +79,7 @@ def time_provider(name: str, shape: tuple[int, int], repeats: int) -> tuple[np.n
     """Wall time (s) and objective of each of ``repeats`` solves, one problem per seed."""
     times, objectives = [], []
     for seed in range(repeats):
-        S, w_prior = make_problem(*shape, seed)
+        S, w_prior = synthetic_problem(*shape, seed)
         start = time.perf_counter()
         w = PROVIDERS[name](S, w_prior)
         times.append(time.perf_counter() - start)
@@ -123,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         f"BLAS pinning: {pinning}"
     )
     rows = []
-    solve_tikmix_d(*make_problem(8, 3, 0))  # warm-up: imports and first-call costs
+    solve_tikmix_d(*synthetic_problem(8, 3, 0))  # warm-up: imports and first-call costs
     header = (
         f"{'shape':>8} {'provider':>8} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'speedup':>8} "
         f"{'d objective':>12} {'goal ms':>8}"

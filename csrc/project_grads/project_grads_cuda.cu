@@ -291,19 +291,25 @@ ProjectParams<scalar_t> make_params(const at::Tensor& x, const at::Tensor& g, co
           num_segments,               layout};
 }
 
-// Raises the kernel's dynamic shared-memory limit to what `layout` needs, or fails with the sizes.
-template <typename Kernel>
-void reserve_shared_memory(const char* op, Kernel kernel, const SharedLayout& layout,
-                           const ProjectionShape& shape) {
-  int device = 0;
+// The launch both ops make, on `device` (the inputs') and its current stream: `kernel(params, outputs...)`
+// with one CTA of kThreads per tile of kTileTokens tokens and the dynamic shared memory params.layout needs
+// (the kernel's limit raised to it, or a failure naming the sizes), then the launch check. The outputs were
+// allocated on `device` before it without a guard: the ATen ops that make them set the device themselves.
+template <typename scalar_t, typename Kernel, typename... Outputs>
+void launch_over_tiles(const char* op, const at::Device device, Kernel kernel,
+                       const ProjectParams<scalar_t>& params, Outputs... outputs) {
+  const c10::cuda::CUDAGuard guard(device);
+  const SharedLayout& layout = params.layout;
   int limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(layout.bytes() <= static_cast<size_t>(limit), op, ": k_in=", shape.k_in, " and k_out=",
-              shape.k_out, " need ", layout.bytes(), " bytes of shared memory per block, more than the ",
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  TORCH_CHECK(layout.bytes() <= static_cast<size_t>(limit), op, ": k_in=", params.k_in, " and k_out=",
+              params.k_out, " need ", layout.bytes(), " bytes of shared memory per block, more than the ",
               limit, " this GPU allows; use smaller projections or another backend");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(layout.bytes())));
+  const dim3 grid(static_cast<unsigned>((params.tokens + kTileTokens - 1) / kTileTokens));
+  kernel<<<grid, kThreads, layout.bytes(), c10::cuda::getCurrentCUDAStream()>>>(params, outputs...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> project_grads_cuda(const at::Tensor& x, const at::Tensor& g,
@@ -313,7 +319,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_grads_cuda(const at::Tens
                                                                   int64_t num_segments, bool return_factors) {
   const ProjectionShape shape =
       check_projection_inputs(__func__, x, g, p_in, p_out, segment_ids, num_segments, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor phi = at::zeros({num_segments, shape.k_out, shape.k_in}, f32);
   at::Tensor a = return_factors ? at::zeros({shape.k_in, shape.k_in}, f32) : at::empty({0}, f32);
@@ -323,15 +328,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> project_grads_cuda(const at::Tens
   const char* op = __func__;
   const at::Tensor ids = segment_ids.to(at::kLong).contiguous();
   const SharedLayout layout(shape.k_in, shape.k_out, false);
-  const dim3 grid(static_cast<unsigned>((shape.tokens + kTileTokens - 1) / kTileTokens));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TIKMIX_DISPATCH_FLOAT_TYPES(x.scalar_type(), "project_grads_cuda", [&] {
-    reserve_shared_memory(op, project_grads_kernel<scalar_t>, layout, shape);
-    project_grads_kernel<scalar_t><<<grid, kThreads, layout.bytes(), stream>>>(
-        make_params<scalar_t>(x, g, p_in, p_out, ids, shape, num_segments, layout),
-        phi.mutable_data_ptr<float>(), return_factors ? a.mutable_data_ptr<float>() : nullptr,
-        return_factors ? b.mutable_data_ptr<float>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_over_tiles(op, x.device(), project_grads_kernel<scalar_t>,
+                      make_params<scalar_t>(x, g, p_in, p_out, ids, shape, num_segments, layout),
+                      phi.mutable_data_ptr<float>(), return_factors ? a.mutable_data_ptr<float>() : nullptr,
+                      return_factors ? b.mutable_data_ptr<float>() : nullptr);
   });
   return {phi, a, b};
 }
@@ -342,7 +343,6 @@ at::Tensor segment_target_scores_cuda(const at::Tensor& x, const at::Tensor& g, 
   const ProjectionShape shape =
       check_projection_inputs(__func__, x, g, p_in, p_out, segment_ids, num_segments, c10::DeviceType::CUDA);
   const int64_t n_targets = check_targets(__func__, q, shape, x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor scores = at::zeros({num_segments, n_targets}, x.options().dtype(at::kFloat));
   if (shape.tokens == 0 || n_targets == 0) return scores;
 
@@ -350,14 +350,10 @@ at::Tensor segment_target_scores_cuda(const at::Tensor& x, const at::Tensor& g, 
   const at::Tensor ids = segment_ids.to(at::kLong).contiguous();
   const at::Tensor q_f = q.to(at::kFloat).contiguous();
   const SharedLayout layout(shape.k_in, shape.k_out, true);
-  const dim3 grid(static_cast<unsigned>((shape.tokens + kTileTokens - 1) / kTileTokens));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TIKMIX_DISPATCH_FLOAT_TYPES(x.scalar_type(), "segment_target_scores_cuda", [&] {
-    reserve_shared_memory(op, segment_target_scores_kernel<scalar_t>, layout, shape);
-    segment_target_scores_kernel<scalar_t><<<grid, kThreads, layout.bytes(), stream>>>(
-        make_params<scalar_t>(x, g, p_in, p_out, ids, shape, num_segments, layout),
-        q_f.const_data_ptr<float>(), n_targets, scores.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_over_tiles(op, x.device(), segment_target_scores_kernel<scalar_t>,
+                      make_params<scalar_t>(x, g, p_in, p_out, ids, shape, num_segments, layout),
+                      q_f.const_data_ptr<float>(), n_targets, scores.mutable_data_ptr<float>());
   });
   return scores;
 }

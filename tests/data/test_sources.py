@@ -17,6 +17,7 @@ import pytest
 from testkit.formats import FORMATS, make_domain_files, random_docs
 
 from tikmix_loader import ConfigError, Domain, DomainError, ShardError
+from tikmix_loader.data import _compiled
 from tikmix_loader.data.sources import detect_format, open_source
 from tikmix_loader.data.sources._tokens import cast_tokens
 from tikmix_loader.data.sources.mds import MDSSource, write_mds
@@ -98,6 +99,47 @@ def test_memmap_token_ranges_read_alike_below_and_above_the_scalar_limit(tmp_pat
         for bad_doc in (-1, len(docs)):
             with pytest.raises(IndexError, match=rf"document {bad_doc} is outside \[0, 31\)"):
                 domain.read_doc_ranges([*picks[:-1], bad_doc], [*starts[:-1], 0], [*stops[:-1], 0])
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_token_ranges_of_unequal_lengths_or_not_integers_fail_naming_the_domain_and_argument(
+    monkeypatch, tmp_path, fmt, compiled
+):
+    # The memmap's Python path (few ranges, or no compiled helpers) once zipped the three arrays, dropping
+    # the ranges past the shortest, and every path truncated float ids; the domain refuses both for every
+    # format, with and without the compiled helpers.
+    docs = random_docs(40, seed=6, max_len=40)
+    domain = Domain("d", make_domain_files(tmp_path, fmt, docs, **SPLIT_OPTIONS[fmt]))
+    _compiled.module()  # resolved now, so the fallback below stays in force for this test
+    if not compiled:
+        monkeypatch.setattr(_compiled, "_module", None)
+    rng = np.random.default_rng(7)
+    for count in (3, SCALAR_RANGES + 8):
+        picks = rng.integers(0, len(docs), size=count)
+        starts = np.zeros(count, dtype=np.int64)
+        stops = np.array([len(docs[pick]) for pick in picks])
+        expected = np.concatenate([docs[pick] for pick in picks])
+        np.testing.assert_array_equal(domain.read_doc_ranges(picks, starts, stops), expected)
+        for message, bad in (
+            (f"{count - 1} `starts` for {count} `docs`", (picks, starts[:-1], stops)),
+            (f"{count - 1} `stops` for {count} `docs`", (picks, starts, stops[:-1])),
+            (f"{count} `starts` for {count - 1} `docs`", (picks[:-1], starts, stops)),
+        ):
+            with pytest.raises(DomainError, match=f"Domain 'd': read_doc_ranges got {message}"):
+                domain.read_doc_ranges(*bad)
+        for argument, bad in (
+            ("docs", (picks + 0.5, starts, stops)),
+            ("starts", (picks, starts.astype(float), stops)),
+            ("stops", (picks, starts, stops.astype(bool))),
+            ("docs", (picks[:, None], starts, stops)),
+        ):
+            with pytest.raises(ValueError, match=rf"Domain 'd': .*`{argument}` as a 1-D sequence of"):
+                domain.read_doc_ranges(*bad)
+        for bad_start, bad_stop in ((-1, 0), (2, 1)):  # a range outside its document: the source names it
+            with pytest.raises(IndexError, match="outside document"):
+                domain.read_doc_ranges([*picks[:-1], 0], [*starts[:-1], bad_start], [*stops[:-1], bad_stop])
+    assert len(domain.read_doc_ranges([], [], [])) == 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

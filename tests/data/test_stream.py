@@ -221,9 +221,10 @@ def test_warm_caches_give_the_rows_of_cold_ones_and_stay_bounded(tmp_path, monke
 @pytest.mark.parametrize("seq_len", [1, 7, 40])
 @pytest.mark.parametrize("quality", [False, True])
 def test_scalar_and_vectorised_packed_reads_give_the_same_rows(tmp_path, monkeypatch, seq_len, quality):
-    # A read of at most SCALAR_ROWS rows keeps its bookkeeping and window cutting in Python ints; it must
-    # give the rows of the vectorised path and of a dense read: windows across document and block
-    # boundaries, empty documents (a lone EOS), quality copies (0 to several per document), epoch ends.
+    # A read of at most SCALAR_ROWS rows keeps its bookkeeping in Python ints and cuts its windows in
+    # compiled code (a Python loop when the compiled helpers are missing); it must give the rows of the
+    # vectorised path and of a dense read: windows across document and block boundaries, empty documents
+    # (a lone EOS), quality copies (0 to several per document), epoch ends.
     rng = np.random.default_rng(seq_len)
     documents = [rng.integers(0, 256, size=int(n)) for n in rng.choice([0, 1, 3, 12, 60, 150], size=120)]
     domain = Domain("s", write_memmap(tmp_path / "s.bin", documents, vocab_size=258))

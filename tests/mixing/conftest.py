@@ -3,21 +3,13 @@
 import numpy as np
 import pytest
 
-
-def make_problem(num_domains: int, num_targets: int, seed: int = 0):
-    """A realistic influence matrix: a shared positive "domain quality" plus target-specific structure and
-    noise, and a prior concentrated on the weaker domains (so it has room to improve)."""
-    rng = np.random.default_rng(seed)
-    quality = rng.gamma(2.0, 1.0, num_domains)
-    affinity = rng.normal(0.0, 1.0, (num_targets, num_domains))
-    S = quality[None, :] * (1.0 + 0.5 * affinity) * rng.uniform(0.2, 3.0, (num_targets, 1))
-    prior = rng.dirichlet(np.full(num_domains, 2.0)) / (1.0 + quality)
-    return S, prior / prior.sum()
+from tikmix_loader.mixing import synthetic_problem
 
 
 @pytest.fixture
 def problem():
-    return make_problem
+    """``problem(num_domains, num_targets, seed=0)``: ``synthetic_problem``'s ``(S, w_prior)``."""
+    return synthetic_problem
 
 
 @pytest.fixture

@@ -125,7 +125,8 @@ def test_a_document_mode_epoch_serves_each_document_its_copies(tmp_path, epoch):
     tokens, _ = stream.read(start, int(copies.sum()))
     np.testing.assert_array_equal(tokens[:, 0], _expected_order(domain, stream, epoch, copies))
     np.testing.assert_array_equal(np.bincount(tokens[:, 0], minlength=200), copies)
-    assert stream.epoch_of(start) == epoch and stream.epoch_of(start + int(copies.sum())) == epoch + 1
+    epochs, _ = stream.locate(np.array([start, start + int(copies.sum())]))
+    assert epochs.tolist() == [epoch, epoch + 1]
 
 
 def test_a_packed_epoch_is_the_packed_stream_of_the_expanded_documents(tmp_path):
@@ -190,7 +191,7 @@ def test_set_quality_starts_a_fresh_epoch_at_the_next_unplanned_sample(domains):
         loader.next_batch()
         reference.next_batch()
     start = loader.state_dict()["consumed"][2]
-    epoch_before = loader._streams[2].epoch_of(start - 1)
+    epoch_before = loader._streams[2].locate(np.array([start - 1]))[0][0]
     loader.set_quality({"c": PARAMS, "a": None})
     assert loader.quality_params == {"b": STRICT, "c": PARAMS}
     stream = loader._streams[2]

@@ -136,8 +136,25 @@ class Domain:
         return self.source.read_docs(start, stop)
 
     def read_doc_ranges(self, docs: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        """Tokens ``starts[i] .. stops[i]-1`` of document ``docs[i]`` (storage ids), concatenated."""
-        return self.source.read_doc_ranges(docs, starts, stops)
+        """Tokens ``starts[i] .. stops[i]-1`` of document ``docs[i]`` (storage ids), concatenated.
+
+        ``docs``, ``starts`` and ``stops`` are 1-D integer sequences of one length (``DomainError``, a
+        ``ValueError``, names the argument otherwise); a document or token range outside the data raises
+        ``IndexError`` naming the file (each source checks it against its documents).
+        """
+        ranges = {"docs": np.asarray(docs), "starts": np.asarray(starts), "stops": np.asarray(stops)}
+        for argument, values in ranges.items():
+            if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+                raise DomainError(
+                    f"Domain {self.name!r}: read_doc_ranges needs `{argument}` as a 1-D sequence of "
+                    f"integers, got {values.dtype} of shape {values.shape}."
+                )
+            if len(values) != len(ranges["docs"]):
+                raise DomainError(
+                    f"Domain {self.name!r}: read_doc_ranges got {len(values)} `{argument}` for "
+                    f"{len(ranges['docs'])} `docs`; pass one start and one stop per document."
+                )
+        return self.source.read_doc_ranges(*ranges.values())
 
     def __repr__(self) -> str:
         return f"Domain(name={self.name!r}, path={self.path!r}, mode={self.mode!r}, docs={self.num_docs})"

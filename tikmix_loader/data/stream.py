@@ -263,10 +263,6 @@ class DomainStream:
 
     # -- public -----------------------------------------------------------------------------------
 
-    def epoch_of(self, index: int) -> int:
-        """Epoch that sample ``index`` of the endless stream belongs to."""
-        return int(self.locate(np.array([index]))[0][0])
-
     def read(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Samples ``start .. start+count-1`` as ``(tokens int64 [count, seq_len+1], valid int64 [count])``.
 

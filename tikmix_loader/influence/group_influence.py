@@ -67,11 +67,8 @@ from tikmix_loader.influence._statistics import Statistics, distributed_world
 from tikmix_loader.influence.config import InfluenceConfig
 from tikmix_loader.influence.matrix import InfluenceMatrix
 from tikmix_loader.influence.preconditioners import (
-    AdamPreconditioner,
     Eigenbasis,
     EKFACPreconditioner,
-    IdentityPreconditioner,
-    KFACPreconditioner,
     get_preconditioner,
 )
 from tikmix_loader.influence.task import CausalLMTask, Task
@@ -330,18 +327,18 @@ class GroupInfluence:
             ConfigError: bad arguments or a ``loss_fn`` output of the wrong shape.
         """
         domain_names, target_names = _names(domains, "domains"), _names(targets, "targets")
-        kind = self.config.preconditioner
+        kind = self._kind
         scales = self._scales("GroupInfluence.compute")
-        if kind == "ekfac":
+        if kind.needs_lambda:  # its eigenvalues are measured in a second pass over the domain batches
             domains = {name: list(batches) for name, batches in domains.items()}
         with self._observation_mode():
-            stats = self._new_stats(len(domain_names), factors=self._kind.needs_factors, lam=False)
+            stats = self._new_stats(len(domain_names), factors=kind.needs_factors, lam=False)
             processed = self._observe_groups(
                 domains, loss_fn, stats, progress=progress, what="domain", scales=scales
             )
             stats.all_reduce_()
             self._require_tokens(stats.tokens, domain_names, "domain")
-            if kind != "ekfac":
+            if not kind.needs_lambda:
                 preconditioner = self._factored_preconditioner(stats)
             else:
                 bases = [Eigenbasis.of(a, b) for a, b in self._cpu_factors(stats)]
@@ -423,7 +420,7 @@ class GroupInfluence:
         if self._step is None:
             self._step = self._online.like(dtype=torch.float32)
         step = self._step.zero_()
-        if self.config.preconditioner == "ekfac" and self._basis is not None:
+        if self._kind.needs_lambda and self._basis is not None:
             rows = torch.arange(len(domain), device=device)
             pass_ = self._make_pass(step, layout, rows, len(domain), factors=True, segment_groups=domain)
             pass_.basis = self._basis
@@ -478,8 +475,8 @@ class GroupInfluence:
         target_names = _names(targets, "targets")
         scales = self._scales("GroupInfluence.influence")
         stats = self._online.clone().all_reduce_()
-        kind = self.config.preconditioner
-        if kind != "ekfac":
+        kind = self._kind
+        if not kind.needs_lambda:
             preconditioner = self._factored_preconditioner(stats)
         else:
             fresh = [Eigenbasis.of(a, b) for a, b in self._cpu_factors(stats)]
@@ -495,7 +492,7 @@ class GroupInfluence:
                 targets, loss_fn, progress=progress, scales=scales
             )
         matrix = self._matrix(stats, target_stats, preconditioner, processed, self.domains, target_names)
-        if kind == "ekfac":
+        if kind.needs_lambda:
             self._basis = fresh
             self._online.zero_lam_()
         return matrix
@@ -750,15 +747,12 @@ class GroupInfluence:
     # -- results ----------------------------------------------------------------------------------
 
     def _factored_preconditioner(self, stats: Statistics):
-        """The identity, Adam or K-FAC preconditioner from the factor sums in ``stats`` (callers build
-        EK-FAC)."""
-        if self.config.preconditioner == "identity":
-            return IdentityPreconditioner()
-        if self.config.preconditioner == "adam":  # D was applied before projection
-            return AdamPreconditioner()
-        return KFACPreconditioner(
-            factors=self._cpu_factors(stats), widths=self._widths, damping=self.config.damping
-        )
+        """The identity, Adam or K-FAC preconditioner, from the factor sums in ``stats`` when it needs them
+        (callers build EK-FAC, whose eigenvalues need a pass in the factors' eigenbasis)."""
+        kind = self._kind
+        if not kind.needs_factors:  # identity, or Adam: its D was applied before projection
+            return kind()
+        return kind(factors=self._cpu_factors(stats), widths=self._widths, damping=self.config.damping)
 
     @staticmethod
     def _cpu_factors(stats: Statistics) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,6 +11,11 @@ Every preconditioner maps a layer's (projected) gradient matrix ``M`` [..., k_ou
 - ``adam``: ``M`` as well, because ``D = 1 / (sqrt(v_hat) + eps)`` of the training Adam/AdamW was applied
   (rank-1 factored) to ``x`` and ``g`` *before* projection (``influence/_adam.py``).
 
+Each class says what the engine must collect for it, and the engine branches on these flags, never on the
+name: ``needs_factors`` (the K-FAC factor sums A and B), ``needs_lambda`` (the corrected eigenvalues
+``Lambda``, measured in the eigenbasis of those factors: a second pass over the domains, or online the basis
+fixed at the previous call) and ``needs_optimizer`` (the training optimizer's state).
+
 Ours (the paper is silent): ``g`` is the gradient of the *summed* per-token loss, so it has per-token scale,
 and B is normalised by examples (rows) while A is normalised by tokens. Then ``A (x) B`` approximates the
 per-example empirical Fisher ``E_e[vec(W_e) vec(W_e)^T]`` (cross-token terms dropped, as in Kronfluence), the

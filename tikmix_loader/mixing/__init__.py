@@ -20,6 +20,7 @@ from tikmix_loader.mixing.regmix import (
 )
 from tikmix_loader.mixing.static import StaticMixer
 from tikmix_loader.mixing.stratified import StratifiedMixer
+from tikmix_loader.mixing.synthetic import synthetic_problem
 from tikmix_loader.mixing.temperature import TemperatureMixer
 from tikmix_loader.mixing.tikmix_d import TiKMiXD, TikmixObjective, solve_tikmix_d
 from tikmix_loader.mixing.tikmix_m import CurvatureLabel, TiKMiXM, annealed_dirichlet_search, per_mixture
@@ -80,5 +81,6 @@ __all__ = [
     "sample_regmix_mixtures",
     "simulate_best_mixture",
     "solve_tikmix_d",
+    "synthetic_problem",
 ]
 assert __all__ == sorted(__all__), "keep __all__ sorted"
