@@ -325,9 +325,11 @@ def test_state_is_flat_json(domains):
         ({"code": float("nan"), "web": 1, "math": 1}, "finite and >= 0.*code=nan"),
         ([1, -0.5, 1], "finite and >= 0.*web=-0.5"),
         ([1, float("inf"), 1], "finite and >= 0.*web=inf"),
-        ([0, 0, 0], "all zero"),
+        ([0, 0, 0], r"all zero \(\{'code': 0.0, 'web': 0.0, 'math': 0.0\}\)"),
         ({"code": 1, "poetry": 1}, "Unknown domain.*poetry"),
         ([1, 2], "has 2 entries but there are 3 domains"),
+        ("code", r"a dict by domain name or one number per domain \['code', 'web', 'math'\], got 'code'"),
+        (0.5, "a dict by domain name or one number per domain .*got 0.5"),
     ],
 )
 def test_bad_weights_are_rejected_with_the_domain_named(domains, weights, match):

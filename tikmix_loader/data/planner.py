@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,10 @@ def normalize_weights(weights, names: list[str], *, missing: str = "zero") -> np
                 f'`missing="zero"` to give them 0.'
             )
         raw = [weights.get(name, 0.0) for name in names]
+    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise MixtureWeightError(
+            f"`weights` must be a dict by domain name or one number per domain {names}, got {weights!r}."
+        )
     else:
         raw = list(weights)
         if len(raw) != len(names):
@@ -97,7 +101,7 @@ def normalize_weights(weights, names: list[str], *, missing: str = "zero") -> np
         raise MixtureWeightError(f"Mixture weights must be finite and >= 0; got {', '.join(bad)}.")
     if values.sum() <= 0:
         raise MixtureWeightError(
-            f"Mixture weights are all zero ({dict(zip(names, values))}); give some domain weight."
+            f"Mixture weights are all zero ({dict(zip(names, values.tolist()))}); give some domain weight."
         )
     return values / values.sum()
 
