@@ -1,4 +1,7 @@
-"""The loader benchmark runs end to end through ``tikmix bench loader`` (tiny sizes; no numbers checked)."""
+"""The loader benchmark runs end to end through ``tikmix bench loader`` (tiny sizes; no numbers checked), and
+its usage names it so."""
+
+import pytest
 
 from tikmix_loader.cli import main
 
@@ -21,3 +24,9 @@ def test_bench_loader_quality_smoke(tmp_path, capsys):
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "without quality" in table and "with quality" in table and "vs without" in table
+
+
+def test_bench_usage_names_the_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "loader", "--help"])
+    assert capsys.readouterr().out.startswith("usage: tikmix bench loader [-h]")

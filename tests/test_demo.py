@@ -51,9 +51,10 @@ def test_demo_end_to_end(corpus, tmp_path, capsys):
         assert path.parent == out and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
     ledger = Path(results["files"]["ledger"])
     assert verify(ledger).ok and [record["step"] for record in load_records(ledger)] == [2, 5]
-    assert (out / "results.md").is_file()
+    assert Path(results["files"]["table"]) == out / "results.md" and (out / "results.md").is_file()
 
     printed = capsys.readouterr().out
+    assert str(out / "results.md") in printed  # the "wrote ..." line lists the table too
     for text in (
         "test loss (nats/token",
         "average",
@@ -72,7 +73,7 @@ def test_demo_shorter_than_one_decision_still_writes_its_loss_plot_and_results(c
     assert _run_demo(corpus, out, flags) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["decisions"] == 0 and results["last_influence"] is None
-    assert set(results["files"]) == {"loss_curves", "results"}
+    assert set(results["files"]) == {"loss_curves", "results", "table"}
     assert Path(results["files"]["loss_curves"]).read_bytes()[:8] == PNG_MAGIC
     assert "TiKMiX-D made no decision in 2 steps" in capsys.readouterr().out
 

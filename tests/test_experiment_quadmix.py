@@ -2,6 +2,7 @@
 and the protocol end to end on a tiny scored corpus with labelled noise."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -123,6 +124,7 @@ def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
+    assert re.search(r"out-of-fold Spearman (-?\d\.\d\d|undefined), RMSE", capsys.readouterr().out)
     decision = json.loads(search_file.read_text())
     params = read_quadmix_params(search_file)
     assert list(params) == ["prose", "numbers", "code"] and decision["num_proxies"] == 10

@@ -19,6 +19,7 @@ import numpy as np
 from tikmix_loader.experiment import (
     FLAG_NAMES,
     RESULTS_FILE,
+    TABLE_FILE,
     ExperimentConfig,
     add_config_arguments,
     apply_threads,
@@ -87,6 +88,7 @@ def run_demo(
     if records:
         files["ledger"] = str(ledger)
     files["results"] = str(out / RESULTS_FILE)
+    files["table"] = str(out / TABLE_FILE)
     results["decisions"] = len(records)
     last = next((record for record in reversed(records) if record["influence"] is not None), None)
     results["last_influence"] = None if last is None else {"step": last["step"], **last["influence"]}

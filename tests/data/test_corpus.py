@@ -284,6 +284,24 @@ def test_cli(tmp_path, system, capsys):
         args.func(args)
 
 
+def test_cli_from_text_domains(tmp_path, monkeypatch):
+    parser = argparse.ArgumentParser()
+    corpus_module.register(parser.add_subparsers(dest="command"))
+    for folder in ("t", "u"):
+        (tmp_path / folder).mkdir()
+        for index in range(3):
+            (tmp_path / folder / f"{index}.txt").write_text(f"{folder} text {index}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    command = ["corpus", "from-text", str(tmp_path / "ft"), "--min-eval-docs", "1", "--no-progress"]
+    args = parser.parse_args([*command, "--domain", "t=~/t"])  # as sh and zsh pass it: `~` unexpanded
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
+    assert {name: entry["root"] for name, entry in manifest["domains"].items()} == {"t": str(tmp_path / "t")}
+    args = parser.parse_args([*command, "--domain", "t=~/t", "--domain", "t=~/u"])
+    with pytest.raises(ConfigError, match=r"--domain 't' given twice \(.*/t, .*/u\); give it once"):
+        args.func(args)
+
+
 @pytest.mark.parametrize("content", ["{broken", '{"kind": "tikmix-corpus"}', '{"domains": {"code": 1}}'])
 def test_damaged_manifest_means_rebuild(tmp_path, system, content):
     out = tmp_path / "corpus"

@@ -17,6 +17,7 @@ from tikmix_loader import (
     ShardError,
     StateError,
 )
+from tikmix_loader.data.planner import MixturePlanner
 from tikmix_loader.data.sources.memmap import write_memmap
 from tikmix_loader.data.stream import DomainStream
 
@@ -256,6 +257,26 @@ def test_exhaustion_drop_removes_the_domain_and_renormalises(domains):
     assert any(e["event"] == "drop" and e["domain"] == "math" for e in loader.state_dict()["events"])
 
 
+@pytest.mark.parametrize("exhaustion", ["repeat", "drop"])
+def test_epoch_events_name_the_batch_that_starts_the_epoch_and_none_after_the_last(exhaustion):
+    # A domain of 10 samples, 4 per batch: epoch 1 starts inside batch 2 (sample 10); epoch 2 would start
+    # after batch 4 (sample 20), but the domain has only 2 epochs, so it starts none and is dropped at batch
+    # 5, which leaves no domain with weight.
+    planner = MixturePlanner(
+        names=["a", "b"],
+        samples_per_epoch=[10, 1000],
+        global_batch_size=4,
+        weights=np.array([1.0, 0.0]),
+        seed=0,
+        exhaustion=exhaustion,
+        max_epochs=np.array([2.0, np.inf]),
+    )
+    for _ in range(6):
+        planner.plan()
+    events = [(event["batch"], event["event"], event["domain"]) for event in planner.events]
+    assert events == [(2, "epoch", "a"), (5, "drop", "a"), (5, "stop", None)]
+
+
 def test_exhaustion_stop_ends_iteration(domains):
     loader = _loader(domains, weights=[0.0, 0.0, 1.0], exhaustion="stop")
     batches = list(loader)
@@ -325,9 +346,11 @@ def test_state_is_flat_json(domains):
         ({"code": float("nan"), "web": 1, "math": 1}, "finite and >= 0.*code=nan"),
         ([1, -0.5, 1], "finite and >= 0.*web=-0.5"),
         ([1, float("inf"), 1], "finite and >= 0.*web=inf"),
-        ([0, 0, 0], "all zero"),
+        ([0, 0, 0], r"all zero \(\{'code': 0.0, 'web': 0.0, 'math': 0.0\}\)"),
         ({"code": 1, "poetry": 1}, "Unknown domain.*poetry"),
         ([1, 2], "has 2 entries but there are 3 domains"),
+        ("code", r"a dict by domain name or one number per domain \['code', 'web', 'math'\], got 'code'"),
+        (0.5, "a dict by domain name or one number per domain .*got 0.5"),
     ],
 )
 def test_bad_weights_are_rejected_with_the_domain_named(domains, weights, match):

@@ -759,10 +759,16 @@ def test_corrupt_metadata_file(tmp_path):
 
 def test_unknown_format(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DomainError, match=r"cannot tell the format"):
+    with pytest.raises(DomainError, match=r"cannot tell the format .*tokenized with `tikmix convert`"):
         Domain("d", tmp_path)
     with pytest.raises(DomainError, match=r"unknown `format` 'csv'"):
         Domain("d", tmp_path, format="csv")
+
+
+@pytest.mark.parametrize("format", ["auto", "mds", "parquet", "memmap"])
+def test_missing_path_is_named_as_missing(tmp_path, format):
+    with pytest.raises(DomainError, match=r"Domain 'web': .*typo does not exist .*check the path"):
+        Domain("web", tmp_path / "typo", format=format)
 
 
 @pytest.fixture

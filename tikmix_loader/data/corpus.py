@@ -710,6 +710,9 @@ def _run(args: argparse.Namespace) -> int:
             name, separator, path = item.partition("=")
             if not separator or not name or not path:
                 raise ConfigError(f"--domain {item!r}: expected NAME=PATH.")
+            path = os.path.expanduser(path)  # `NAME=~/dir`: sh and zsh leave a `~` after `=` as it is
+            if name in domains:
+                raise ConfigError(f"--domain {name!r} given twice ({domains[name]}, {path}); give it once.")
             domains[name] = path
         manifest = corpus_from_text(args.outdir, domains, config, **options)
     print(format_summary(args.outdir, manifest))

@@ -61,6 +61,11 @@ class Domain:
         self.name = name
         self.path = os.fspath(path)
         self.mode = mode
+        if source_options.get("remote") is None and not os.path.exists(self.path):
+            raise DomainError(
+                f"Domain {name!r}: {self.path} does not exist ({os.path.abspath(self.path)}); check the "
+                f"path, or tokenize text into it first with `tikmix convert`."
+            )
         self.metadata: DatasetMeta | None = None if source_options.get("remote") else read_dataset_meta(path)
         meta = self.metadata
         if meta is not None:

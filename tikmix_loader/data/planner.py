@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +84,10 @@ def normalize_weights(weights, names: list[str], *, missing: str = "zero") -> np
                 f'`missing="zero"` to give them 0.'
             )
         raw = [weights.get(name, 0.0) for name in names]
+    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise MixtureWeightError(
+            f"`weights` must be a dict by domain name or one number per domain {names}, got {weights!r}."
+        )
     else:
         raw = list(weights)
         if len(raw) != len(names):
@@ -97,7 +101,7 @@ def normalize_weights(weights, names: list[str], *, missing: str = "zero") -> np
         raise MixtureWeightError(f"Mixture weights must be finite and >= 0; got {', '.join(bad)}.")
     if values.sum() <= 0:
         raise MixtureWeightError(
-            f"Mixture weights are all zero ({dict(zip(names, values))}); give some domain weight."
+            f"Mixture weights are all zero ({dict(zip(names, values.tolist()))}); give some domain weight."
         )
     return values / values.sum()
 
@@ -282,22 +286,28 @@ class MixturePlanner:
             logger.info("mixture loader stops at batch %d: %s", self.batch_index, reason)
         return None
 
-    def _event(self, kind: str, domain: int, detail: str) -> None:
-        self.events.append(
-            {"batch": self.batch_index, "event": kind, "domain": self.names[domain], "detail": detail}
-        )
+    def _event(self, kind: str, domain: int, detail: str, batch: int | None = None) -> None:
+        batch = self.batch_index if batch is None else batch
+        self.events.append({"batch": batch, "event": kind, "domain": self.names[domain], "detail": detail})
         if self._logs:
-            logger.info("batch %d: domain %r %s", self.batch_index, self.names[domain], detail)
+            logger.info("batch %d: domain %r %s", batch, self.names[domain], detail)
 
     def _log_epoch_transitions(self, starts: np.ndarray) -> None:
+        """Record each domain whose next epoch begins in the batch just planned (``batch_index - 1``) or,
+        when that batch ended exactly on the epoch's end, in the next one. A domain that reached its
+        capacity (its last epoch, or dropped) starts none."""
         # Python ints: called for every planned batch, on a few domains.
-        sizes = self.samples_per_epoch.tolist()
-        for domain, (start, end, size) in enumerate(zip(starts.tolist(), self.consumed.tolist(), sizes)):
+        sizes, capacities = self.samples_per_epoch.tolist(), self.capacity.tolist()
+        ends = self.consumed.tolist()
+        for domain, (start, end, size, capacity) in enumerate(zip(starts.tolist(), ends, sizes, capacities)):
             segments = None if self.quality_segments is None else self.quality_segments[domain]
             if segments is not None and (len(segments) > 1 or segments[0][2] is not None):
                 continue  # quality-sampled epochs vary in size: no epoch events
-            if end // size > start // size:
-                self._event("epoch", domain, f"starts epoch {end // size} (new shuffle)")
+            epoch = end // size
+            if epoch > start // size and end < capacity:
+                first_sample = epoch * size
+                batch = self.batch_index - 1 if first_sample < end else self.batch_index
+                self._event("epoch", domain, f"starts epoch {epoch} (new shuffle)", batch)
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -140,9 +140,11 @@ def _search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    spearman = result["cv_spearman"]  # None when the out-of-fold predictions are all equal
     print(
         f"QuaDMix search: {result['num_proxies']} proxies ({result['decision_flops']:.3g} FLOPs, "
-        f"{result['seconds']:.0f} s); regression out-of-fold Spearman {result['cv_spearman']}, RMSE "
+        f"{result['seconds']:.0f} s); regression out-of-fold Spearman "
+        f"{'undefined' if spearman is None else f'{spearman:.2f}'}, RMSE "
         f"{result['cv_rmse']:.4f} (proxy loss std {result['proxy_loss_std']:.4f}); predicted loss "
         f"{result['predicted_loss']:.4f}"
     )

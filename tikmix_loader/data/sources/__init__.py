@@ -35,7 +35,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "memmap"
     raise DomainError(
         f"{path}: cannot tell the format (expected an MDS directory with index.json, Parquet files, or a "
-        f".bin memmap with its .json sidecar). Pass `format=` explicitly, one of {sorted(SOURCES)}."
+        f".bin memmap with its .json sidecar). Pass `format=` explicitly, one of {sorted(SOURCES)}; raw "
+        f"text, JSONL or Parquet text must first be tokenized with `tikmix convert`."
     )
 
 
