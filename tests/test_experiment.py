@@ -342,7 +342,9 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
         ({"temperature": -1.0}, "`temperature` must be >= 0"),
         ({"num_workers": -1}, "`num_workers` must be >= 0"),
         ({"eval_samples": 0}, "`eval_samples` must be a positive int"),
-        ({"lr": 0.0}, "`lr` must be a finite float > 0"),
+        ({"lr": 0.0}, "`lr`: TrainConfig: `lr` must be a finite float > 0"),
+        ({"d_step": 1.5}, "`d_step`: `step` must be a number in \\(0, 1\\]"),
+        ({"quadmix_proxies": 3}, "ExperimentConfig: `quadmix_proxies` must be >= 10"),
         ({"preconditioner": "shampoo"}, "`preconditioner` must be one of"),
         ({"regmix_regressor": "mlp"}, "`regmix_regressor` must be one of"),
     ],
@@ -350,6 +352,24 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
 def test_config_rejects_bad_values(options, match):
     with pytest.raises(ConfigError, match=match):
         ExperimentConfig.from_flat(**options)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quadmix-proxies", "3"], "`--quadmix-proxies` must be >= 10 (5-fold cross-validation), got 3."),
+        (["--d-step", "1.5"], "`--d-step`: `step` must be a number in (0, 1]"),
+        (["--topk-keep", "0"], "`--topk-keep` must be in (0, 1], got 0.0."),
+        (["--hold-out", "code", "--targets", "texts"], "give `--hold-out` ('code') or `--targets` ('texts')"),
+        (["--quadmix-top-k", "20", "--quadmix-candidates", "10"], "`--quadmix-top-k` (20) exceeds"),
+    ],
+)
+def test_command_line_config_errors_name_the_flags_typed(flags, message, capsys):
+    assert main(["experiment", *flags]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    for flag in flags[::2]:  # never the fields behind them
+        assert f"`{flag[2:].replace('-', '_')}`" not in error and "ExperimentConfig" not in error
 
 
 def test_splits_must_hold_the_same_domains(corpus, monkeypatch):

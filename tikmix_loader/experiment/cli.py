@@ -9,7 +9,7 @@ import torch
 
 from tikmix_loader.errors import ConfigError
 from tikmix_loader.experiment import protocol
-from tikmix_loader.experiment.config import FLAGS, ExperimentConfig
+from tikmix_loader.experiment.config import FLAGS, ExperimentConfig, OptionError
 from tikmix_loader.experiment.corpus_splits import ensure_corpus
 from tikmix_loader.experiment.leave_one_out import LOO_FILE, LOO_TABLE, loo_markdown, run_leave_one_out
 from tikmix_loader.experiment.methods import METHOD_BUILDERS
@@ -37,13 +37,18 @@ _OPTIONAL_TYPES = {
 }
 
 
+def cli_flag(option: str) -> str:
+    """The command-line flag of flat option name ``option`` (``quadmix_proxies``: ``--quadmix-proxies``)."""
+    return f"--{option.replace('_', '-')}"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:
     """One ``--flag`` per ``ExperimentConfig`` option (``FLAGS``), help from it, default from ``defaults``."""
     for flag in FLAGS:
         if flag.name in skip:
             continue
         default = defaults.get(flag.name)
-        option = f"--{flag.name.replace('_', '-')}"
+        option = cli_flag(flag.name)
         shown = list(default) if isinstance(default, tuple) else default
         # argparse %-formats help strings, so a literal "%" must be doubled.
         help_text = f"{flag.help} (default: {shown})".replace("%", "%%")
@@ -62,11 +67,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentCo
 
 
 def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = None) -> ExperimentConfig:
-    """An ``ExperimentConfig`` from parsed ``add_config_arguments`` flags (missing ones from ``base``)."""
+    """An ``ExperimentConfig`` from parsed ``add_config_arguments`` flags (missing ones from ``base``).
+
+    Raises:
+        ConfigError: a bad value; the message names the flags (``--quadmix-proxies``), not the fields.
+    """
     base = base or ExperimentConfig()
-    return ExperimentConfig.from_flat(
-        **{flag.name: getattr(args, flag.name, base.get(flag.name)) for flag in FLAGS}
-    )
+    try:
+        return ExperimentConfig.from_flat(
+            **{flag.name: getattr(args, flag.name, base.get(flag.name)) for flag in FLAGS}
+        )
+    except OptionError as error:
+        raise ConfigError(error.worded(cli_flag)) from error
 
 
 def apply_threads(threads: int | None) -> None:

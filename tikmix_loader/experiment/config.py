@@ -4,12 +4,16 @@ On the command line and in ``results.json`` every option has one flat name (its 
 is ``config.regmix.proxies``); ``FLAGS`` lists them in order, ``ExperimentConfig.from_flat`` builds a config
 from flat names and ``to_dict`` writes them, so results files stay comparable across versions. A field's
 ``used_by`` (in ``FLAGS``) names the methods it configures; ``merge_results`` compares only those.
+
+A bad value raises ``OptionError``, which names the options it is about by their flat names; the command line
+rewords it with the flags the user typed (``OptionError.worded``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tikmix_loader.errors import ConfigError
@@ -26,7 +30,7 @@ from tikmix_loader.experiment.methods import (
 from tikmix_loader.experiment.quality import parse_criteria
 from tikmix_loader.influence import PRECONDITIONERS
 from tikmix_loader.mixing.regmix import MODELS as REGRESSORS
-from tikmix_loader.mixing.tikmix_d import TiKMiXDConfig
+from tikmix_loader.mixing.tikmix_d import check_max_step, check_step, check_weight_range
 from tikmix_loader.models.tiny_gpt import PRESETS
 from tikmix_loader.quality.scorers import DEFAULT_CRITERIA
 from tikmix_loader.train import TrainConfig
@@ -45,11 +49,41 @@ def _group(options: type, *, used_by: tuple[str, ...], prefix: str = ""):
     return field(default_factory=options, metadata={"options": options, "used_by": used_by, "prefix": prefix})
 
 
-def _positive_int(flag: str, value, *, optional: bool = False) -> None:
+class OptionError(ConfigError):
+    """A bad value of ``ExperimentConfig`` options. ``sentence(name)`` says what is wrong, spelling each
+    option it mentions as ``name(flat_name)``: the message (for Python callers) names the flat names
+    (`quadmix_proxies`), ``worded(spell)`` any other spelling, such as the command line's flags
+    (`--quadmix-proxies`)."""
+
+    def __init__(self, sentence: Callable[[Callable[[str], str]], str]):
+        self.sentence = sentence
+        super().__init__(f"ExperimentConfig: {self.worded(str)}")
+
+    def worded(self, spell: Callable[[str], str]) -> str:
+        """The problem with each option named as ``spell(flat_name)``, in backticks."""
+        return self.sentence(lambda option: f"`{spell(option)}`")
+
+
+def _invalid(option: str, problem: str) -> OptionError:
+    """The error for a bad value of ``option`` (a flat name): "`option` ``problem``"."""
+    return OptionError(lambda name: f"{name(option)} {problem}")
+
+
+def _checked(option: str, check: Callable, *args, **kwargs) -> None:
+    """Run another module's validator ``check(*args, **kwargs)`` on ``option``'s value; its ``ConfigError``
+    becomes an ``OptionError`` that names ``option`` first."""
+    try:
+        check(*args, **kwargs)
+    except ConfigError as error:
+        problem = str(error)
+        raise OptionError(lambda name: f"{name(option)}: {problem}") from error
+
+
+def _positive_int(option: str, value, *, optional: bool = False) -> None:
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"ExperimentConfig: `{flag}` must be a positive int, got {value!r}.")
+        raise _invalid(option, f"must be a positive int, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -65,9 +99,8 @@ class InfluenceOptions:
         for name in ("k", "target_samples", "target_batch_size"):
             _positive_int(name, getattr(self, name))
         if self.preconditioner not in PRECONDITIONERS:
-            raise ConfigError(
-                f"ExperimentConfig: `preconditioner` must be one of {sorted(PRECONDITIONERS)}, got "
-                f"{self.preconditioner!r}."
+            raise _invalid(
+                "preconditioner", f"must be one of {sorted(PRECONDITIONERS)}, got {self.preconditioner!r}."
             )
 
 
@@ -83,9 +116,13 @@ class TiKMiXDOptions:
     step: float = _option(1.0, "tikmix-d partial step towards the solution, in (0, 1]", flag="d_step")
 
     def __post_init__(self):
-        TiKMiXDConfig(max_step=self.max_step, min_weight=self.min_weight, step=self.step)  # validates them
+        # The bounds every TiKMiX-D solve checks (its max_weight is 1 here).
+        if self.max_step is not None:
+            _checked("max_step", check_max_step, self.max_step)
+        _checked("min_weight", check_weight_range, self.min_weight, 1.0)
+        _checked("d_step", check_step, self.step)
         if self.half_life is not None and not self.half_life > 0:
-            raise ConfigError(f"ExperimentConfig: `half_life` must be > 0 or None, got {self.half_life!r}.")
+            raise _invalid("half_life", f"must be > 0 or None, got {self.half_life!r}.")
 
 
 @dataclass(frozen=True)
@@ -110,7 +147,7 @@ class TemperatureOptions:
 
     def __post_init__(self):
         if not (math.isfinite(self.tau) and self.tau >= 0):
-            raise ConfigError(f"ExperimentConfig: `temperature` must be >= 0, got {self.tau!r}.")
+            raise _invalid("temperature", f"must be >= 0, got {self.tau!r}.")
 
 
 @dataclass(frozen=True)
@@ -128,23 +165,13 @@ class RegMixOptions:
         for name in ("proxies", "simulations", "val_samples"):
             _positive_int(f"regmix_{name}", getattr(self, name))
         if self.proxies < 4:
-            raise ConfigError(
-                f"ExperimentConfig: `regmix_proxies` must be >= 4 to fit a regressor, got {self.proxies}."
-            )
+            raise _invalid("regmix_proxies", f"must be >= 4 to fit a regressor, got {self.proxies}.")
         if self.model not in PRESETS:
-            raise ConfigError(
-                f"ExperimentConfig: `regmix_model` {self.model!r} is not a preset; use one of "
-                f"{sorted(PRESETS)}."
-            )
+            raise _invalid("regmix_model", f"{self.model!r} is not a preset; use one of {sorted(PRESETS)}.")
         if not 0 < self.fraction <= 1:
-            raise ConfigError(
-                f"ExperimentConfig: `regmix_fraction` must be in (0, 1], got {self.fraction!r}."
-            )
+            raise _invalid("regmix_fraction", f"must be in (0, 1], got {self.fraction!r}.")
         if self.regressor not in REGRESSORS:
-            raise ConfigError(
-                f"ExperimentConfig: `regmix_regressor` must be one of {list(REGRESSORS)}, got "
-                f"{self.regressor!r}."
-            )
+            raise _invalid("regmix_regressor", f"must be one of {list(REGRESSORS)}, got {self.regressor!r}.")
 
 
 @dataclass(frozen=True)
@@ -170,30 +197,24 @@ class QuaDMixOptions:
     keep: float = _option(0.8, "share of tokens each topk-* filter keeps", flag="topk_keep", used_by=TOPK)
 
     def __post_init__(self):
-        parse_criteria(self.criteria)
+        _checked("quadmix_criteria", parse_criteria, self.criteria)
         for name in ("proxies", "val_samples", "candidates", "top_k"):
             _positive_int(f"quadmix_{name}", getattr(self, name))
         if self.proxies < 10:
-            raise ConfigError(
-                f"ExperimentConfig: `quadmix_proxies` must be >= 10 (5-fold cross-validation), got "
-                f"{self.proxies}."
-            )
+            raise _invalid("quadmix_proxies", f"must be >= 10 (5-fold cross-validation), got {self.proxies}.")
         if self.top_k > self.candidates:
-            raise ConfigError(
-                f"ExperimentConfig: `quadmix_top_k` ({self.top_k}) exceeds `quadmix_candidates` "
-                f"({self.candidates})."
+            raise OptionError(
+                lambda name: (
+                    f"{name('quadmix_top_k')} ({self.top_k}) exceeds {name('quadmix_candidates')} "
+                    f"({self.candidates})."
+                )
             )
         if self.model not in PRESETS:
-            raise ConfigError(
-                f"ExperimentConfig: `quadmix_model` {self.model!r} is not a preset; use one of "
-                f"{sorted(PRESETS)}."
-            )
+            raise _invalid("quadmix_model", f"{self.model!r} is not a preset; use one of {sorted(PRESETS)}.")
         for name in ("fraction", "omega_scale", "keep"):
             if not 0 < getattr(self, name) <= 1:
-                flag = "topk_keep" if name == "keep" else f"quadmix_{name}"
-                raise ConfigError(
-                    f"ExperimentConfig: `{flag}` must be in (0, 1], got {getattr(self, name)!r}."
-                )
+                option = "topk_keep" if name == "keep" else f"quadmix_{name}"
+                raise _invalid(option, f"must be in (0, 1], got {getattr(self, name)!r}.")
 
 
 @dataclass(frozen=True)
@@ -212,7 +233,7 @@ class TiKMiXMOptions:
         for name in ("lookahead_steps", "lookahead_samples", "lookahead_target_samples"):
             _positive_int(name, getattr(self, name))
         if self.candidates < 8:
-            raise ConfigError(f"ExperimentConfig: `m_candidates` must be >= 8, got {self.candidates}.")
+            raise _invalid("m_candidates", f"must be >= 8, got {self.candidates}.")
 
 
 @dataclass(frozen=True)
@@ -255,29 +276,30 @@ class ExperimentConfig:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
         unknown = [m for m in self.methods if m not in METHOD_BUILDERS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
-            raise ConfigError(
-                f"ExperimentConfig: `methods` {list(self.methods)} must be distinct names from "
-                f"{list(METHOD_BUILDERS)} (unknown: {unknown})."
+            raise _invalid(
+                "methods",
+                f"{list(self.methods)} must be distinct names from {list(METHOD_BUILDERS)} (unknown: "
+                f"{unknown}).",
             )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"ExperimentConfig: `seeds` must be distinct ints, got {list(self.seeds)}.")
+            raise _invalid("seeds", f"must be distinct ints, got {list(self.seeds)}.")
         if self.model not in PRESETS:
-            raise ConfigError(
-                f"ExperimentConfig: `model` {self.model!r} is not a preset; use one of {sorted(PRESETS)}."
-            )
+            raise _invalid("model", f"{self.model!r} is not a preset; use one of {sorted(PRESETS)}.")
         if self.hold_out is not None and self.targets is not None:
-            raise ConfigError(
-                f"ExperimentConfig: give `hold_out` ({self.hold_out!r}) or `targets` ({self.targets!r}), not "
-                "both."
+            raise OptionError(
+                lambda name: (
+                    f"give {name('hold_out')} ({self.hold_out!r}) or {name('targets')} "
+                    f"({self.targets!r}), not both."
+                )
             )
         if self.init not in INIT_MIXTURES:
-            raise ConfigError(f"ExperimentConfig: `init` must be one of {INIT_MIXTURES}, got {self.init!r}.")
+            raise _invalid("init", f"must be one of {INIT_MIXTURES}, got {self.init!r}.")
         for name in ("steps", "batch_size", "seq_len", "every", "eval_batch_size"):
             _positive_int(name, getattr(self, name))
         _positive_int("eval_samples", self.eval_samples, optional=True)
         if self.num_workers < 0:
-            raise ConfigError(f"ExperimentConfig: `num_workers` must be >= 0, got {self.num_workers!r}.")
-        TrainConfig(steps=self.steps, lr=self.lr)  # validates the shared schedule's arguments
+            raise _invalid("num_workers", f"must be >= 0, got {self.num_workers!r}.")
+        _checked("lr", TrainConfig, steps=self.steps, lr=self.lr)  # the shared schedule's check
 
     @classmethod
     def from_flat(cls, **values) -> ExperimentConfig:
