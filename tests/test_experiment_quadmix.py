@@ -12,6 +12,8 @@ from tikmix_loader import ConfigError
 from tikmix_loader.cli import main
 from tikmix_loader.data.corpus import NOISE_LABELS_FILE
 from tikmix_loader.experiment import ExperimentConfig, load_splits, merge_results, run_experiment
+from tikmix_loader.experiment.config import FLAG_NAMES
+from tikmix_loader.experiment.quadmix import SEARCH_FLAGS
 from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria, served_noise, topk_params
 from tikmix_loader.ledger import MixtureLedger
 from tikmix_loader.models.tiny_gpt import GPTConfig, flops_per_token
@@ -104,8 +106,19 @@ def test_served_noise_shares_by_hand(corpus):
     assert served_noise(corpus.parent / "elsewhere", train, served) == {}  # no labels: nothing to report
 
 
+def test_search_help_lists_only_the_flags_the_search_reads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quadmix", "search", "--help"])
+    assert exit_info.value.code == 0
+    listed = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    config_flags = {f"--{name.replace('_', '-')}" for name in FLAG_NAMES}
+    assert listed & config_flags == {f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS}
+    assert {"--quadmix-proxies", "--steps", "--corpus", "--seed"} <= listed
+    assert not {"--regmix-proxies", "--m-candidates", "--methods", "--hold-out", "--quadmix-params"} & listed
+
+
 def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]  # the experiment's, too
     search_file = tmp_path / "quadmix.json"
     search = ["--quadmix-proxies", "10", "--quadmix-candidates", "300", "--quadmix-val-samples", "4"]
     code = main(["quadmix", "search", "--corpus", str(corpus), "--out", str(search_file), "--no-progress"])

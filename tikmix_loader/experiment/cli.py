@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -42,28 +43,50 @@ def cli_flag(option: str) -> str:
     return f"--{option.replace('_', '-')}"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=()) -> None:
-    """One ``--flag`` per ``ExperimentConfig`` option (``FLAGS``), help from it, default from ``defaults``."""
+def _help_section(parser: argparse.ArgumentParser, group: str | None):
+    """The ``--help`` section of the flags of ``ExperimentConfig``'s nested options ``group`` (None: its own
+    fields), titled by the group and described by its options class."""
+    if group is None:
+        return parser.add_argument_group("experiment options")
+    options = next(
+        item.metadata["options"] for item in dataclasses.fields(ExperimentConfig) if item.name == group
+    )
+    summary = options.__doc__.splitlines()[0].replace("``", "")
+    return parser.add_argument_group(f"{group.replace('_', '-')} options", summary)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, defaults: ExperimentConfig, *, skip=(), hidden=()
+) -> None:
+    """One ``--flag`` per ``ExperimentConfig`` option (``FLAGS``) not in ``skip``, help from it, default from
+    ``defaults``; ``--help`` lists them in one section per nested options group, except those in ``hidden``
+    (accepted, so that one set of flags can serve several commands, but not listed)."""
+    sections = {}
     for flag in FLAGS:
         if flag.name in skip:
             continue
         default = defaults.get(flag.name)
+        if flag.name in hidden:
+            target, help_text = parser, argparse.SUPPRESS
+        else:
+            if flag.group not in sections:
+                sections[flag.group] = _help_section(parser, flag.group)
+            shown = list(default) if isinstance(default, tuple) else default
+            # argparse %-formats help strings, so a literal "%" must be doubled.
+            target, help_text = sections[flag.group], f"{flag.help} (default: {shown})".replace("%", "%%")
         option = cli_flag(flag.name)
-        shown = list(default) if isinstance(default, tuple) else default
-        # argparse %-formats help strings, so a literal "%" must be doubled.
-        help_text = f"{flag.help} (default: {shown})".replace("%", "%%")
         if flag.name == "methods":
-            parser.add_argument(
+            target.add_argument(
                 option, nargs="+", choices=list(METHOD_BUILDERS), default=list(default), help=help_text
             )
         elif flag.name == "seeds":
-            parser.add_argument(option, nargs="+", type=int, default=list(default), help=help_text)
+            target.add_argument(option, nargs="+", type=int, default=list(default), help=help_text)
         elif flag.name in _OPTIONAL_TYPES:
-            parser.add_argument(
+            target.add_argument(
                 option, type=_optional(_OPTIONAL_TYPES[flag.name]), default=default, help=help_text
             )
         else:
-            parser.add_argument(option, type=type(default), default=default, help=help_text)
+            target.add_argument(option, type=type(default), default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, base: ExperimentConfig | None = None) -> ExperimentConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.errors import ConfigError
-from tikmix_loader.experiment.config import ExperimentConfig
+from tikmix_loader.experiment.config import FLAG_NAMES, ExperimentConfig
 from tikmix_loader.experiment.proxies import ProxySpec
 from tikmix_loader.experiment.quality import ScoredDomains, parse_criteria
 from tikmix_loader.quality import QualityConfig, QualityParams
@@ -28,6 +28,26 @@ SEARCH_FILE = "quadmix.json"
 # A parameter set is searched only if every domain keeps this many samples' worth of tokens per epoch: the
 # loader refuses fewer than one, and a proxy that sees a handful of documents over and over tells little.
 MIN_SAMPLES = 4
+# The options `quadmix_sweep` reads, so the flags `tikmix quadmix search --help` lists: the proxies' batch,
+# sequence length, schedule, device and scoring, and the search's own (not `quadmix_params`, its output, nor
+# `topk_keep`, which the top-k filters read).
+SEARCH_FLAGS = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "device",
+    "eval_batch_size",
+    "num_workers",
+    "quadmix_criteria",
+    "quadmix_proxies",
+    "quadmix_model",
+    "quadmix_fraction",
+    "quadmix_val_samples",
+    "quadmix_candidates",
+    "quadmix_top_k",
+    "quadmix_omega_scale",
+)
 
 
 def quadmix_sweep(
@@ -164,6 +184,8 @@ def register(subparsers) -> None:
         "search",
         help="sample parameter sets, train a proxy under each, fit LightGBM, write the best set as JSON",
         description=__doc__,
+        epilog="The search also accepts, and ignores, the other options of `tikmix experiment` but its "
+        "methods and seeds, so that one set of flags can serve both commands.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search.add_argument(
@@ -175,5 +197,6 @@ def register(subparsers) -> None:
     search.add_argument("--seed", type=int, default=0, help="seeds the sampling, the proxies and the fit")
     search.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     search.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_config_arguments(search, ExperimentConfig(), skip=("methods", "seeds"))
+    unread = set(FLAG_NAMES) - set(SEARCH_FLAGS) - {"methods", "seeds"}
+    add_config_arguments(search, ExperimentConfig(), skip=("methods", "seeds"), hidden=unread)
     search.set_defaults(func=_search)
