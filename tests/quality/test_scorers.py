@@ -199,6 +199,16 @@ def test_bad_arguments_are_named(dataset, args, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_unconverted_text_is_refused_with_the_formats_recognised_not_a_format_argument(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("Plain text, never converted.\n")
+    assert main(["score", str(tmp_path), "--scorer", "lines"]) == 2
+    error = capsys.readouterr().err
+    assert re.search(
+        r"cannot tell the format \(expected an MDS directory.*tokenized with `tikmix convert`", error
+    )
+    assert "format=" not in error  # `tikmix score` has no such flag
+
+
 def test_bad_user_score_files_are_refused_without_writing(dataset, tmp_path):
     path, _, texts = dataset
     (tmp_path / "short.txt").write_text("1\n2\n")

@@ -47,8 +47,9 @@ from tqdm import tqdm
 from tikmix_loader.data.convert import expand_inputs, read_texts
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.metadata import read_dataset_meta
+from tikmix_loader.data.sources import UnknownFormatError
 from tikmix_loader.data.tokenizer import Tokenizer, load_tokenizer
-from tikmix_loader.errors import ConfigError, ScoreError
+from tikmix_loader.errors import ConfigError, DomainError, ScoreError
 from tikmix_loader.quality.scores import check_criterion_name, write_scores
 
 DEFAULT_CRITERIA = {
@@ -335,6 +336,15 @@ def check_criteria(criteria: Sequence[str]) -> list[str]:
     return criteria
 
 
+def _open_dataset(path: str | os.PathLike) -> Domain:
+    """The converted dataset at ``path``, its format sniffed: scoring takes no ``format=``, so an unknown one
+    is reported with the formats recognised and no advice to pass one."""
+    try:
+        return Domain(str(path), path)
+    except UnknownFormatError as error:
+        raise DomainError(error.unrecognised) from None
+
+
 def dataset_tokenizer(path: str | os.PathLike, tokenizer: str | None = None) -> Tokenizer:
     """The tokenizer that made the dataset at ``path`` (from ``tikmix.json``) or the one named."""
     if tokenizer is None:
@@ -365,7 +375,7 @@ def reference_texts(paths: Sequence[str | os.PathLike]) -> list[str]:
         if not Path(path).exists():
             raise ConfigError(f"`--reference` {path}: no such file or directory.")
         if read_dataset_meta(path) is not None:
-            for chunk in iter_texts(Domain(str(path), path), dataset_tokenizer(path)):
+            for chunk in iter_texts(_open_dataset(path), dataset_tokenizer(path)):
                 texts.extend(chunk)
         else:
             for file in expand_inputs([path]):
@@ -416,7 +426,7 @@ def score_dataset(
         if not reference:
             raise ConfigError(_NEEDS_REFERENCE)
         model = reference if isinstance(reference, KneserNeyLM) else KneserNeyLM(reference_texts(reference))
-    domain = Domain(str(path), path)
+    domain = _open_dataset(path)
     chunks = iter_texts(domain, dataset_tokenizer(path, tokenizer), progress=progress)
     if workers == 1:
         results = [score_texts(chunk, criteria, reference=model) for chunk in chunks]
@@ -463,7 +473,7 @@ def import_scores(
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:
         raise ScoreError(f"`--from-file` {file}: expected one value per document, got shape {values.shape}.")
-    num_docs = Domain(str(path), path).num_docs
+    num_docs = _open_dataset(path).num_docs
     if len(values) != num_docs:
         raise ScoreError(
             f"`--from-file` {file}: {len(values)} values but {path} holds {num_docs} documents; give one "

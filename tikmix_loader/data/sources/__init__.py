@@ -18,8 +18,28 @@ SOURCES: dict[str, type[TokenSource]] = {
 }
 
 
+class UnknownFormatError(DomainError):
+    """``detect_format`` recognises no format at ``path``. ``unrecognised`` says so, what each format looks
+    like and that text must be converted first; the message adds the Python API's remedy, ``format=``, which
+    callers that take no format (``tikmix score``) leave out."""
+
+    def __init__(self, path: Path):
+        self.unrecognised = (
+            f"{path}: cannot tell the format (expected an MDS directory with index.json, Parquet files, or a "
+            f".bin memmap with its .json sidecar); raw text, JSONL or Parquet text must first be tokenized "
+            f"with `tikmix convert`."
+        )
+        super().__init__(
+            f"{self.unrecognised} If it is one of {sorted(SOURCES)} under another name, pass `format=`."
+        )
+
+
 def detect_format(path: str | os.PathLike) -> str:
-    """Name of the format stored at ``path`` (``mds``, ``parquet`` or ``memmap``)."""
+    """Name of the format stored at ``path`` (``mds``, ``parquet`` or ``memmap``).
+
+    Raises:
+        UnknownFormatError: ``path`` looks like none of them.
+    """
     path = Path(path)
     if path.is_dir():
         # Shards without their index are still MDS, so the reader can say the index is missing.
@@ -33,11 +53,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return "parquet"
     elif path.suffix == ".bin":
         return "memmap"
-    raise DomainError(
-        f"{path}: cannot tell the format (expected an MDS directory with index.json, Parquet files, or a "
-        f".bin memmap with its .json sidecar). Pass `format=` explicitly, one of {sorted(SOURCES)}; raw "
-        f"text, JSONL or Parquet text must first be tokenized with `tikmix convert`."
-    )
+    raise UnknownFormatError(path)
 
 
 def open_source(path: str | os.PathLike, format: str = "auto", **options) -> TokenSource:
@@ -63,6 +79,7 @@ __all__ = [
     "MemmapSource",
     "ParquetSource",
     "TokenSource",
+    "UnknownFormatError",
     "detect_format",
     "open_source",
 ]
