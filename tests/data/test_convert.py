@@ -21,6 +21,7 @@ import pytest
 from testkit.formats import write_hf_tokenizer
 
 from tikmix_loader import ConfigError, ConversionError, Domain
+from tikmix_loader.cli import main
 from tikmix_loader.data import convert as convert_module
 from tikmix_loader.data.convert import FORMATS, convert, write_dataset
 from tikmix_loader.data.tokenizer import ByteTokenizer
@@ -188,6 +189,24 @@ def test_bad_parquet_text(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ConversionError, match=r"broken.parquet: not a readable Parquet file"):
         convert([tmp_path / "broken.parquet"], tmp_path / "out", name="x", progress=False)
+
+
+def test_inputs_that_are_neither_files_nor_directories_say_what_they_are(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link").symlink_to(tmp_path / "gone.txt")
+    for item, kind in [
+        (Path(os.devnull), "a character device"),
+        (tmp_path / "pipe", "a named pipe"),
+        (tmp_path / "link", r"a broken symbolic link \(to .*gone.txt\)"),
+    ]:
+        with pytest.raises(
+            ConversionError,
+            match=rf"input {re.escape(str(item))} is {kind}; inputs are text, JSONL or Parquet",
+        ):
+            convert([item], tmp_path / "out", name="x", progress=False)
+    assert main(["convert", os.devnull, "--name", "x", "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "is a character device" in error and "no such file" not in error
 
 
 def test_missing_and_empty_inputs(tmp_path):

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -353,6 +354,22 @@ def _encode_batch(texts: list[str]) -> list[np.ndarray]:
     return [_worker_tokenizer.encode(text) for text in texts]
 
 
+def _special_kind(path: Path) -> str:
+    """What ``path`` is, which exists but is neither a regular file nor a directory ("a named pipe"...)."""
+    if not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    mode = path.stat().st_mode
+    kinds = {
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next(
+        (kind for test, kind in kinds.items() if test(mode)), "neither a regular file nor a directory"
+    )
+
+
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Input files in reading order: files as given, directories searched recursively in sorted order."""
     if not inputs:
@@ -366,6 +383,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 file
                 for file in sorted(item.rglob("*"))
                 if file.is_file() and not any(part.startswith(".") for part in file.relative_to(item).parts)
+            )
+        elif os.path.lexists(item):
+            raise ConversionError(
+                f"input {item} is {_special_kind(item)}; inputs are text, JSONL or Parquet files, or "
+                "directories of them."
             )
         else:
             raise ConversionError(f"input {item}: no such file or directory.")
