@@ -137,8 +137,15 @@ def test_search_command_and_the_protocol_end_to_end(corpus, tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
-    assert re.search(r"out-of-fold Spearman (-?\d\.\d\d|undefined), RMSE", capsys.readouterr().out)
+    summary = capsys.readouterr().out
+    assert re.search(r"out-of-fold Spearman (-?\d\.\d\d|undefined), RMSE", summary)
     decision = json.loads(search_file.read_text())
+    # The summary rounds the parameters to 3 significant digits; the JSON keeps them whole.
+    for name, chosen in decision["params"].items():
+        alpha = " / ".join(f"{c} {a:.3g}" for c, a in zip(["compression", "repetition"], chosen["alpha"]))
+        assert f"  {name}: weight {decision['weights'][name]:.3f}, kept " in summary
+        assert f"; alpha {alpha}, lam {chosen['lam']:.3g}, omega {chosen['omega']:.3g}, eta " in summary
+        assert repr(chosen["lam"]) not in summary and len(repr(chosen["lam"])) > 8
     params = read_quadmix_params(search_file)
     assert list(params) == ["prose", "numbers", "code"] and decision["num_proxies"] == 10
     assert decision["space"]["criteria"] == ["compression", "repetition"]

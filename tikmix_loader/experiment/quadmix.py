@@ -142,6 +142,16 @@ def quadmix_decision(
     return {**decision, "source": str(path)}
 
 
+def _rounded(params: dict, criteria: Sequence[str]) -> str:
+    """A domain's searched parameters (``QualityParams.to_dict()``) to 3 significant digits, ``alpha`` by
+    criterion: for the summary ``tikmix quadmix search`` prints (its JSON keeps full precision)."""
+    alpha = " / ".join(
+        f"{criterion} {weight:.3g}" for criterion, weight in zip(criteria, params["alpha"], strict=True)
+    )
+    shape = ", ".join(f"{key} {params[key]:.3g}" for key in ("lam", "omega", "eta", "eps"))
+    return f"alpha {alpha}, {shape}"
+
+
 def _search(args: argparse.Namespace) -> int:
     from tikmix_loader.experiment.cli import apply_threads, config_from_args
     from tikmix_loader.experiment.corpus_splits import load_splits
@@ -169,7 +179,10 @@ def _search(args: argparse.Namespace) -> int:
         f"{result['predicted_loss']:.4f}"
     )
     for name, params in result["params"].items():
-        print(f"  {name}: weight {result['weights'][name]:.3f}, kept {result['kept'][name]:.2f}, {params}")
+        print(
+            f"  {name}: weight {result['weights'][name]:.3f}, kept {result['kept'][name]:.2f}; "
+            f"{_rounded(params, result['criteria'])}"
+        )
     print(f"wrote {out}")
     return 0
 
