@@ -351,6 +351,8 @@ def test_state_is_flat_json(domains):
         ([1, 2], "has 2 entries but there are 3 domains"),
         ("code", r"a dict by domain name or one number per domain \['code', 'web', 'math'\], got 'code'"),
         (0.5, "a dict by domain name or one number per domain .*got 0.5"),
+        (np.array(0.5), r"one number per domain .*got array\(0.5\)"),  # iterable by type, yet a lone number
+        (torch.tensor(0.5), r"one number per domain .*got tensor\(0.5000\)"),
     ],
 )
 def test_bad_weights_are_rejected_with_the_domain_named(domains, weights, match):

@@ -84,7 +84,11 @@ def normalize_weights(weights, names: list[str], *, missing: str = "zero") -> np
                 f'`missing="zero"` to give them 0.'
             )
         raw = [weights.get(name, 0.0) for name in names]
-    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+    elif (
+        isinstance(weights, (str, bytes))
+        or not isinstance(weights, Iterable)
+        or getattr(weights, "ndim", None) == 0  # a 0-d numpy array or torch tensor: iterable by type only
+    ):
         raise MixtureWeightError(
             f"`weights` must be a dict by domain name or one number per domain {names}, got {weights!r}."
         )
