@@ -258,13 +258,23 @@ def test_exhaustion_drop_removes_the_domain_and_renormalises(domains):
 
 
 @pytest.mark.parametrize("exhaustion", ["repeat", "drop"])
-def test_epoch_events_name_the_batch_that_starts_the_epoch_and_none_after_the_last(exhaustion):
-    # A domain of 10 samples, 4 per batch: epoch 1 starts inside batch 2 (sample 10); epoch 2 would start
-    # after batch 4 (sample 20), but the domain has only 2 epochs, so it starts none and is dropped at batch
-    # 5, which leaves no domain with weight.
+@pytest.mark.parametrize(
+    ("epoch_size", "expected"),
+    [
+        # 4 samples per batch. Epoch 1 starts inside batch 2 (sample 10); epoch 2 would start after batch 4
+        # (sample 20), but the domain has only 2 epochs, so it starts none and is dropped at batch 5, which
+        # leaves no domain with weight.
+        (10, [(2, "epoch", "a"), (5, "drop", "a"), (5, "stop", None)]),
+        # Batch 1 ends exactly on epoch 0's end (sample 8): epoch 1 starts with batch 2, not in batch 1.
+        (8, [(2, "epoch", "a"), (4, "drop", "a"), (4, "stop", None)]),
+    ],
+)
+def test_epoch_events_name_the_batch_that_starts_the_epoch_and_none_after_the_last(
+    exhaustion, epoch_size, expected
+):
     planner = MixturePlanner(
         names=["a", "b"],
-        samples_per_epoch=[10, 1000],
+        samples_per_epoch=[epoch_size, 1000],
         global_batch_size=4,
         weights=np.array([1.0, 0.0]),
         seed=0,
@@ -274,7 +284,7 @@ def test_epoch_events_name_the_batch_that_starts_the_epoch_and_none_after_the_la
     for _ in range(6):
         planner.plan()
     events = [(event["batch"], event["event"], event["domain"]) for event in planner.events]
-    assert events == [(2, "epoch", "a"), (5, "drop", "a"), (5, "stop", None)]
+    assert events == expected
 
 
 def test_exhaustion_stop_ends_iteration(domains):
