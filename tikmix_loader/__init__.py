@@ -14,10 +14,13 @@ from tikmix_loader.errors import (
     LedgerError,
     MissingExtraError,
     MixtureWeightError,
+    OptionError,
+    ScoreError,
     ShardError,
     StateError,
     TikmixError,
     TrackingError,
+    UnknownFormatError,
 )
 
 # The training-side engine is imported on first use (PEP 562). Eager imports would be circular:
@@ -66,10 +69,13 @@ __all__ = [
     "MixtureLoader",
     "MixtureSolution",
     "MixtureWeightError",
+    "OptionError",
+    "ScoreError",
     "ShardError",
     "StateError",
     "TikmixError",
     "TrackingError",
+    "UnknownFormatError",
     "at_tokens",
     "every",
     "get_mixer",

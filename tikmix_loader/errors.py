@@ -6,6 +6,10 @@ arguments, ``RuntimeError`` for an unavailable backend, ``ImportError`` for a mi
 the fix.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
 
 class TikmixError(Exception):
     """Base class of every error raised on purpose by tikmix-loader."""
@@ -23,12 +27,37 @@ class DomainError(TikmixError, ValueError):
     """A domain is empty, unknown, duplicated or misconfigured."""
 
 
+class UnknownFormatError(DomainError):
+    """No format is recognised at a dataset path (``detect_format``). ``unrecognised`` says so and what each
+    format looks like; the message adds the Python API's remedy, ``format=`` one of ``formats``, which
+    callers that take no format (``tikmix score``) leave out."""
+
+    def __init__(self, unrecognised: str, formats: Sequence[str]):
+        self.unrecognised, self.formats = unrecognised, list(formats)
+        super().__init__(f"{unrecognised} If it is one of {self.formats} under another name, pass `format=`.")
+
+
 class MixtureWeightError(TikmixError, ValueError):
     """Mixture weights are NaN, infinite, negative, all zero, of the wrong length or name unknown domains."""
 
 
 class ConfigError(TikmixError, ValueError):
     """An argument or config value is out of range (e.g. ``seq_len``, ``batch_size``, a mixer option)."""
+
+
+class OptionError(ConfigError):
+    """A bad value of ``ExperimentConfig`` options. ``sentence(name)`` says what is wrong, spelling each
+    option it mentions as ``name(flat_name)``: the message (for Python callers) names the flat names
+    (`quadmix_proxies`), ``worded(spell)`` any other spelling, such as the command line's flags
+    (`--quadmix-proxies`)."""
+
+    def __init__(self, sentence: Callable[[Callable[[str], str]], str]):
+        self.sentence = sentence
+        super().__init__(f"ExperimentConfig: {self.worded(str)}")
+
+    def worded(self, spell: Callable[[str], str]) -> str:
+        """The problem with each option named as ``spell(flat_name)``, in backticks."""
+        return self.sentence(lambda option: f"`{spell(option)}`")
 
 
 class StateError(TikmixError, ValueError):

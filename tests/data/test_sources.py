@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from testkit.formats import FORMATS, make_domain_files, random_docs
 
-from tikmix_loader import ConfigError, Domain, DomainError, ShardError
+from tikmix_loader import ConfigError, Domain, DomainError, ShardError, UnknownFormatError
 from tikmix_loader.data import _compiled
 from tikmix_loader.data.sources import detect_format, open_source
 from tikmix_loader.data.sources._tokens import cast_tokens
@@ -761,8 +761,9 @@ def test_unknown_format(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(
         DomainError, match=r"cannot tell the format .*tokenized with `tikmix convert`.* `format=`"
-    ):
+    ) as caught:
         Domain("d", tmp_path)
+    assert type(caught.value) is UnknownFormatError  # a DomainError, as before; exported with the others
     with pytest.raises(DomainError, match=r"unknown `format` 'csv'"):
         Domain("d", tmp_path, format="csv")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from tikmix_loader.errors import ConfigError
+from tikmix_loader.errors import ConfigError, OptionError
 from tikmix_loader.experiment import protocol
-from tikmix_loader.experiment.config import FLAGS, ExperimentConfig, OptionError
+from tikmix_loader.experiment.config import FLAGS, ExperimentConfig
 from tikmix_loader.experiment.corpus_splits import ensure_corpus
 from tikmix_loader.experiment.leave_one_out import LOO_FILE, LOO_TABLE, loo_markdown, run_leave_one_out
 from tikmix_loader.experiment.methods import METHOD_BUILDERS

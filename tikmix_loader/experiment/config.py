@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tikmix_loader.errors import ConfigError
+from tikmix_loader.errors import ConfigError, OptionError
 from tikmix_loader.experiment.methods import (
     ADAPTIVE,
     INFLUENCE,
@@ -47,21 +47,6 @@ def _option(default, help: str, *, flag: str | None = None, used_by: tuple[str, 
 def _group(options: type, *, used_by: tuple[str, ...], prefix: str = ""):
     """A nested options field of ``ExperimentConfig``, configuring the methods in ``used_by``."""
     return field(default_factory=options, metadata={"options": options, "used_by": used_by, "prefix": prefix})
-
-
-class OptionError(ConfigError):
-    """A bad value of ``ExperimentConfig`` options. ``sentence(name)`` says what is wrong, spelling each
-    option it mentions as ``name(flat_name)``: the message (for Python callers) names the flat names
-    (`quadmix_proxies`), ``worded(spell)`` any other spelling, such as the command line's flags
-    (`--quadmix-proxies`)."""
-
-    def __init__(self, sentence: Callable[[Callable[[str], str]], str]):
-        self.sentence = sentence
-        super().__init__(f"ExperimentConfig: {self.worded(str)}")
-
-    def worded(self, spell: Callable[[str], str]) -> str:
-        """The problem with each option named as ``spell(flat_name)``, in backticks."""
-        return self.sentence(lambda option: f"`{spell(option)}`")
 
 
 def _invalid(option: str, problem: str) -> OptionError:

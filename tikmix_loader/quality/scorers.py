@@ -47,9 +47,8 @@ from tqdm import tqdm
 from tikmix_loader.data.convert import expand_inputs, read_texts
 from tikmix_loader.data.domain import Domain
 from tikmix_loader.data.metadata import read_dataset_meta
-from tikmix_loader.data.sources import UnknownFormatError
 from tikmix_loader.data.tokenizer import Tokenizer, load_tokenizer
-from tikmix_loader.errors import ConfigError, DomainError, ScoreError
+from tikmix_loader.errors import ConfigError, DomainError, ScoreError, UnknownFormatError
 from tikmix_loader.quality.scores import check_criterion_name, write_scores
 
 DEFAULT_CRITERIA = {

@@ -9,29 +9,13 @@ from tikmix_loader.data.sources.base import TokenSource
 from tikmix_loader.data.sources.mds import MDSSource
 from tikmix_loader.data.sources.memmap import MemmapSource
 from tikmix_loader.data.sources.parquet import ParquetSource
-from tikmix_loader.errors import DomainError
+from tikmix_loader.errors import DomainError, UnknownFormatError
 
 SOURCES: dict[str, type[TokenSource]] = {
     "mds": MDSSource,
     "memmap": MemmapSource,
     "parquet": ParquetSource,
 }
-
-
-class UnknownFormatError(DomainError):
-    """``detect_format`` recognises no format at ``path``. ``unrecognised`` says so, what each format looks
-    like and that text must be converted first; the message adds the Python API's remedy, ``format=``, which
-    callers that take no format (``tikmix score``) leave out."""
-
-    def __init__(self, path: Path):
-        self.unrecognised = (
-            f"{path}: cannot tell the format (expected an MDS directory with index.json, Parquet files, or a "
-            f".bin memmap with its .json sidecar); raw text, JSONL or Parquet text must first be tokenized "
-            f"with `tikmix convert`."
-        )
-        super().__init__(
-            f"{self.unrecognised} If it is one of {sorted(SOURCES)} under another name, pass `format=`."
-        )
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -53,7 +37,12 @@ def detect_format(path: str | os.PathLike) -> str:
         return "parquet"
     elif path.suffix == ".bin":
         return "memmap"
-    raise UnknownFormatError(path)
+    raise UnknownFormatError(
+        f"{path}: cannot tell the format (expected an MDS directory with index.json, Parquet files, or a "
+        f".bin memmap with its .json sidecar); raw text, JSONL or Parquet text must first be tokenized with "
+        f"`tikmix convert`.",
+        sorted(SOURCES),
+    )
 
 
 def open_source(path: str | os.PathLike, format: str = "auto", **options) -> TokenSource:
@@ -79,7 +68,6 @@ __all__ = [
     "MemmapSource",
     "ParquetSource",
     "TokenSource",
-    "UnknownFormatError",
     "detect_format",
     "open_source",
 ]
