@@ -4,6 +4,7 @@ final score ever reads the test split."""
 import copy
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import scipy.stats
 import torch
 from testkit.corpus import make_text_corpus
 
+import tikmix_loader
+import tikmix_loader.errors
 import tikmix_loader.experiment as experiment
 import tikmix_loader.experiment.corpus_splits as corpus_splits
 import tikmix_loader.experiment.protocol as protocol
@@ -352,6 +355,18 @@ def test_look_ahead_label_restores_the_snapshot_and_measures_each_mixture(corpus
 def test_config_rejects_bad_values(options, match):
     with pytest.raises(ConfigError, match=match):
         ExperimentConfig.from_flat(**options)
+
+
+def test_option_errors_are_config_errors_that_copy_and_pickle_with_their_message():
+    # Exported with the other errors; ``except ConfigError`` (what callers caught before) still catches it,
+    # and a copy (pickled to another process) keeps the message, though its sentence is a closure.
+    with pytest.raises(tikmix_loader.OptionError) as caught:
+        ExperimentConfig.from_flat(quadmix_top_k=20, quadmix_candidates=10)
+    error = caught.value
+    assert isinstance(error, ConfigError) and tikmix_loader.errors.OptionError is type(error)
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(clone) is type(error) and str(clone) == str(error)
+        assert clone.worded(str) == "`quadmix_top_k` (20) exceeds `quadmix_candidates` (10)."
 
 
 @pytest.mark.parametrize(

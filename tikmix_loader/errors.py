@@ -36,6 +36,9 @@ class UnknownFormatError(DomainError):
         self.unrecognised, self.formats = unrecognised, list(formats)
         super().__init__(f"{unrecognised} If it is one of {self.formats} under another name, pass `format=`.")
 
+    def __reduce__(self):  # pickled (to another process) by its arguments, not its message
+        return type(self), (self.unrecognised, self.formats)
+
 
 class MixtureWeightError(TikmixError, ValueError):
     """Mixture weights are NaN, infinite, negative, all zero, of the wrong length or name unknown domains."""
@@ -58,6 +61,15 @@ class OptionError(ConfigError):
     def worded(self, spell: Callable[[str], str]) -> str:
         """The problem with each option named as ``spell(flat_name)``, in backticks."""
         return self.sentence(lambda option: f"`{spell(option)}`")
+
+    def __reduce__(self):
+        # ``sentence`` is a closure, which does not pickle: a copy (another process's) keeps its flat wording.
+        return _option_error_worded, (self.worded(str),)
+
+
+def _option_error_worded(text: str) -> OptionError:
+    """An ``OptionError`` whose sentence is ``text`` however the options are spelled (an unpickled copy)."""
+    return OptionError(lambda name: text)
 
 
 class StateError(TikmixError, ValueError):

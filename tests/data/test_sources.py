@@ -764,6 +764,8 @@ def test_unknown_format(tmp_path):
     ) as caught:
         Domain("d", tmp_path)
     assert type(caught.value) is UnknownFormatError  # a DomainError, as before; exported with the others
+    clone = pickle.loads(pickle.dumps(caught.value))  # to another process: the same error, said once
+    assert type(clone) is UnknownFormatError and str(clone) == str(caught.value)
     with pytest.raises(DomainError, match=r"unknown `format` 'csv'"):
         Domain("d", tmp_path, format="csv")
 
