@@ -17,7 +17,7 @@ LOCK_BUILD := build/lock
 # The least free disk each build needs (GB): each venv holds a CUDA build of torch and is ~6.5 GB installed
 # (pip also holds the downloaded wheels, ~2.5 GB more for the Composer one, until it finishes). Checked
 # before building, so a disk too small fails at once with the figures instead of halfway through pip.
-# Set to 0 to skip the check.
+# Any number (6.5 too); 0 skips the check.
 MAIN_VENV_GB ?= 7
 COMPOSER_VENV_GB ?= 7
 PYTEST_ARGS ?=
@@ -30,12 +30,11 @@ all: test
 # $(call install-locked,VENV_DIR,EXTRAS,LOCK,FREE_GB,FREE_GB_VARIABLE): a fresh venv with the project installed under the lock's pins.
 define install-locked
 	rm -rf $(1)
-	@free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
-	if [ "$$free_kb" -lt $$(( $(4) * 1048576 )) ]; then \
-		echo "Building $(1) needs at least $(4) GB free on $$(df -P . | awk 'NR == 2 {print $$6}'), but only" \
-			"$$(( free_kb / 1048576 )) GB is; free some space (or set $(5)=0 to try anyway)." >&2; \
-		exit 1; \
-	fi
+	@df -Pk . | awk -v need="$(4)" 'NR == 2 && $$4 < need * 1048576 { \
+		mount = $$0; for (field = 1; field <= 5; field++) sub(/^[^ ]+ +/, "", mount); \
+		printf "Building $(1) needs at least %s GB free on %s, but only %.1f GB is; free some space (or set" \
+			" $(5)=0 to try anyway).\n", need, mount, $$4 / 1048576; \
+		exit 1 }' >&2
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/pip install --quiet -c $(3) pip
 	$(1)/bin/pip install --quiet -c $(3) -e ".[$(2)]"
