@@ -106,11 +106,15 @@ def test_served_noise_shares_by_hand(corpus):
     assert served_noise(corpus.parent / "elsewhere", train, served) == {}  # no labels: nothing to report
 
 
-def test_search_help_lists_only_the_flags_the_search_reads(capsys):
+def test_search_help_lists_only_the_flags_the_search_reads(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit) as exit_info:
         main(["quadmix", "search", "--help"])
     assert exit_info.value.code == 0
-    listed = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    text = capsys.readouterr().out
+    # argparse wraps the options to the terminal; the module docstring and the epilog are printed raw.
+    assert max(len(line) for line in text.splitlines()) <= 110
+    listed = set(re.findall(r"--[a-z][a-z-]*", text))
     config_flags = {f"--{name.replace('_', '-')}" for name in FLAG_NAMES}
     assert listed & config_flags == {f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS}
     assert {"--quadmix-proxies", "--steps", "--corpus", "--seed"} <= listed

@@ -197,7 +197,8 @@ def register(subparsers) -> None:
         "search",
         help="sample parameter sets, train a proxy under each, fit LightGBM, write the best set as JSON",
         description=__doc__,
-        epilog="The search also accepts, and ignores, the other options of `tikmix experiment` but its "
+        # Wrapped by hand: the raw-description formatter prints the epilog as it is.
+        epilog="The search also accepts, and ignores, the other options of `tikmix experiment` but its\n"
         "methods and seeds, so that one set of flags can serve both commands.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
