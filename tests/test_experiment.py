@@ -359,7 +359,7 @@ def test_config_rejects_bad_values(options, match):
 
 def test_option_errors_are_config_errors_that_copy_and_pickle_with_their_message():
     # Exported with the other errors; ``except ConfigError`` (what callers caught before) still catches it,
-    # and a copy (pickled to another process) keeps the message, though its sentence is a closure.
+    # and a copy (pickled to another process) keeps the message and still rewords it.
     with pytest.raises(tikmix_loader.OptionError) as caught:
         ExperimentConfig.from_flat(quadmix_top_k=20, quadmix_candidates=10)
     error = caught.value
@@ -367,6 +367,10 @@ def test_option_errors_are_config_errors_that_copy_and_pickle_with_their_message
     for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert type(clone) is type(error) and str(clone) == str(error)
         assert clone.worded(str) == "`quadmix_top_k` (20) exceeds `quadmix_candidates` (10)."
+        assert (
+            clone.worded(lambda option: option.upper())
+            == "`QUADMIX_TOP_K` (20) exceeds `QUADMIX_CANDIDATES` (10)."
+        )
 
 
 @pytest.mark.parametrize(

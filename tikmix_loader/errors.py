@@ -49,27 +49,23 @@ class ConfigError(TikmixError, ValueError):
 
 
 class OptionError(ConfigError):
-    """A bad value of ``ExperimentConfig`` options. ``sentence(name)`` says what is wrong, spelling each
-    option it mentions as ``name(flat_name)``: the message (for Python callers) names the flat names
-    (`quadmix_proxies`), ``worded(spell)`` any other spelling, such as the command line's flags
-    (`--quadmix-proxies`)."""
+    """A bad value of ``ExperimentConfig`` options. ``problem`` names each option of ``options`` by its flat
+    name in backticks (`quadmix_proxies`), and so does the message (for Python callers); ``worded(spell)``
+    names them by another spelling, such as the command line's flags (`--quadmix-proxies`)."""
 
-    def __init__(self, sentence: Callable[[Callable[[str], str]], str]):
-        self.sentence = sentence
-        super().__init__(f"ExperimentConfig: {self.worded(str)}")
+    def __init__(self, problem: str, options: Sequence[str]):
+        self.problem, self.options = problem, tuple(options)
+        super().__init__(f"ExperimentConfig: {problem}")
 
     def worded(self, spell: Callable[[str], str]) -> str:
-        """The problem with each option named as ``spell(flat_name)``, in backticks."""
-        return self.sentence(lambda option: f"`{spell(option)}`")
+        """``problem`` with each option named as ``spell(flat_name)``, in backticks."""
+        text = self.problem
+        for option in self.options:
+            text = text.replace(f"`{option}`", f"`{spell(option)}`")
+        return text
 
-    def __reduce__(self):
-        # ``sentence`` is a closure, which does not pickle: a copy (another process's) keeps its flat wording.
-        return _option_error_worded, (self.worded(str),)
-
-
-def _option_error_worded(text: str) -> OptionError:
-    """An ``OptionError`` whose sentence is ``text`` however the options are spelled (an unpickled copy)."""
-    return OptionError(lambda name: text)
+    def __reduce__(self):  # pickled (to another process) by its arguments, not its message
+        return type(self), (self.problem, self.options)
 
 
 class StateError(TikmixError, ValueError):

@@ -51,7 +51,7 @@ def _group(options: type, *, used_by: tuple[str, ...], prefix: str = ""):
 
 def _invalid(option: str, problem: str) -> OptionError:
     """The error for a bad value of ``option`` (a flat name): "`option` ``problem``"."""
-    return OptionError(lambda name: f"{name(option)} {problem}")
+    return OptionError(f"`{option}` {problem}", [option])
 
 
 def _checked(option: str, check: Callable, *args, **kwargs) -> None:
@@ -61,7 +61,7 @@ def _checked(option: str, check: Callable, *args, **kwargs) -> None:
         check(*args, **kwargs)
     except ConfigError as error:
         problem = str(error)
-        raise OptionError(lambda name: f"{name(option)}: {problem}") from error
+        raise OptionError(f"`{option}`: {problem}", [option]) from error
 
 
 def _positive_int(option: str, value, *, optional: bool = False) -> None:
@@ -189,10 +189,8 @@ class QuaDMixOptions:
             raise _invalid("quadmix_proxies", f"must be >= 10 (5-fold cross-validation), got {self.proxies}.")
         if self.top_k > self.candidates:
             raise OptionError(
-                lambda name: (
-                    f"{name('quadmix_top_k')} ({self.top_k}) exceeds {name('quadmix_candidates')} "
-                    f"({self.candidates})."
-                )
+                f"`quadmix_top_k` ({self.top_k}) exceeds `quadmix_candidates` ({self.candidates}).",
+                ["quadmix_top_k", "quadmix_candidates"],
             )
         if self.model not in PRESETS:
             raise _invalid("quadmix_model", f"{self.model!r} is not a preset; use one of {sorted(PRESETS)}.")
@@ -272,10 +270,8 @@ class ExperimentConfig:
             raise _invalid("model", f"{self.model!r} is not a preset; use one of {sorted(PRESETS)}.")
         if self.hold_out is not None and self.targets is not None:
             raise OptionError(
-                lambda name: (
-                    f"give {name('hold_out')} ({self.hold_out!r}) or {name('targets')} "
-                    f"({self.targets!r}), not both."
-                )
+                f"give `hold_out` ({self.hold_out!r}) or `targets` ({self.targets!r}), not both.",
+                ["hold_out", "targets"],
             )
         if self.init not in INIT_MIXTURES:
             raise _invalid("init", f"must be one of {INIT_MIXTURES}, got {self.init!r}.")
